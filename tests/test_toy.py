@@ -1,0 +1,54 @@
+import torch
+
+from trainer import tasks, toy
+from trainer.rollout import response_logprobs
+from trainer.tokenizer import VOCAB
+
+
+def _mean_loglik(model, task, n=64):
+    exs = tasks.examples(task, "eval", n)
+    prompts = [VOCAB.prompt_ids(e.prompt) for e in exs]
+    responses = [VOCAB.encode(e.teacher) + [VOCAB.eos_id] for e in exs]
+    with torch.no_grad():
+        logp, mask, _ = response_logprobs(model, prompts, responses, VOCAB.pad_id)
+    return (logp.sum() / mask.sum()).item()
+
+
+def test_quick_build_loads_in_transformers_and_teacher_beats_untrained(toy_quick):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for role in ("teacher", "student"):
+        model = AutoModelForCausalLM.from_pretrained(toy_quick / role)
+        assert model.config.model_type == "llama"
+        assert AutoTokenizer.from_pretrained(toy_quick / role).eos_token_id == VOCAB.eos_id
+        assert (toy_quick / role / "model.safetensors").is_file()
+    teacher = toy.load_model(toy_quick / "teacher")
+    untrained = toy.new_model(toy.TEACHER, seed=0).eval()
+    for task in tasks.TASKS:
+        assert _mean_loglik(teacher, task) > _mean_loglik(untrained, task) + 1.0
+    n_teacher = sum(p.numel() for p in teacher.parameters())
+    n_student = sum(p.numel() for p in toy.load_model(toy_quick / "student").parameters())
+    assert n_teacher > 4 * n_student
+
+
+def test_second_build_is_cached(toy_quick):
+    messages = []
+    record = toy.build(toy_quick, seed=0, quick=True, log=messages.append)
+    assert messages and messages[0].startswith("[toy] cached")
+    assert record["settings"]["quick"] is True
+    assert not toy.is_built(toy_quick, seed=1, quick=True)
+
+
+def test_sft_is_deterministic_for_a_seed():
+    spec = toy.SftSpec("student", steps=4, batch=8, lr=1e-3, warmup=2)
+    a = toy.sft(toy.new_model(toy.STUDENT, seed=5), spec, seed=5, label="t", pool_size=200, log=lambda _: None)
+    b = toy.sft(toy.new_model(toy.STUDENT, seed=5), spec, seed=5, label="t", pool_size=200, log=lambda _: None)
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(pa, pb), name
+
+
+def test_eval_reports_accuracy_and_mismatch(toy_quick):
+    result = toy.evaluate(str(toy_quick / "student"), "math", 20, str(toy_quick / "teacher"))
+    assert 0.0 <= result["accuracy"] <= 1.0
+    assert result["reverse_kl"] > 0.0
+    assert 0.0 <= result["outlier_share"] <= 1.0

@@ -1,0 +1,105 @@
+"""Subcommands of the trainer wing: `tropd toy ...`, `tropd demo`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tropd.errors import UserError
+
+TASK_CHOICES = ("math", "code", "general")
+
+
+def _model_dir(path: str, what: str = "model") -> str:
+    if not (Path(path) / "config.json").is_file():
+        raise UserError(f"{what} directory {path!r} not found (no config.json there); build it with `tropd toy build`")
+    return path
+
+
+def add_toy(sub) -> None:
+    from tropd.cli import non_negative_int, positive_int
+
+    toy = sub.add_parser("toy", help="the offline toy world: build the teacher and student, evaluate models")
+    toy_sub = toy.add_subparsers(dest="toy", metavar="ACTION", parser_class=type(toy), required=True)
+
+    build = toy_sub.add_parser(
+        "build",
+        help="train the toy teacher and student (cached)",
+        description="Build the toy world: a character tokenizer, a Llama teacher (~1M parameters) trained by SFT "
+        "on scratchpad answers, and a ~8x smaller student warm-started on answer-only responses. "
+        "Deterministic for a seed; a second run with the same settings is instant.",
+    )
+    build.add_argument("--out", default="artifacts/toy", help="output directory (default: artifacts/toy)")
+    build.add_argument("--quick", action="store_true", help="a tiny build for tests (well under 2 minutes)")
+    build.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default: 0)")
+    build.set_defaults(run=run_toy_build)
+
+    ev = toy_sub.add_parser(
+        "eval",
+        help="greedy accuracy of a model on a task's eval split",
+        description="Greedy-decode accuracy on the eval split; with --teacher also the mean per-token reverse KL "
+        "(K1 on the model's own samples) and the share of tokens with p_T < 0.01 p_S.",
+    )
+    ev.add_argument("--model", required=True, help="model directory (Hugging Face layout)")
+    ev.add_argument("--task", required=True, choices=TASK_CHOICES + ("all",), help="task family, or all")
+    ev.add_argument("--n", type=positive_int, default=500, help="number of eval prompts (default: 500)")
+    ev.add_argument("--teacher", help="teacher model directory: also report reverse KL and outlier share")
+    ev.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed (default: 0)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(run=run_toy_eval)
+
+
+def run_toy_build(args) -> int:
+    from trainer import toy
+
+    toy.build(args.out, seed=args.seed, quick=args.quick)
+    return 0
+
+
+def run_toy_eval(args) -> int:
+    from trainer import toy
+
+    _model_dir(args.model)
+    if args.teacher is not None:
+        _model_dir(args.teacher, "teacher")
+    names = TASK_CHOICES if args.task == "all" else (args.task,)
+    results = [toy.evaluate(args.model, t, args.n, args.teacher, args.seed) for t in names]
+    if args.json:
+        print(json.dumps(results[0] if len(results) == 1 else {"results": results}))
+    else:
+        for r in results:
+            print(_format_eval(r))
+    return 0
+
+
+def _format_eval(r: dict) -> str:
+    line = f"{r['task']:<8} accuracy {100 * r['accuracy']:5.1f}%  (n={r['n']})"
+    if "reverse_kl" in r:
+        line += f"  reverse KL {r['reverse_kl']:.3f} nats/token  outlier share {100 * r['outlier_share']:.1f}%"
+    return line
+
+
+def add_demo(sub) -> None:
+    demo = sub.add_parser(
+        "demo",
+        help="build the toy world (if needed) and evaluate the teacher and the mismatched student",
+        description="The README's main job: build the toy world if it is not cached, then evaluate the "
+        "teacher and the student on every task, with the student's mismatch to the teacher.",
+    )
+    demo.add_argument("--toy", default="artifacts/toy", help="toy world directory (default: artifacts/toy)")
+    demo.add_argument("--n", type=int, default=300, help="eval prompts per task (default: 300)")
+    demo.set_defaults(run=run_demo)
+
+
+def run_demo(args) -> int:
+    from trainer import toy
+
+    if args.n < 1:
+        raise UserError(f"--n must be >= 1, got {args.n}")
+    toy.build(args.toy)
+    teacher, student = str(Path(args.toy) / "teacher"), str(Path(args.toy) / "student")
+    for label, path, ref in (("teacher", teacher, None), ("student", student, teacher)):
+        print(f"[demo] {label}: {path}")
+        for t in TASK_CHOICES:
+            print("  " + _format_eval(toy.evaluate(path, t, args.n, ref)))
+    return 0

@@ -1,0 +1,53 @@
+"""`general`: close a bracket string so that it is balanced (a Dyck language over `()` and `[]`).
+
+The teacher first writes the stack of open brackets, then the closing; the student only the closing.
+Any closing that balances the string is correct:
+
+    prompt  ([]((             teacher  (((;#)))                      student  #)))
+"""
+
+from __future__ import annotations
+
+import random
+
+PAIRS = {"(": ")", "[": "]"}
+
+
+def make(rng: random.Random) -> tuple[str, str, str]:
+    length = rng.randint(3, 10)
+    text: list[str] = []
+    stack: list[str] = []
+    for i in range(length):
+        must_open = not stack or (len(stack) < length - i and rng.random() < 0.55)
+        if must_open or i == length - 1 and not stack:
+            ch = rng.choice("([")
+            stack.append(ch)
+            text.append(ch)
+        else:
+            text.append(PAIRS[stack.pop()])
+    if not stack:
+        ch = rng.choice("([")
+        stack.append(ch)
+        text.append(ch)
+    closing = "".join(PAIRS[c] for c in reversed(stack))
+    return "".join(text), "".join(stack) + ";#" + closing, "#" + closing
+
+
+def balanced(text: str) -> bool:
+    stack: list[str] = []
+    for ch in text:
+        if ch in PAIRS:
+            stack.append(ch)
+        elif ch in ")]":
+            if not stack or PAIRS[stack.pop()] != ch:
+                return False
+        else:
+            return False
+    return not stack
+
+
+def check(prompt: str, response: str) -> bool:
+    from trainer.tasks import final_answer
+
+    answer = final_answer(response)
+    return answer is not None and answer != "" and balanced(prompt + answer)

@@ -1,0 +1,40 @@
+"""`code`: run a tiny stack program (reverse Polish, digits and `+ *`).
+
+The teacher prints the stack after each operation, the student only the result:
+
+    prompt  1 7 7 * +         teacher  1 49;50;#50                   student  #50
+"""
+
+from __future__ import annotations
+
+import random
+
+
+def make(rng: random.Random) -> tuple[str, str, str]:
+    a, b, c = (str(rng.randint(0, 9)) for _ in range(3))
+    o1, o2 = rng.choice("+*"), rng.choice("+*")
+    program = [a, b, c, o1, o2] if rng.random() < 0.5 else [a, b, o1, c, o2]
+    trace = run(program)
+    teacher = ";".join(" ".join(map(str, s)) for s in trace) + f";#{trace[-1][0]}"
+    return " ".join(program), teacher, f"#{trace[-1][0]}"
+
+
+def run(program: list[str]) -> list[list[int]]:
+    """The stack after each operation."""
+    stack: list[int] = []
+    trace = []
+    for word in program:
+        if word.isdigit():
+            stack.append(int(word))
+            continue
+        right, left = stack.pop(), stack.pop()
+        stack.append(left + right if word == "+" else left * right)
+        trace.append(list(stack))
+    return trace
+
+
+def check(prompt: str, response: str) -> bool:
+    from trainer.tasks import final_answer
+
+    answer = final_answer(response)
+    return answer is not None and answer.isdigit() and int(answer) == run(prompt.split())[-1][0]

@@ -1,0 +1,268 @@
+"""The offline toy world: a character tokenizer, a Llama teacher trained by SFT on scratchpad answers,
+and a smaller student warm-started on answer-only responses, so that the two disagree.
+
+`build(out)` makes `out/teacher` and `out/student` (Hugging Face model directories with tokenizer files)
+deterministically for a seed, and caches them: a second call with the same settings returns at once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from trainer import tasks
+from trainer.rollout import response_logprobs, sample
+from trainer.tokenizer import VOCAB
+
+BUILD_VERSION = 1
+MIX = {"math": 0.45, "code": 0.35, "general": 0.2}
+MAX_NEW_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+
+
+@dataclass(frozen=True)
+class SftSpec:
+    style: str  # "teacher" or "student": which answer style to imitate
+    steps: int
+    batch: int
+    lr: float
+    warmup: int = 50
+
+
+TEACHER = ModelSpec(hidden=128, layers=4, heads=4, intermediate=512)
+STUDENT = ModelSpec(hidden=64, layers=2, heads=2, intermediate=256)
+RECIPES = {
+    False: {"teacher": SftSpec("teacher", 1400, 128, 2e-3), "student": SftSpec("student", 600, 128, 3e-3)},
+    True: {"teacher": SftSpec("teacher", 160, 64, 3e-3, 20), "student": SftSpec("student", 60, 64, 3e-3, 10)},
+}
+
+
+def set_threads() -> None:
+    """Use the machine's cores, and keep transformers' per-file progress bars out of our progress output."""
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
+    hf_logging.disable_progress_bar()
+
+
+def new_model(spec: ModelSpec, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB.size,
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=VOCAB.bos_id,
+        eos_token_id=VOCAB.eos_id,
+        pad_token_id=VOCAB.pad_id,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def load_model(path: str | Path):
+    """A causal LM from a model directory, float32, eval mode; a clear error when it is not one."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.eval()
+
+
+def mixed_batch(rng: random.Random, style: str, size: int, pools: dict[str, list[tasks.Example]]):
+    """`size` (prompt_ids, response_ids) pairs, tasks drawn by MIX, response in `style` plus eos."""
+    names, weights = zip(*MIX.items(), strict=True)
+    out = []
+    for name in rng.choices(names, weights, k=size):
+        ex = rng.choice(pools[name])
+        response = ex.teacher if style == "teacher" else ex.student
+        out.append((VOCAB.prompt_ids(ex.prompt), VOCAB.encode(response) + [VOCAB.eos_id]))
+    return out
+
+
+def sft_loss(model, pairs: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+    """Mean cross-entropy of the response tokens (prompt tokens carry no loss)."""
+    logprobs_B_T, mask_B_T, _ = response_logprobs(model, [p for p, _ in pairs], [r for _, r in pairs], VOCAB.pad_id)
+    return -(logprobs_B_T.sum() / mask_B_T.sum())
+
+
+def lr_at(step: int, spec: SftSpec) -> float:
+    if step < spec.warmup:
+        return spec.lr * (step + 1) / spec.warmup
+    frac = (step - spec.warmup) / max(1, spec.steps - spec.warmup)
+    return spec.lr * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def sft(model, spec: SftSpec, seed: int, label: str, pool_size: int = 20000, log=print):
+    """Supervised fine-tuning on the mixed tasks in `spec.style`; prints progress every few seconds."""
+    rng = random.Random(f"sft/{label}/{seed}")
+    pools = {name: tasks.examples(name, "train", pool_size, seed) for name in MIX}
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    model.train()
+    start = last = time.monotonic()
+    for step in range(spec.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, spec)
+        loss = sft_loss(model, mixed_batch(rng, spec.style, spec.batch, pools))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        now = time.monotonic()
+        if now - last > 5 or step == spec.steps - 1:
+            last = now
+            log(f"  [{label}] step {step + 1}/{spec.steps}  loss {loss.item():.4f}  {now - start:.0f}s")
+    model.eval()
+    return model
+
+
+def save_model(model, path: Path) -> None:
+    """`save_pretrained` into a temporary directory, then rename: a reader never sees half a model."""
+    from trainer.tokenizer import build_hf_tokenizer
+
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    build_hf_tokenizer().save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def build_settings(seed: int, quick: bool) -> dict:
+    return {
+        "version": BUILD_VERSION,
+        "seed": seed,
+        "quick": quick,
+        "teacher": asdict(TEACHER),
+        "student": asdict(STUDENT),
+        "recipe": {k: asdict(v) for k, v in RECIPES[quick].items()},
+    }
+
+
+def is_built(out: Path, seed: int, quick: bool) -> bool:
+    stamp = out / "build.json"
+    if not stamp.is_file() or not (out / "teacher").is_dir() or not (out / "student").is_dir():
+        return False
+    try:
+        return json.loads(stamp.read_text())["settings"] == build_settings(seed, quick)
+    except (ValueError, KeyError):
+        return False
+
+
+def build(out: str | Path = "artifacts/toy", seed: int = 0, quick: bool = False, log=print) -> dict:
+    """Make (or reuse) the toy teacher and student under `out`; returns the build record."""
+    out = Path(out)
+    if is_built(out, seed, quick):
+        log(f"[toy] cached: {out} (seed {seed}{', quick' if quick else ''})")
+        return json.loads((out / "build.json").read_text())
+    set_threads()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "build.json").unlink(missing_ok=True)
+    recipe = RECIPES[quick]
+    start = time.monotonic()
+    record: dict = {"settings": build_settings(seed, quick)}
+    for role, spec in (("teacher", TEACHER), ("student", STUDENT)):
+        model = new_model(spec, seed)
+        n_params = sum(p.numel() for p in model.parameters())
+        log(f"[toy] training the {role} ({n_params / 1e6:.2f}M parameters, {recipe[role].style}-style answers)")
+        sft(model, recipe[role], seed, role, log=log)
+        save_model(model, out / role)
+        record[role] = {"parameters": n_params, "path": str(out / role)}
+    n_eval = 100 if quick else 500
+    for role in ("teacher", "student"):
+        model = load_model(out / role)
+        record[role]["accuracy"] = {t: accuracy(model, t, n_eval) for t in tasks.TASKS}
+        log(f"[toy] {role} greedy accuracy (n={n_eval}): " + _fmt_acc(record[role]["accuracy"]))
+    record["seconds"] = round(time.monotonic() - start, 1)
+    (out / "build.json").write_text(json.dumps(record, indent=2))
+    log(f"[toy] built {out} in {record['seconds']:.0f}s")
+    return record
+
+
+def _fmt_acc(acc: dict[str, float]) -> str:
+    return "  ".join(f"{t} {100 * a:.1f}%" for t, a in acc.items())
+
+
+BANNED = (VOCAB.pad_id, VOCAB.bos_id, VOCAB.sep_id)
+
+
+def generate(model, prompts: list[str], temperature: float = 0.0, seed: int = 0, batch: int = 512):
+    """Responses (text) of `model` to `prompts`; greedy when `temperature == 0`."""
+    gen = torch.Generator().manual_seed(seed)
+    texts = []
+    for i in range(0, len(prompts), batch):
+        ids = [VOCAB.prompt_ids(p) for p in prompts[i : i + batch]]
+        roll = sample(
+            model,
+            ids,
+            max_new_tokens=MAX_NEW_TOKENS,
+            eos_id=VOCAB.eos_id,
+            pad_id=VOCAB.pad_id,
+            banned_ids=BANNED,
+            temperature=temperature,
+            generator=gen,
+        )
+        texts += [VOCAB.decode(r) for r in roll.responses()]
+    return texts
+
+
+def accuracy(model, task: str, n: int, seed: int = 0) -> float:
+    exs = tasks.examples(task, "eval", n, seed)
+    responses = generate(model, [e.prompt for e in exs])
+    return sum(tasks.check(task, e.prompt, r) for e, r in zip(exs, responses, strict=True)) / n
+
+
+@torch.no_grad()
+def mismatch(student, teacher, task: str, n: int, seed: int = 0) -> dict[str, float]:
+    """On student samples (T=1): mean per-token K1 reverse KL `log p_S - log p_T`, and the share of
+    tokens where `p_T < 0.01 p_S`."""
+    exs = tasks.examples(task, "eval", n, seed)
+    prompts = [VOCAB.prompt_ids(e.prompt) for e in exs]
+    roll = sample(
+        student,
+        prompts,
+        max_new_tokens=MAX_NEW_TOKENS,
+        eos_id=VOCAB.eos_id,
+        pad_id=VOCAB.pad_id,
+        banned_ids=BANNED,
+        temperature=1.0,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    responses = roll.responses()
+    s, mask, _ = response_logprobs(student, prompts, responses, VOCAB.pad_id)
+    t, _, _ = response_logprobs(teacher, prompts, responses, VOCAB.pad_id)
+    k1 = (s - t)[mask]
+    outlier = (t < s + math.log(0.01))[mask]
+    return {"reverse_kl": k1.mean().item(), "outlier_share": outlier.float().mean().item()}
+
+
+def evaluate(model_dir: str, task: str, n: int, teacher_dir: str | None = None, seed: int = 0) -> dict:
+    set_threads()
+    model = load_model(model_dir)
+    result = {"model": str(model_dir), "task": task, "n": n, "accuracy": accuracy(model, task, n, seed)}
+    if teacher_dir is not None:
+        result.update(mismatch(model, load_model(teacher_dir), task, n, seed))
+    return result

@@ -1,0 +1,5 @@
+import sys
+
+from tropd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,76 @@
+"""The `tropd` command: dispatches to the toy world, the teacher service, the trainer and the benchmarks.
+
+Each wing registers its subcommands here; its heavy modules (torch, vLLM, FastAPI) load only when one of
+its subcommands runs, so `tropd --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tropd import __version__
+from tropd.errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (and exit status 2) instead of a usage dump."""
+
+    def error(self, message: str):  # noqa: D102
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def build_parser() -> Parser:
+    from services.teacher import cli as teacher_cli
+    from trainer import cli as trainer_cli
+
+    parser = Parser(
+        prog="tropd",
+        description="Trust Region On-Policy Distillation: a teacher scoring service and a student trainer.",
+    )
+    parser.add_argument("--version", action="version", version=f"tropd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser, required=True)
+    trainer_cli.add_toy(sub)
+    teacher_cli.add_teacher(sub)
+    trainer_cli.add_demo(sub)
+    bench = sub.add_parser("bench", help="benchmarks that print measured ratios side by side")
+    bench_sub = bench.add_subparsers(dest="bench", metavar="BENCH", parser_class=Parser, required=True)
+    teacher_cli.add_bench(bench_sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except UserError as exc:
+        print(f"tropd: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tropd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
