@@ -24,7 +24,7 @@ from trainer.tokenizer import VOCAB
 
 BUILD_VERSION = 1
 MIX = {"math": 0.45, "code": 0.35, "general": 0.2}
-MAX_NEW_TOKENS = 32
+MAX_NEW_TOKENS = 40
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class SftSpec:
 TEACHER = ModelSpec(hidden=128, layers=4, heads=4, intermediate=512)
 STUDENT = ModelSpec(hidden=64, layers=2, heads=2, intermediate=256)
 RECIPES = {
-    False: {"teacher": SftSpec("teacher", 1400, 128, 2e-3), "student": SftSpec("student", 600, 128, 3e-3)},
+    False: {"teacher": SftSpec("teacher", 1100, 128, 2e-3), "student": SftSpec("student", 600, 128, 3e-3)},
     True: {"teacher": SftSpec("teacher", 160, 64, 3e-3, 20), "student": SftSpec("student", 60, 64, 3e-3, 10)},
 }
 

@@ -2,10 +2,174 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from tropd.errors import UserError
+
 
 def add_teacher(sub) -> None:
-    return None
+    from tropd.cli import non_negative_int, positive_int
+
+    teacher = sub.add_parser("teacher", help="the teacher scoring service")
+    teacher_sub = teacher.add_subparsers(dest="teacher", metavar="ACTION", parser_class=type(teacher), required=True)
+    serve = teacher_sub.add_parser(
+        "serve",
+        help="serve a teacher model over HTTP (score, continue, info, metrics)",
+        description="Serve per-token log-probs, top-k and continuations of a teacher model over HTTP (API v1). "
+        "Requests from all clients are batched together under a token budget.",
+    )
+    serve.add_argument("--model", required=True, help="teacher model directory (Hugging Face layout)")
+    serve.add_argument(
+        "--engine", choices=("vllm", "hf", "auto"), default="auto", help="vllm, hf (transformers) or auto (default)"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    serve.add_argument("--port", type=_port, default=8000, help="port (default: 8000; 0 picks a free one)")
+    serve.add_argument("--max-top-k", type=non_negative_int, default=20, help="largest top-k served (default: 20)")
+    serve.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="default float32")
+    serve.add_argument(
+        "--api-key-env",
+        metavar="NAME",
+        help="require `Authorization: Bearer <key>`, the key read from this environment variable",
+    )
+    serve.add_argument("--metrics-open", action="store_true", help="serve /metrics without the API key")
+    serve.add_argument("--max-sequences", type=positive_int, default=1024, help="sequences per request (1024)")
+    serve.add_argument("--max-request-tokens", type=positive_int, default=262144, help="tokens per request (262144)")
+    serve.add_argument("--max-body-bytes", type=positive_int, default=8 << 20, help="request body size (8 MiB)")
+    serve.add_argument("--max-batch-tokens", type=positive_int, default=32768, help="tokens per engine call (32768)")
+    serve.add_argument(
+        "--batch-window-ms", type=float, default=2.0, help="wait this long for more requests to batch (2)"
+    )
+    serve.add_argument(
+        "--max-inflight-tokens",
+        type=positive_int,
+        default=1 << 20,
+        help="tokens admitted at once; beyond it requests get 503 + Retry-After (1048576)",
+    )
+    serve.add_argument("--max-model-len", type=positive_int, help="context length (default: the model's)")
+    serve.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        help="vllm: memory share for weights and KV cache (on CPU: share of RAM for the KV cache; default 0.15)",
+    )
+    serve.add_argument("--tensor-parallel-size", type=positive_int, default=1, help="vllm: GPUs per replica (1)")
+    serve.add_argument(
+        "--simulate-latency-ms", type=float, default=0.0, help="testing: add this latency to every score/continue"
+    )
+    serve.add_argument(
+        "--fail-rate", type=float, default=0.0, help="testing: answer this share of requests with 503 (0-1)"
+    )
+    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    serve.set_defaults(run=run_serve)
 
 
 def add_bench(sub) -> None:
     return None
+
+
+def _port(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0-65535, got {value}")
+    return value
+
+
+def settings_from_args(args):
+    from services.teacher.app import Settings
+
+    if not 0 <= args.fail_rate <= 1:
+        raise UserError(f"--fail-rate must be between 0 and 1, got {args.fail_rate}")
+    if args.simulate_latency_ms < 0 or args.batch_window_ms < 0:
+        raise UserError("--simulate-latency-ms and --batch-window-ms must be >= 0")
+    if args.gpu_memory_utilization is not None and not 0 < args.gpu_memory_utilization <= 1:
+        raise UserError(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise UserError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
+    return Settings(
+        max_top_k=args.max_top_k,
+        max_sequences=args.max_sequences,
+        max_request_tokens=args.max_request_tokens,
+        max_body_bytes=args.max_body_bytes,
+        max_batch_tokens=args.max_batch_tokens,
+        batch_window_ms=args.batch_window_ms,
+        max_inflight_tokens=max(args.max_inflight_tokens, args.max_request_tokens),
+        api_key=api_key,
+        metrics_open=args.metrics_open,
+        simulate_latency_ms=args.simulate_latency_ms,
+        fail_rate=args.fail_rate,
+    )
+
+
+def run_serve(args) -> int:
+    if not (Path(args.model) / "config.json").is_file():
+        raise UserError(f"model directory {args.model!r} not found (no config.json there)")
+    settings = settings_from_args(args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(message)s", stream=sys.stderr)
+    log = logging.getLogger("tropd.teacher")
+
+    import uvicorn
+
+    from services.teacher.app import create_app
+    from services.teacher.engines import load_engine
+
+    options = {"max_model_len": args.max_model_len, "tensor_parallel_size": args.tensor_parallel_size}
+    if args.gpu_memory_utilization is not None:
+        options["gpu_memory_utilization"] = args.gpu_memory_utilization
+    engine_name = args.engine
+    log.info(json.dumps({"event": "loading", "model": args.model, "engine": engine_name}))
+    if engine_name in ("auto", "vllm"):
+        from services.teacher.engines import vllm_available
+
+        if engine_name == "vllm" and not vllm_available():
+            raise UserError("--engine vllm: vLLM is not installed here (use --engine hf, or install vllm)")
+    if engine_name == "hf" or (engine_name == "auto" and not _vllm_ok()):
+        engine = load_engine("hf", args.model, dtype=args.dtype)
+    else:
+        engine = load_engine("vllm", args.model, dtype=args.dtype, max_top_k=args.max_top_k, **options)
+    if args.max_model_len is not None and engine.name == "hf":
+        engine.info.max_model_len = min(engine.info.max_model_len, args.max_model_len)
+    app = create_app(engine, settings)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=False,
+        timeout_keep_alive=30,
+        timeout_graceful_shutdown=30,
+    )
+    server = uvicorn.Server(config)
+    log.info(
+        json.dumps(
+            {
+                "event": "serving",
+                "engine": engine.name,
+                "host": args.host,
+                "port": args.port,
+                "auth": settings.api_key is not None,
+            }
+        )
+    )
+    # uvicorn finishes in-flight requests on SIGTERM, then re-raises the signal with the handler that was
+    # in place before it started: make that a no-op so that a graceful shutdown exits 0
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    server.run()
+    return 0
+
+
+def _vllm_ok() -> bool:
+    from services.teacher.engines import vllm_available
+
+    return vllm_available()

@@ -14,21 +14,17 @@ PAIRS = {"(": ")", "[": "]"}
 
 
 def make(rng: random.Random) -> tuple[str, str, str]:
-    length = rng.randint(3, 10)
     text: list[str] = []
     stack: list[str] = []
-    for i in range(length):
-        must_open = not stack or (len(stack) < length - i and rng.random() < 0.55)
-        if must_open or i == length - 1 and not stack:
-            ch = rng.choice("([")
-            stack.append(ch)
-            text.append(ch)
+    for _ in range(rng.randint(4, 14)):
+        if not stack or rng.random() < 0.6:
+            stack.append(rng.choice("(["))
+            text.append(stack[-1])
         else:
             text.append(PAIRS[stack.pop()])
     if not stack:
-        ch = rng.choice("([")
-        stack.append(ch)
-        text.append(ch)
+        stack.append(rng.choice("(["))
+        text.append(stack[-1])
     closing = "".join(PAIRS[c] for c in reversed(stack))
     return "".join(text), "".join(stack) + ";#" + closing, "#" + closing
 

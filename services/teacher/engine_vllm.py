@@ -1,0 +1,117 @@
+"""The production engine: vLLM's engine run inside the service's process.
+
+On a small model the split between an API process and an engine-core process costs more than the model
+itself (see the notes on vLLM), so the engine core runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`),
+driven by the service's batching thread. Scoring uses prompt log-probs with `detokenize=False` and flat
+log-prob containers; nothing is ever detokenised.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from services.teacher.engines import Continued, SamplingSpec, Scored, ScoreItem, describe
+
+
+class VLLMEngine:
+    name = "vllm"
+
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        dtype: str = "float32",
+        max_top_k: int = 20,
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float | None = None,
+        tensor_parallel_size: int = 1,
+        seed: int = 0,
+    ):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import torch
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self._sampling_params, self._prompt = SamplingParams, TokensPrompt
+        if gpu_memory_utilization is None:
+            # on CPU this is the share of RAM kept for the KV cache; vLLM reads one NUMA node's memory
+            gpu_memory_utilization = 0.9 if torch.cuda.is_available() else 0.15
+        options = dict(
+            model=model_dir,
+            dtype=dtype,
+            max_logprobs=max(max_top_k, 1),
+            gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size,
+            seed=seed,
+        )
+        if max_model_len is not None:
+            options["max_model_len"] = max_model_len
+        self.llm = LLM(**options)
+        config = self.llm.llm_engine.model_config
+        eos = self.llm.llm_engine.model_config.hf_config.eos_token_id
+        self.eos_id = eos[0] if isinstance(eos, list) else eos
+        self.info = describe(model_dir, "vllm", dtype, config.get_vocab_size(), config.max_model_len, self.eos_id)
+
+    def score(self, items: list[ScoreItem]) -> list[Scored]:
+        prompts, params = [], []
+        for it in items:
+            prompts.append(self._prompt(prompt_token_ids=it.ids))
+            params.append(
+                self._sampling_params(
+                    max_tokens=1, prompt_logprobs=it.top_k, detokenize=False, flat_logprobs=True, temperature=1.0
+                )
+            )
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [_flat_to_scored(out.prompt_logprobs, it) for out, it in zip(outputs, items, strict=True)]
+
+    def generate(self, prefixes: list[list[int]], spec: SamplingSpec) -> list[Continued]:
+        stops = list(spec.stop_ids) + ([self.eos_id] if self.eos_id is not None else [])
+        params = self._sampling_params(
+            max_tokens=spec.max_tokens,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            seed=spec.seed,
+            stop_token_ids=stops,
+            ignore_eos=True,  # eos is in `stops`: it ends the draft and stays in its tokens
+            logprobs=spec.top_k,
+            detokenize=False,
+            flat_logprobs=True,
+        )
+        outputs = self.llm.generate([self._prompt(prompt_token_ids=p) for p in prefixes], params, use_tqdm=False)
+        return [_flat_to_continued(out.outputs[0], spec.top_k, set(stops)) for out in outputs]
+
+    def close(self) -> None:
+        engine = getattr(self.llm, "llm_engine", None)
+        core = getattr(engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+
+
+def _unflatten(flat, first: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(chosen logprobs N, top ids N x k, top logprobs N x k) from positions `first..` of vLLM's flat
+    log-probs, which hold at each position the chosen token first, then the top-k by rank (so the chosen
+    token may appear twice)."""
+    starts = np.asarray(flat.start_indices[first:], dtype=np.int64)
+    ends = np.asarray(flat.end_indices[first:], dtype=np.int64)
+    values = np.asarray(flat.logprobs, dtype=np.float32)
+    ids = np.asarray(flat.token_ids, dtype=np.int32)
+    if not np.all(ends - starts == k + 1):  # a layout we do not expect: order by rank, one position at a time
+        ranks = flat.ranks
+        top = [sorted(range(s + 1, e), key=lambda j: ranks[j])[:k] for s, e in zip(starts, ends, strict=True)]
+        index = np.asarray(top, dtype=np.int64).reshape(len(starts), k)
+    else:
+        index = starts[:, None] + 1 + np.arange(k)[None, :]
+    return values[starts], ids[index], values[index]
+
+
+def _flat_to_scored(flat, item: ScoreItem) -> Scored:
+    return Scored(*_unflatten(flat, item.start, item.top_k))
+
+
+def _flat_to_continued(completion, k: int, stops: set[int]) -> Continued:
+    tokens = np.asarray(completion.token_ids, dtype=np.int32)
+    finished = "stop" if len(tokens) and int(tokens[-1]) in stops else "length"
+    return Continued(tokens, *_unflatten(completion.logprobs, 0, k), finished)
