@@ -79,6 +79,40 @@ def _format_eval(r: dict) -> str:
     return line
 
 
+def add_train(sub) -> None:
+    train = sub.add_parser(
+        "train",
+        help="train a student against a teacher service",
+        description="Train the student with TrOPD or a baseline (opd, eopd, reopold, gkd, sft) against a running "
+        "teacher service. The config is a YAML file (see configs/) with key=value overrides, e.g. "
+        "`tropd train --config configs/toy-tropd.yaml steps=50 loss.outlier=mask teacher.url=http://host:8000`.",
+    )
+    train.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    train.add_argument("--resume", action="store_true", help="continue the run in `out` from its last checkpoint")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (dotted keys)")
+    train.set_defaults(run=run_train)
+
+
+def run_train(args) -> int:
+    from trainer.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    from trainer.train import train
+
+    summary = train(config, resume=args.resume)
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    before, after = summary["eval_before"], summary["eval_after"]
+    print(f"[train] {summary['steps']} steps in {summary['wall_time_s']:.0f}s, {summary['skipped_steps']} skipped")
+    for task, acc in after["accuracy"].items():
+        print(f"  {task:<8} accuracy {100 * before['accuracy'][task]:5.1f}% -> {100 * acc:5.1f}%")
+    print(f"  reverse KL {before['reverse_kl']:.3f} -> {after['reverse_kl']:.3f} nats/token")
+    print(f"  run directory: {summary['run_dir']}")
+
+
 def add_demo(sub) -> None:
     demo = sub.add_parser(
         "demo",

@@ -54,9 +54,13 @@ RECIPES = {
 
 def set_threads() -> None:
     """Use the machine's cores, and keep transformers' per-file progress bars out of our progress output."""
+    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
+    quiet_transformers()
+
+
+def quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
-    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
     hf_logging.disable_progress_bar()
 
 

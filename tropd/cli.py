@@ -52,6 +52,7 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser, required=True)
     trainer_cli.add_toy(sub)
     teacher_cli.add_teacher(sub)
+    trainer_cli.add_train(sub)
     trainer_cli.add_demo(sub)
     bench = sub.add_parser("bench", help="benchmarks that print measured ratios side by side")
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCH", parser_class=Parser, required=True)

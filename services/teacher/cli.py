@@ -68,7 +68,69 @@ def add_teacher(sub) -> None:
 
 
 def add_bench(sub) -> None:
-    return None
+    from tropd.cli import non_negative_int, positive_int
+
+    bench = sub.add_parser(
+        "teacher",
+        help="scoring throughput: the service against its engine and vLLM's stock OpenAI server",
+        description="Scored tokens/s on the same random token sequences (fixed seed) of (a) the vLLM engine "
+        "in-process (what the service runs, without HTTP), (b) `tropd teacher serve --engine vllm` with "
+        "the binary body, (c) the same with JSON, (d) vLLM's stock OpenAI server (/v1/completions with "
+        "prompt log-probs), for each number of concurrent clients; plus bytes per scored token, the "
+        "ratios b/a and b/d, and whether all paths agree (top-k ids and log-probs within 1e-4). The "
+        "sequences are cut into requests, dealt round-robin to the clients, which all start at once and "
+        "send their requests one after another; (a) merges C concurrent requests into one engine call. "
+        "One warm-up pass, then the median of the timed passes. Servers run one at a time.",
+    )
+    bench.add_argument(
+        "--model", default="artifacts/toy/teacher", help="teacher model directory (default: artifacts/toy/teacher)"
+    )
+    bench.add_argument("--sequences", type=positive_int, help="sequences per pass (default: 64; --quick: 16)")
+    bench.add_argument("--length", type=positive_int, help="tokens per sequence (default: 256; --quick: 64)")
+    bench.add_argument("--top-k", type=non_negative_int, default=5, help="top-k per scored position (default: 5)")
+    bench.add_argument("--repeats", type=positive_int, help="timed passes per measurement (default: 5; --quick: 2)")
+    bench.add_argument(
+        "--clients", type=_client_counts, default=(1, 4), help="numbers of concurrent clients, comma-separated (1,4)"
+    )
+    bench.add_argument("--request-sequences", type=positive_int, help="sequences per request (default: 16; --quick: 4)")
+    bench.add_argument("--skip-stock", action="store_true", help="skip (d), vLLM's stock OpenAI server")
+    bench.add_argument("--quick", action="store_true", help="small sizes and 2 repeats: a smoke test (16 x 64)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object with every measurement")
+    bench.set_defaults(run=run_bench_teacher)
+
+
+def _client_counts(text: str) -> tuple[int, ...]:
+    import argparse
+
+    from tropd.cli import positive_int
+
+    try:
+        counts = tuple(positive_int(part.strip()) for part in text.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    return tuple(dict.fromkeys(counts))
+
+
+def run_bench_teacher(args) -> int:
+    from services.teacher import bench
+
+    quick = args.quick
+    config = bench.BenchConfig(
+        model=args.model,
+        sequences=args.sequences or (16 if quick else 64),
+        length=args.length or (64 if quick else 256),
+        top_k=args.top_k,
+        repeats=args.repeats or (2 if quick else 5),
+        clients=args.clients,
+        request_sequences=args.request_sequences or (4 if quick else 16),
+        skip_stock=args.skip_stock,
+    )
+    bench.model_limits(config.model)  # a missing model is a one-line error before anything starts
+    with bench.sigterm_as_interrupt():
+        with bench.stdout_to_stderr():
+            report = bench.run_bench(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(json.dumps(report, indent=2) if args.json else bench.format_table(report))
+    return 0
 
 
 def _port(text: str) -> int:

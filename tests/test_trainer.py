@@ -1,0 +1,145 @@
+"""The trainer end to end against a live teacher service (transformers engine, quick toy world)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import teacher
+from trainer.config import load_config
+from trainer.train import train
+from tropd.errors import UserError
+
+SMALL = [
+    "rollout.prompts_per_step=8",
+    "rollout.samples_per_prompt=2",
+    "rollout.max_new_tokens=32",
+    "eval.n=20",
+    "eval.kl_prompts=24",
+    "eval.every=0",
+    "tensorboard=false",
+    "plot=false",
+]
+
+
+@pytest.fixture(scope="module")
+def service(toy_quick, tmp_path_factory):
+    with teacher(toy_quick / "teacher", "hf", tmp_path_factory.mktemp("logs")) as svc:
+        yield svc
+
+
+def config(toy_quick, service, out, *extra):
+    return load_config(
+        "configs/toy-tropd.yaml",
+        [f"student={toy_quick / 'student'}", f"out={out}", f"teacher.url={service.url}", *SMALL, *extra],
+    )
+
+
+def test_tropd_trains_and_reverse_kl_falls(toy_quick, service, tmp_path):
+    cfg = config(toy_quick, service, tmp_path / "run", "steps=16", "checkpoint_every=8", "eval.every=8", "plot=true",
+                 "tensorboard=true", "optim.lr=3e-3")  # fmt: skip
+    summary = train(cfg, log=lambda _: None)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 17))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+    for key in ("k1", "trust_share", "outlier_share", "prefix_share", "teacher_latency_s", "tokens_per_s", "grad_norm"):
+        assert key in steps[0], key
+    assert summary["skipped_steps"] == 0
+    assert summary["eval_after"]["reverse_kl"] < summary["eval_before"]["reverse_kl"]
+    for name in ("summary.json", "curves.png", "config.yaml", "student/config.json"):
+        assert (tmp_path / "run" / name).is_file(), name
+    assert any((tmp_path / "run" / "tensorboard").iterdir())
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000008", "step-000016"]
+
+
+def test_resume_gives_the_same_weights(toy_quick, service, tmp_path):
+    common = ["checkpoint_every=3", "loss.rule=stochastic", "guidance.decay_steps=4"]
+    train(config(toy_quick, service, tmp_path / "a", "steps=6", *common), log=lambda _: None)
+    train(config(toy_quick, service, tmp_path / "b", "steps=3", *common), log=lambda _: None)
+    train(config(toy_quick, service, tmp_path / "b", "steps=6", *common), resume=True, log=lambda _: None)
+    a = load_file(tmp_path / "a" / "student" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "student" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key
+    records = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["opd", "eopd", "reopold", "gkd", "sft", "tropd-mask", "tropd-clip", "tropd-adaptive", "tropd-stale"],
+)
+def test_every_method_runs(toy_quick, service, tmp_path, method):
+    extra = {
+        "tropd-mask": ["loss.outlier=mask"],
+        "tropd-clip": ["loss.outlier=clip"],
+        "tropd-adaptive": ["loss.rule=adaptive", "guidance.enabled=false"],
+        "tropd-stale": ["max_staleness=1"],
+        "reopold": ["loss.method=reopold", "loss.refine_after=1"],
+        "gkd": ["loss.method=gkd", "loss.on_policy_share=0.5"],
+    }.get(method, [f"loss.method={method}"])
+    summary = train(config(toy_quick, service, tmp_path / "run", "steps=3", *extra), log=lambda _: None)
+    assert summary["steps"] == 3 and summary["skipped_steps"] == 0
+
+
+def test_tokenizer_mismatch_is_refused(toy_quick, service, tmp_path):
+    from trainer.tokenizer import build_hf_tokenizer
+
+    student = tmp_path / "student"
+    shutil.copytree(toy_quick / "student", student)
+    tok = build_hf_tokenizer()
+    tok.add_tokens(["X"])
+    tok.save_pretrained(student)
+    with pytest.raises(UserError, match="tokenizer differs") as info:
+        train(config(toy_quick, service, tmp_path / "run", "steps=1", f"student={student}"), log=lambda _: None)
+    assert "teacher" in str(info.value) and "student" in str(info.value)
+
+
+def test_top_k_over_the_teachers_limit_is_refused(toy_quick, service, tmp_path):
+    with pytest.raises(UserError, match="at most top-k 20"):
+        train(config(toy_quick, service, tmp_path / "run", "steps=1", "teacher.top_k=50"), log=lambda _: None)
+
+
+def test_existing_run_directory_is_not_overwritten(toy_quick, service, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    with pytest.raises(UserError, match="already holds a run"):
+        train(config(toy_quick, service, tmp_path / "run", "steps=1"), log=lambda _: None)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "tropd", "train", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--config", "configs/toy-tropd.yaml", "loss.taux=0.1"], "loss.taux"),
+        (["--config", "configs/toy-tropd.yaml", "loss.tau=2"], "loss.tau"),
+        (["--config", "configs/toy-tropd.yaml", "loss.method=magic"], "loss.method"),
+        (["--config", "configs/toy-tropd.yaml", "steps=zero"], "steps"),
+        (["--config", "configs/toy-tropd.yaml", "nonsense"], "key=value"),
+        (["--config", "no/such.yaml"], "not found"),
+        (["--config", "configs/toy-tropd.yaml", "student=/no/such/dir"], "not found"),
+    ],
+)
+def test_bad_config_is_a_one_line_error(args, needle):
+    result = _cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert needle in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unreachable_teacher_is_a_clear_error(toy_quick, tmp_path):
+    result = _cli("--config", "configs/toy-tropd.yaml", f"student={toy_quick / 'student'}", f"out={tmp_path / 'r'}",
+                  "teacher.url=http://127.0.0.1:9", "teacher.retries=1")  # fmt: skip
+    assert result.returncode == 2
+    assert "cannot reach the teacher" in result.stderr and "Traceback" not in result.stderr

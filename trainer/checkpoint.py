@@ -1,0 +1,63 @@
+"""Checkpoints: the student (save_pretrained layout), optimizer, scheduler, RNG states, step and data cursor.
+
+Each checkpoint is written to a temporary directory and renamed into place, so a directory named
+`step-NNNNNN` is always complete; the last `keep` are kept. `latest()` finds the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+PREFIX = "step-"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def save(
+    run_dir: Path, step: int, model, optimizer, scheduler, cursor: dict, state: dict, keep: int, tokenizer_from: Path
+) -> Path:
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:06d}"
+    tmp = root / f".tmp-{PREFIX}{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp / "student", safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_from / name).is_file():
+            shutil.copy2(tokenizer_from / name, tmp / "student" / name)
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "cursor": cursor,
+            "python_random": random.getstate(),
+            "torch_random": torch.get_rng_state(),
+        },
+        tmp / "trainer_state.pt",
+    )
+    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(p for p in root.iterdir() if p.name.startswith(PREFIX))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest(run_dir: Path) -> Path | None:
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return None
+    done = sorted(p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def load_state(path: Path) -> tuple[dict, dict]:
+    """(trainer state from trainer_state.pt, state.json); restores the global RNGs."""
+    blob = torch.load(path / "trainer_state.pt", weights_only=False)
+    random.setstate(blob["python_random"])
+    torch.set_rng_state(blob["torch_random"])
+    return blob, json.loads((path / "state.json").read_text())

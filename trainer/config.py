@@ -1,0 +1,157 @@
+"""Typed, validated training configuration: a YAML file plus `key=value` overrides.
+
+    tropd train --config configs/toy-tropd.yaml steps=100 loss.outlier=mask teacher.url=http://t:8000
+
+An unknown key or a bad value is a `UserError` naming the key, raised before any work starts.
+The resolved config is written to the run directory as `config.yaml`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tropd.errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TeacherConfig(_Section):
+    url: str = Field("http://127.0.0.1:8000", description="base URL of the teacher service")
+    api: Literal["tropd", "vllm-openai"] = Field("tropd", description="our service, or a stock vLLM OpenAI server")
+    api_key_env: str | None = Field(None, description="environment variable holding the bearer key")
+    top_k: int = Field(8, ge=0, le=1024, description="teacher top-k for forward-KL terms")
+    timeout_s: float = Field(120.0, gt=0)
+    retries: int = Field(12, ge=0, description="retries with back-off on connection errors, 429 and 503")
+    max_concurrency: int = Field(4, ge=1, description="scoring requests in flight at once")
+    request_sequences: int = Field(64, ge=1, description="sequences per scoring request")
+
+
+class LossConfig(_Section):
+    method: Literal["opd", "tropd", "eopd", "reopold", "gkd", "sft"] = "tropd"
+    rule: Literal["threshold", "stochastic", "adaptive"] = Field("threshold", description="trust rule")
+    tau: float = Field(0.1, ge=0, le=1, description="threshold on P_t = min(1, p_T/p_S)")
+    quantile: float = Field(0.5, ge=0, le=1, description="adaptive rule: per-batch quantile of P_t")
+    outlier: Literal["mask", "clip", "topk_fkl"] = "topk_fkl"
+    clip_c: float = Field(2.0, gt=0, description="clip rule: advantages clipped to >= -clip_c")
+    lambda_out: float = Field(1.0, ge=0, description="weight of the outlier term")
+    lambda_prefix: float = Field(1.0, ge=0, description="weight of forward KD on teacher-prefix tokens")
+    discount: float = Field(0.0, ge=0, le=1, description="OPD advantage: discounted sum of future d_t")
+    ratio_eps: float = Field(0.2, gt=0, le=1, description="importance-ratio clip for stale rollouts")
+    entropy_threshold: float = Field(1.0, ge=0, description="eopd: teacher entropy above which FKL is added")
+    lambda_fkl: float = Field(1.0, ge=0, description="eopd: weight of the forward-KL term")
+    alpha: float = Field(0.5, gt=0, le=1, description="reopold: mixture weight of the reward")
+    token_share: float = Field(0.5, gt=0, le=1, description="reopold: share of highest-entropy tokens trained")
+    refine_after: int | None = Field(None, ge=0, description="reopold: step at which the refine stage (OPD) starts")
+    beta: float = Field(0.5, ge=0, le=1, description="gkd: generalized JSD weight")
+    on_policy_share: float = Field(0.5, ge=0, le=1, description="gkd: share of student-generated batches")
+
+
+class GuidanceConfig(_Section):
+    enabled: bool = Field(True, description="off-policy guidance by teacher-written prefixes (tropd only)")
+    prompt_share: float = Field(0.5, ge=0, le=1, description="share of prompts with a teacher prefix at step 0")
+    prefix_tokens: int = Field(8, ge=1, description="most teacher-draft tokens used as a prefix")
+    decay_steps: int = Field(100, ge=1, description="steps over which the prefix share decays to zero")
+
+
+class RolloutConfig(_Section):
+    prompts_per_step: int = Field(32, ge=1)
+    samples_per_prompt: int = Field(2, ge=1)
+    max_new_tokens: int = Field(40, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class OptimConfig(_Section):
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    grad_clip: float = Field(1.0, gt=0)
+
+
+class EvalConfig(_Section):
+    every: int = Field(25, ge=0, description="evaluate every N steps (0: only before and after)")
+    n: int = Field(200, ge=1, description="greedy-accuracy prompts per task")
+    kl_prompts: int = Field(64, ge=1, description="held-out prompts for the reverse-KL estimate")
+    tasks: list[Literal["math", "code", "general"]] = Field(default_factory=lambda: ["math", "code", "general"])
+
+
+class TrainConfig(_Section):
+    student: str = Field("artifacts/toy/student", description="student model directory (Hugging Face layout)")
+    out: str = Field("runs/tropd", description="run directory")
+    steps: int = Field(200, ge=1)
+    seed: int = Field(0, ge=0)
+    tasks: dict[Literal["math", "code", "general"], float] = Field(
+        default_factory=lambda: {"math": 0.6, "code": 0.3, "general": 0.1}, description="task mix of prompts"
+    )
+    max_staleness: int = Field(0, ge=0, le=8, description="0: strictly on-policy; k: rollouts up to k steps old")
+    checkpoint_every: int = Field(50, ge=0, description="0: only at the end")
+    keep_checkpoints: int = Field(2, ge=1)
+    tensorboard: bool = True
+    plot: bool = True
+    threads: int | None = Field(None, ge=1, description="torch threads (default: all cores)")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.tasks or any(w < 0 for w in self.tasks.values()) or sum(self.tasks.values()) <= 0:
+            raise ValueError("tasks: give at least one task with a positive weight")
+        return self
+
+
+def _set(tree: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise UserError(f"override {dotted!r}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
+    """The config from YAML `path` (or defaults) with `key=value` overrides (values parsed as YAML)."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {path!r} not found")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"config file {path!r} is not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise UserError(f"config file {path!r} must hold a mapping of keys to values")
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r} must look like key=value (e.g. loss.tau=0.2)")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        _set(tree, key.strip(), value)
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "config"
+            problems.append(f"{where}: {err['msg']}" + (f" (got {repr(err['input'])[:80]})" if "input" in err else ""))
+        raise UserError("bad config: " + "; ".join(problems)) from None
+
+
+def dump_config(config: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,194 @@
+"""Rollouts and their teacher scores, as batches ready for a loss.
+
+`Rollouts.make(step)` draws prompts, asks the teacher for draft prefixes where guidance applies, samples
+the student, and submits the scoring request without waiting for it; `Pending.resolve()` waits for the
+scores and returns padded tensors. The trainer keeps up to `max_staleness + 1` batches in flight, so the
+teacher scores batch k+1 while the optimizer works on batch k.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import torch
+
+from trainer import tasks
+from trainer.config import TrainConfig
+from trainer.rollout import response_logprobs, sample
+from trainer.tokenizer import VOCAB
+
+BANNED = (VOCAB.pad_id, VOCAB.bos_id, VOCAB.sep_id)
+NEEDS_TOP_K = {"tropd", "eopd", "gkd"}
+
+
+@dataclass
+class Batch:
+    """One step's data. Response tensors are right-padded to T; K is the teacher's top-k."""
+
+    step: int
+    source: str  # "student" (on-policy samples) or "teacher" (teacher-written responses)
+    prompts: list[list[int]]
+    responses: list[list[int]]
+    prefix_lens: list[int]
+    ids_B_T: torch.Tensor
+    mask_B_T: torch.Tensor
+    prefix_mask_B_T: torch.Tensor
+    old_lp_B_T: torch.Tensor | None
+    teacher_lp_B_T: torch.Tensor | None = None
+    teacher_top_ids_B_T_K: torch.Tensor | None = None
+    teacher_top_lp_B_T_K: torch.Tensor | None = None
+
+    @property
+    def tokens(self) -> int:
+        return int(self.mask_B_T.sum())
+
+
+@dataclass
+class Pending:
+    batch: Batch
+    scores: Future | None
+    top_k: int
+
+    def resolve(self) -> Batch:
+        if self.scores is not None:
+            fill_teacher(self.batch, self.scores.result(), self.top_k)
+        return self.batch
+
+
+def pad(rows: list[list], value, dtype) -> torch.Tensor:
+    width = max(1, max(len(r) for r in rows))
+    out = torch.full((len(rows), width), value, dtype=dtype)
+    for i, r in enumerate(rows):
+        if len(r):
+            out[i, : len(r)] = torch.as_tensor(r, dtype=dtype)
+    return out
+
+
+def fill_teacher(batch: Batch, results, top_k: int) -> None:
+    """Padded teacher tensors from per-sequence results (log-probs of the response tokens, top-k)."""
+    B, T = batch.ids_B_T.shape
+    lp = torch.zeros((B, T), dtype=torch.float32)
+    top_ids = torch.zeros((B, T, top_k), dtype=torch.long)
+    top_lp = torch.full((B, T, top_k), -1e4, dtype=torch.float32)  # padding only; masked out
+    for i, r in enumerate(results):
+        n = len(r.logprobs)
+        lp[i, :n] = torch.from_numpy(r.logprobs)
+        if top_k:
+            top_ids[i, :n] = torch.from_numpy(r.top_ids[:, :top_k]).long()
+            top_lp[i, :n] = torch.from_numpy(r.top_logprobs[:, :top_k])
+    batch.teacher_lp_B_T, batch.teacher_top_ids_B_T_K, batch.teacher_top_lp_B_T_K = lp, top_ids, top_lp
+
+
+def prefix_share(config: TrainConfig, step: int) -> float:
+    """Share of prompts that get a teacher prefix: linear decay to zero over `decay_steps`."""
+    g = config.guidance
+    if config.loss.method != "tropd" or not g.enabled:
+        return 0.0
+    return g.prompt_share * max(0.0, 1.0 - step / g.decay_steps)
+
+
+class Rollouts:
+    def __init__(self, config: TrainConfig, model, link, seed_offset: int = 0):
+        self.config, self.model, self.link = config, model, link
+        self.rng = random.Random(f"prompts/{config.seed + seed_offset}")
+        self.gen = torch.Generator().manual_seed(config.seed + seed_offset)
+        self.pools = {t: tasks.examples(t, "train", 20000, config.seed) for t in config.tasks}
+        self.top_k = config.teacher.top_k if config.loss.method in NEEDS_TOP_K else 0
+
+    # the data cursor: everything that decides which prompts and samples come next
+    def state(self) -> dict:
+        return {"rng": self.rng.getstate(), "gen": self.gen.get_state()}
+
+    def load_state(self, state: dict) -> None:
+        self.rng.setstate(state["rng"])
+        self.gen.set_state(state["gen"])
+
+    def _prompts(self) -> tuple[list[str], list[list[int]]]:
+        names, weights = zip(*self.config.tasks.items(), strict=True)
+        r = self.config.rollout
+        chosen = self.rng.choices(names, weights, k=r.prompts_per_step)
+        exs = [self.rng.choice(self.pools[t]) for t in chosen]
+        repeated = [e for e in exs for _ in range(r.samples_per_prompt)]
+        return [e.task for e in repeated], [VOCAB.prompt_ids(e.prompt) for e in repeated]
+
+    def make(self, step: int) -> Pending:
+        cfg = self.config
+        _, prompts = self._prompts()
+        method = cfg.loss.method
+        if method == "sft" or (method == "gkd" and self.rng.random() >= cfg.loss.on_policy_share):
+            return self._teacher_written(step, prompts)
+        prefixes = self._prefixes(step, prompts)
+        starts = [p + x for p, x in zip(prompts, prefixes, strict=True)]
+        budget = cfg.rollout.max_new_tokens
+        was_training = self.model.training
+        self.model.eval()
+        roll = sample(
+            self.model,
+            starts,
+            max_new_tokens=budget,
+            eos_id=VOCAB.eos_id,
+            pad_id=VOCAB.pad_id,
+            banned_ids=BANNED,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            generator=self.gen,
+        )
+        continuations = roll.responses()
+        # a prefix plus its continuation never runs past the response budget
+        responses = [(x + c)[: max(budget, len(x) + 1)] for x, c in zip(prefixes, continuations, strict=True)]
+        batch = self._batch(step, "student", prompts, responses, [len(x) for x in prefixes])
+        if cfg.max_staleness > 0:
+            with torch.no_grad():
+                batch.old_lp_B_T = response_logprobs(self.model, prompts, responses, VOCAB.pad_id)[0]
+        self.model.train(was_training)
+        seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
+        future = self.link.score(seqs, [len(p) for p in prompts], self.top_k)
+        return Pending(batch, future, self.top_k)
+
+    def _prefixes(self, step: int, prompts: list[list[int]]) -> list[list[int]]:
+        share = prefix_share(self.config, step)
+        chosen = [i for i in range(len(prompts)) if self.rng.random() < share]
+        prefixes: list[list[int]] = [[] for _ in prompts]
+        if not chosen:
+            return prefixes
+        g = self.config.guidance
+        drafts = self.link.continue_(
+            [prompts[i] for i in chosen], g.prefix_tokens, temperature=1.0, seed=self._seed(step), top_k=0
+        ).result()
+        for i, d in zip(chosen, drafts, strict=True):
+            tokens = d.token_ids.tolist()
+            if VOCAB.eos_id in tokens:
+                tokens = tokens[: tokens.index(VOCAB.eos_id)]
+            prefixes[i] = tokens[: self.rng.randint(1, g.prefix_tokens)] if tokens else []
+        return prefixes
+
+    def _teacher_written(self, step: int, prompts: list[list[int]]) -> Pending:
+        """Teacher drafts as the whole response (sft, and gkd's off-policy batches)."""
+        k = self.top_k
+        drafts = self.link.continue_(
+            prompts, self.config.rollout.max_new_tokens, temperature=1.0, seed=self._seed(step), top_k=k
+        ).result()
+        responses = [d.token_ids.tolist() or [VOCAB.eos_id] for d in drafts]
+        batch = self._batch(step, "teacher", prompts, responses, [0] * len(prompts))
+        fill_teacher(batch, drafts, k)
+        return Pending(batch, None, k)
+
+    def _seed(self, step: int) -> int:
+        return (self.config.seed * 1_000_003 + step) % (2**31)
+
+    @staticmethod
+    def _batch(step, source, prompts, responses, prefix_lens) -> Batch:
+        ids = pad(responses, VOCAB.pad_id, torch.long)
+        mask = pad([[True] * len(r) for r in responses], False, torch.bool)
+        prefix = pad(
+            [[j < n for j in range(len(r))] for r, n in zip(responses, prefix_lens, strict=True)], False, torch.bool
+        )
+        return Batch(step, source, prompts, responses, prefix_lens, ids, mask, prefix & mask, None)
+
+
+def k1_estimate(student_lp_B_T: torch.Tensor, teacher_lp_B_T: torch.Tensor, mask_B_T: torch.Tensor) -> float:
+    d = (student_lp_B_T - teacher_lp_B_T)[mask_B_T]
+    return float(d.mean()) if d.numel() else math.nan

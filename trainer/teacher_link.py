@@ -1,0 +1,98 @@
+"""The trainer's connection to the teacher: the async client run on its own event-loop thread.
+
+Training is synchronous torch code; scoring requests must progress while it runs. So the client lives on
+a background thread with its own asyncio loop, and the trainer submits requests that return
+`concurrent.futures.Future`s. Requests are split into chunks of `request_sequences` sequences, with at
+most `max_concurrency` in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from concurrent.futures import Future
+
+from services.teacher.client import TeacherClient, TeacherError
+from services.teacher.protocol import tokenizer_fingerprint
+from trainer.config import TeacherConfig
+from tropd.errors import UserError
+
+
+class TeacherLink:
+    def __init__(self, config: TeacherConfig):
+        self.config = config
+        api_key = None
+        if config.api_key_env:
+            api_key = os.environ.get(config.api_key_env)
+            if not api_key:
+                raise UserError(f"teacher.api_key_env {config.api_key_env}: that environment variable is not set")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="teacher-link", daemon=True)
+        self._thread.start()
+        kwargs = dict(api_key=api_key, timeout=config.timeout_s, retries=config.retries)
+        self.client = self._call(self._make_client(config, kwargs))
+        self._limit = asyncio.Semaphore(config.max_concurrency)
+        self.latencies: list[float] = []  # seconds per scoring call, drained by the trainer's metrics
+
+    async def _make_client(self, config: TeacherConfig, kwargs):
+        if config.api == "vllm-openai":
+            from services.teacher.openai_client import VLLMOpenAIClient
+
+            return VLLMOpenAIClient(config.url, **kwargs)
+        return TeacherClient(config.url, **kwargs)
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def check(self, student_dir: str, top_k: int) -> dict:
+        """Read the teacher's info; refuse a different tokenizer or a top-k it cannot give."""
+        try:
+            info = self._call(self.client.info())
+        except TeacherError as exc:
+            raise UserError(f"cannot reach the teacher at {self.config.url}: {exc}") from None
+        mine = tokenizer_fingerprint(student_dir)
+        theirs = info.get("tokenizer_sha256")
+        if theirs is not None and theirs != mine:
+            raise UserError(
+                f"the teacher's tokenizer differs from the student's: teacher {theirs[:16]}..., "
+                f"student {mine[:16]}... (tokenizer_sha256); distillation needs one shared vocabulary"
+            )
+        max_top_k = info.get("max_top_k")
+        if max_top_k is not None and top_k > max_top_k:
+            raise UserError(f"teacher.top_k={top_k} but the teacher serves at most top-k {max_top_k}")
+        return info
+
+    def score(self, sequences: list[list[int]], starts: list[int], top_k: int) -> Future:
+        return asyncio.run_coroutine_threadsafe(self._score(sequences, starts, top_k), self._loop)
+
+    def continue_(self, prefixes: list[list[int]], max_tokens: int, **kwargs) -> Future:
+        return asyncio.run_coroutine_threadsafe(self._continue(prefixes, max_tokens, **kwargs), self._loop)
+
+    async def _score(self, sequences, starts, top_k):
+        n = self.config.request_sequences
+        parts = await asyncio.gather(
+            *(
+                self._timed(self.client.score(sequences[i : i + n], starts[i : i + n], top_k))
+                for i in range(0, len(sequences), n)
+            )
+        )
+        return [r for part in parts for r in part]
+
+    async def _continue(self, prefixes, max_tokens, **kwargs):
+        return await self._timed(self.client.continue_(prefixes, max_tokens, **kwargs))
+
+    async def _timed(self, coro):
+        async with self._limit:
+            start = time.perf_counter()
+            result = await coro
+            self.latencies.append(time.perf_counter() - start)
+            return result
+
+    def close(self) -> None:
+        try:
+            self._call(self.client.aclose())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)

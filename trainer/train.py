@@ -1,0 +1,278 @@
+"""The training loop: rollouts in flight, a trust-region loss, checkpoints, metrics, eval, summary.
+
+for step in 1..steps:
+    keep up to max_staleness + 1 batches sampled and sent to the teacher
+    batch = oldest batch, with its teacher scores
+    loss = losses.<method>(student logits on the batch, teacher scores)   # skipped if non-finite
+    optimizer step; metrics; eval every K steps; checkpoint every C steps
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections import deque
+from pathlib import Path
+
+import torch
+
+from trainer import checkpoint, losses, toy
+from trainer.config import TrainConfig, dump_config
+from trainer.pipeline import Batch, Rollouts, k1_estimate
+from trainer.rollout import response_logprobs, sample
+from trainer.tasks import examples
+from trainer.teacher_link import TeacherLink
+from trainer.tokenizer import VOCAB
+from tropd.errors import UserError
+
+EVAL_SEED = 1234
+
+
+def compute_loss(config: TrainConfig, batch: Batch, logits_B_T_V, step: int, generator):
+    c, ids, mask = config.loss, batch.ids_B_T, batch.mask_B_T
+    t_lp, top_ids, top_lp, old = batch.teacher_lp_B_T, batch.teacher_top_ids_B_T_K, batch.teacher_top_lp_B_T_K, None
+    if config.max_staleness > 0 and batch.source == "student":
+        old = batch.old_lp_B_T
+    if c.method == "opd":
+        return losses.opd(logits_B_T_V, ids, t_lp, mask, old_lp_B_T=old, ratio_eps=c.ratio_eps, discount=c.discount)
+    if c.method == "tropd":
+        return losses.tropd(
+            logits_B_T_V, ids, t_lp, top_ids, top_lp, mask,
+            prefix_mask_B_T=batch.prefix_mask_B_T, rule=c.rule, tau=c.tau, quantile=c.quantile,
+            outlier=c.outlier, clip_c=c.clip_c, lambda_out=c.lambda_out, lambda_prefix=c.lambda_prefix,
+            old_lp_B_T=old, ratio_eps=c.ratio_eps, generator=generator,
+        )  # fmt: skip
+    if c.method == "eopd":
+        return losses.eopd(
+            logits_B_T_V, ids, t_lp, top_ids, top_lp, mask,
+            entropy_threshold=c.entropy_threshold, lambda_fkl=c.lambda_fkl, old_lp_B_T=old, ratio_eps=c.ratio_eps,
+        )  # fmt: skip
+    if c.method == "reopold":
+        refine = c.refine_after is not None and step > c.refine_after
+        return losses.reopold(
+            logits_B_T_V, ids, t_lp, mask, alpha=c.alpha, token_share=c.token_share, refine=refine,
+            old_lp_B_T=old, ratio_eps=c.ratio_eps,
+        )  # fmt: skip
+    if c.method == "gkd":
+        return losses.gkd(logits_B_T_V, top_ids, top_lp, mask, beta=c.beta)
+    return losses.sft(logits_B_T_V, ids, mask)
+
+
+def lr_lambda(config: TrainConfig):
+    o = config.optim
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "cosine":
+            frac = (step - o.warmup_steps) / max(1, config.steps - o.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        return 1.0
+
+    return factor
+
+
+@torch.no_grad()
+def evaluate(model, link: TeacherLink, config: TrainConfig) -> dict:
+    """Greedy accuracy per task, and the K1 reverse KL on student samples of held-out prompts."""
+    model.eval()
+    acc = {t: toy.accuracy(model, t, config.eval.n) for t in config.eval.tasks}
+    per_task = max(1, config.eval.kl_prompts // len(config.eval.tasks))
+    prompts = [VOCAB.prompt_ids(e.prompt) for t in config.eval.tasks for e in examples(t, "eval", per_task)]
+    roll = sample(
+        model, prompts, max_new_tokens=config.rollout.max_new_tokens, eos_id=VOCAB.eos_id, pad_id=VOCAB.pad_id,
+        banned_ids=(VOCAB.pad_id, VOCAB.bos_id, VOCAB.sep_id), generator=torch.Generator().manual_seed(EVAL_SEED),
+    )  # fmt: skip
+    responses = roll.responses()
+    s_lp, mask, _ = response_logprobs(model, prompts, responses, VOCAB.pad_id)
+    scored = link.score([p + r for p, r in zip(prompts, responses, strict=True)], [len(p) for p in prompts], 0)
+    t_lp = torch.zeros_like(s_lp)
+    for i, r in enumerate(scored.result()):
+        t_lp[i, : len(r.logprobs)] = torch.from_numpy(r.logprobs)
+    model.train()
+    return {"accuracy": acc, "reverse_kl": k1_estimate(s_lp, t_lp, mask)}
+
+
+class RunLog:
+    """metrics.jsonl, TensorBoard, and the console."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int):
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step and self.path.is_file():  # drop steps after the checkpoint: they will run again
+            records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            kept = [json.dumps(r) for r in records if r["step"] <= resume_step and not r.get("final")]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif not resume_step:
+            self.path.write_text("")
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in _flatten(record).items():
+                if key != "step" and isinstance(value, int | float) and math.isfinite(value):
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _flatten(record: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def train(config: TrainConfig, resume: bool = False, log=print) -> dict:
+    from tqdm import tqdm
+
+    run_dir = Path(config.out)
+    student_dir = Path(config.student)
+    if not (student_dir / "config.json").is_file():
+        raise UserError(f"student directory {config.student!r} not found (no config.json there)")
+    ckpt = checkpoint.latest(run_dir) if resume else None
+    if not resume and (run_dir / "metrics.jsonl").is_file():
+        raise UserError(f"run directory {run_dir} already holds a run: pass --resume, or choose another `out`")
+    torch.set_num_threads(config.threads or max(1, min(os.cpu_count() or 1, 8)))
+    torch.manual_seed(config.seed)
+    toy.quiet_transformers()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(config, run_dir / "config.yaml")
+
+    link = TeacherLink(config.teacher)
+    try:
+        info = link.check(str(student_dir), config.teacher.top_k)
+        model = toy.load_model(ckpt / "student" if ckpt else student_dir).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+        rollouts = Rollouts(config, model, link)
+        loss_gen = torch.Generator().manual_seed(config.seed + 1)
+        done, skipped, cursor = 0, 0, 0
+        if ckpt is not None:
+            blob, state = checkpoint.load_state(ckpt)
+            optimizer.load_state_dict(blob["optimizer"])
+            scheduler.load_state_dict(blob["scheduler"])
+            rollouts.load_state(blob["cursor"]["rollouts"])
+            loss_gen.set_state(blob["cursor"]["loss_gen"])
+            done, skipped, cursor = state["step"], state["skipped_steps"], state["cursor"]
+            log(f"[train] resuming {run_dir} from {ckpt.name} (step {done})")
+        elif resume:
+            log(f"[train] no checkpoint in {run_dir}: starting from step 0")
+        if done == 0 or not (run_dir / "eval_before.json").is_file():
+            log("[train] evaluating the student before training")
+            (run_dir / "eval_before.json").write_text(json.dumps(evaluate(model, link, config)))
+        eval_before = json.loads((run_dir / "eval_before.json").read_text())
+        runlog = RunLog(run_dir, config.tensorboard, done)
+        start_time = time.monotonic()
+        inflight: deque = deque()
+        next_sample = done + 1
+        steps = range(done + 1, config.steps + 1)
+        bar = tqdm(steps, desc=f"{config.loss.method}", unit="step", dynamic_ncols=True, mininterval=1.0)
+        last_eval = None
+        for step in bar:
+            t0 = time.perf_counter()
+            while len(inflight) < config.max_staleness + 1 and next_sample <= config.steps:
+                inflight.append(rollouts.make(next_sample))
+                next_sample += 1
+                cursor += config.rollout.prompts_per_step
+            t_sampled = time.perf_counter()
+            batch = inflight.popleft().resolve()
+            t_scored = time.perf_counter()
+            model.train()
+            _, mask, logits = response_logprobs(model, batch.prompts, batch.responses, VOCAB.pad_id)
+            record = {"step": step, "cursor": cursor - config.max_staleness * config.rollout.prompts_per_step}
+            finite_teacher = batch.teacher_lp_B_T is None or bool(torch.isfinite(batch.teacher_lp_B_T[mask]).all())
+            loss, metrics = compute_loss(config, batch, logits, step, loss_gen) if finite_teacher else (None, {})
+            ok = loss is not None and bool(torch.isfinite(loss))
+            grad_norm = math.nan
+            optimizer.zero_grad(set_to_none=True)
+            if ok:
+                loss.backward()
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip))
+                ok = math.isfinite(grad_norm)
+            if ok:
+                optimizer.step()
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                tqdm.write(f"[train] step {step}: non-finite teacher value, loss or gradient; step skipped")
+            scheduler.step()
+            t_done = time.perf_counter()
+            latencies, link.latencies[:] = list(link.latencies), []
+            record.update({k: float(v) for k, v in metrics.items()})
+            record.update(
+                {
+                    "source": batch.source,
+                    "prefix_share": float(batch.prefix_mask_B_T.sum()) / max(1, batch.tokens),
+                    "response_tokens": batch.tokens,
+                    "grad_norm": grad_norm,
+                    "lr": scheduler.get_last_lr()[0],
+                    "skipped_steps": skipped,
+                    "teacher_latency_s": sum(latencies) / len(latencies) if latencies else 0.0,
+                    "sample_s": t_sampled - t0,
+                    "wait_teacher_s": t_scored - t_sampled,
+                    "step_s": t_done - t0,
+                    "tokens_per_s": batch.tokens / max(1e-9, t_done - t0),
+                }
+            )
+            if config.eval.every and step % config.eval.every == 0 and step < config.steps:
+                last_eval = evaluate(model, link, config)
+                record["eval"] = last_eval
+            runlog.write(record)
+            bar.set_postfix(_postfix(record, last_eval), refresh=False)
+            if step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                checkpoint.save(
+                    run_dir, step, model, optimizer, scheduler,
+                    {"rollouts": rollouts.state(), "loss_gen": loss_gen.get_state()},
+                    {"skipped_steps": skipped, "cursor": cursor}, config.keep_checkpoints, student_dir,
+                )  # fmt: skip
+        bar.close()
+        log("[train] evaluating the student after training")
+        eval_after = evaluate(model, link, config)
+        runlog.write({"step": config.steps, "eval": eval_after, "final": True})
+        runlog.close()
+        final_dir = run_dir / "student"
+        shutil.rmtree(final_dir, ignore_errors=True)
+        shutil.copytree(checkpoint.latest(run_dir) / "student", final_dir)
+        summary = {
+            "config": config.model_dump(mode="json"),
+            "teacher": {k: info.get(k) for k in ("model", "engine", "dtype", "tokenizer_sha256")},
+            "eval_before": eval_before,
+            "eval_after": eval_after,
+            "steps": config.steps,
+            "skipped_steps": skipped,
+            "wall_time_s": round(time.monotonic() - start_time, 1),
+            "run_dir": str(run_dir),
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if config.plot:
+            from trainer.plot import plot_run
+
+            plot_run(run_dir)
+        return summary
+    finally:
+        link.close()
+
+
+def _postfix(record: dict, last_eval: dict | None) -> dict:
+    out = {"loss": f"{record.get('loss', float('nan')):.3f}"}
+    if "k1" in record:
+        out["k1"] = f"{record['k1']:.2f}"
+    if "trust_share" in record:
+        out["trust"] = f"{record['trust_share']:.2f}"
+    if last_eval:
+        out["acc"] = "/".join(f"{100 * a:.0f}" for a in last_eval["accuracy"].values())
+    return out
