@@ -114,26 +114,57 @@ def _print_summary(summary: dict) -> None:
 
 
 def add_demo(sub) -> None:
+    from tropd.cli import positive_int
+
     demo = sub.add_parser(
         "demo",
-        help="build the toy world (if needed) and evaluate the teacher and the mismatched student",
-        description="The README's main job: build the toy world if it is not cached, then evaluate the "
-        "teacher and the student on every task, with the student's mismatch to the teacher.",
+        help="the whole method on the toy world: build, serve the teacher, train with TrOPD, evaluate",
+        description="Build the toy world if it is not cached, start the teacher service as a subprocess (the vllm "
+        "engine where it installs, else hf), train the mismatched student with TrOPD, and evaluate before and "
+        "after. Prints where the run directory, the plot and the TensorBoard logs are. The teacher is stopped on "
+        "exit and on Ctrl-C.",
     )
+    demo.add_argument("--out", help="run directory (default: runs/demo-<date>-<time>)")
     demo.add_argument("--toy", default="artifacts/toy", help="toy world directory (default: artifacts/toy)")
-    demo.add_argument("--n", type=int, default=300, help="eval prompts per task (default: 300)")
+    demo.add_argument("--engine", choices=("auto", "vllm", "hf"), default="auto", help="teacher engine (auto)")
+    demo.add_argument("--steps", type=positive_int, help="training steps (default: the config's)")
+    demo.add_argument("--config", help="YAML config (default: built-in toy settings, as configs/toy-tropd.yaml)")
+    demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, as for `tropd train`")
     demo.set_defaults(run=run_demo)
 
 
 def run_demo(args) -> int:
-    from trainer import toy
+    import time
 
-    if args.n < 1:
-        raise UserError(f"--n must be >= 1, got {args.n}")
+    from services.teacher.launch import launch
+    from trainer import toy
+    from trainer.config import load_config
+
+    out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    overrides = [f"student={Path(args.toy) / 'student'}", f"out={out}", *args.overrides]
+    if args.steps:
+        overrides.append(f"steps={args.steps}")
+    config = load_config(args.config, overrides)  # validate before any work
+    if (out / "metrics.jsonl").is_file():
+        raise UserError(f"run directory {out} already holds a run: choose another --out")
     toy.build(args.toy)
-    teacher, student = str(Path(args.toy) / "teacher"), str(Path(args.toy) / "student")
-    for label, path, ref in (("teacher", teacher, None), ("student", student, teacher)):
-        print(f"[demo] {label}: {path}")
-        for t in TASK_CHOICES:
-            print("  " + _format_eval(toy.evaluate(path, t, args.n, ref)))
+    engine = args.engine
+    if engine == "auto":
+        from services.teacher.engines import vllm_available
+
+        engine = "vllm" if vllm_available() else "hf"
+    print(f"[demo] starting the teacher service ({engine} engine) on {Path(args.toy) / 'teacher'}")
+    teacher = launch(Path(args.toy) / "teacher", engine, out / "teacher.log")
+    try:
+        print(f"[demo] teacher ready at {teacher.url}; training the student with {config.loss.method}")
+        config.teacher.url = teacher.url
+        from trainer.train import train
+
+        summary = train(config)
+    finally:
+        status = teacher.stop()
+        print(f"[demo] teacher stopped (exit status {status}); its log: {out / 'teacher.log'}")
+    _print_summary(summary)
+    print(f"[demo] plot: {out / 'curves.png'}")
+    print(f"[demo] TensorBoard: .venv/bin/tensorboard --logdir {out / 'tensorboard'}")
     return 0

@@ -30,6 +30,7 @@ class TeacherConfig(_Section):
     retries: int = Field(12, ge=0, description="retries with back-off on connection errors, 429 and 503")
     max_concurrency: int = Field(4, ge=1, description="scoring requests in flight at once")
     request_sequences: int = Field(64, ge=1, description="sequences per scoring request")
+    client_id: str | None = Field(None, description="sent as X-TrOPD-Client (default: hostname-pid)")
 
 
 class LossConfig(_Section):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import threading
 import time
 from concurrent.futures import Future
@@ -32,6 +33,8 @@ class TeacherLink:
         self._thread = threading.Thread(target=self._loop.run_forever, name="teacher-link", daemon=True)
         self._thread.start()
         kwargs = dict(api_key=api_key, timeout=config.timeout_s, retries=config.retries)
+        if config.api == "tropd":
+            kwargs["client_id"] = config.client_id or f"{socket.gethostname()}-{os.getpid()}"
         self.client = self._call(self._make_client(config, kwargs))
         self._limit = asyncio.Semaphore(config.max_concurrency)
         self.latencies: list[float] = []  # seconds per scoring call, drained by the trainer's metrics

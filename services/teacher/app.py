@@ -168,6 +168,8 @@ def create_app(engine, settings: Settings | None = None) -> FastAPI:
                 return response
         response = await call_next(request)
         route = path if path in ROUTES else "other"
+        if route in ("/v1/score", "/v1/continue"):
+            metrics.client_requests.labels(_client_id(request)).inc()
         metrics.requests.labels(route, str(response.status_code)).inc()
         metrics.latency.labels(route).observe(time.perf_counter() - start)
         metrics.inflight_tokens.set(batcher.inflight_tokens)
@@ -337,6 +339,12 @@ def _continue_items(body: schemas.ContinueRequest, info, settings: Settings):
         top_k=body.top_k,
     )
     return body.prefixes, spec
+
+
+def _client_id(request: Request) -> str:
+    """The caller's self-chosen id (bounded and sanitised, it becomes a metrics label)."""
+    raw = request.headers.get("x-tropd-client", "anonymous")[:64]
+    return "".join(c if c.isalnum() or c in "-_.:" else "_" for c in raw) or "anonymous"
 
 
 def _log_request(request: Request, status: int, start: float) -> None:

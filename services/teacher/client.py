@@ -50,8 +50,11 @@ class TeacherClient:
         max_backoff: float = 10.0,
         max_connections: int = 16,
         binary: bool = True,
+        client_id: str | None = None,
     ):
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        if client_id:
+            headers["x-tropd-client"] = client_id
         self.url = url.rstrip("/")
         self.retries, self.backoff, self.max_backoff, self.binary = retries, backoff, max_backoff, binary
         self.http = httpx.AsyncClient(
