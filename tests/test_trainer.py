@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import teacher
+from tests.helpers import free_port, teacher
 from trainer.config import load_config
 from trainer.train import train
 from tropd.errors import UserError
@@ -143,3 +143,20 @@ def test_unreachable_teacher_is_a_clear_error(toy_quick, tmp_path):
                   "teacher.url=http://127.0.0.1:9", "teacher.retries=1")  # fmt: skip
     assert result.returncode == 2
     assert "cannot reach the teacher" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_torchrun_two_processes_match_one(toy_quick, service, tmp_path):
+    args = [f"student={toy_quick / 'student'}", f"teacher.url={service.url}", *SMALL, "steps=3", "loss.rule=threshold"]
+    single = _cli("--config", "configs/toy-tropd.yaml", f"out={tmp_path / 'one'}", *args, "threads=1")
+    assert single.returncode == 0, single.stderr[-2000:]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(free_port()), "-m", "tropd", "train", "--config", "configs/toy-tropd.yaml",
+               f"out={tmp_path / 'two'}", *args, "threads=1"]  # fmt: skip
+    double = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert double.returncode == 0, double.stderr[-3000:]
+    a = load_file(tmp_path / "one" / "student" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "student" / "model.safetensors")
+    init = load_file(toy_quick / "student" / "model.safetensors")
+    assert any(not torch.allclose(a[key], init[key], atol=1e-4) for key in a)  # training moved the weights
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key

@@ -100,7 +100,8 @@ def run_train(args) -> int:
     from trainer.train import train
 
     summary = train(config, resume=args.resume)
-    _print_summary(summary)
+    if summary is not None:  # rank 0
+        _print_summary(summary)
     return 0
 
 

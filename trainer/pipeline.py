@@ -91,8 +91,12 @@ def prefix_share(config: TrainConfig, step: int) -> float:
 
 
 class Rollouts:
-    def __init__(self, config: TrainConfig, model, link, seed_offset: int = 0):
+    """Every rank draws the same global batch (prompts, uniforms, teacher drafts) and keeps its slice, so
+    that `world` data-parallel ranks together see exactly what one process would."""
+
+    def __init__(self, config: TrainConfig, model, link, seed_offset: int = 0, rank: int = 0, world: int = 1):
         self.config, self.model, self.link = config, model, link
+        self.rank, self.world = rank, world
         self.rng = random.Random(f"prompts/{config.seed + seed_offset}")
         self.gen = torch.Generator().manual_seed(config.seed + seed_offset)
         self.pools = {t: tasks.examples(t, "train", 20000, config.seed) for t in config.tasks}
@@ -114,15 +118,21 @@ class Rollouts:
         repeated = [e for e in exs for _ in range(r.samples_per_prompt)]
         return [e.task for e in repeated], [VOCAB.prompt_ids(e.prompt) for e in repeated]
 
+    def _mine(self, rows: list) -> list:
+        n = len(rows) // self.world
+        return rows[self.rank * n : (self.rank + 1) * n]
+
     def make(self, step: int) -> Pending:
         cfg = self.config
         _, prompts = self._prompts()
         method = cfg.loss.method
         if method == "sft" or (method == "gkd" and self.rng.random() >= cfg.loss.on_policy_share):
             return self._teacher_written(step, prompts)
-        prefixes = self._prefixes(step, prompts)
-        starts = [p + x for p, x in zip(prompts, prefixes, strict=True)]
         budget = cfg.rollout.max_new_tokens
+        uniforms = self._mine(torch.rand((len(prompts), budget), generator=self.gen))
+        prefixes = self._mine(self._prefixes(step, prompts))
+        prompts = self._mine(prompts)
+        starts = [p + x for p, x in zip(prompts, prefixes, strict=True)]
         was_training = self.model.training
         self.model.eval()
         roll = sample(
@@ -134,7 +144,7 @@ class Rollouts:
             banned_ids=BANNED,
             temperature=cfg.rollout.temperature,
             top_p=cfg.rollout.top_p,
-            generator=self.gen,
+            uniforms_B_T=uniforms,
         )
         continuations = roll.responses()
         # a prefix plus its continuation never runs past the response budget
@@ -168,9 +178,12 @@ class Rollouts:
     def _teacher_written(self, step: int, prompts: list[list[int]]) -> Pending:
         """Teacher drafts as the whole response (sft, and gkd's off-policy batches)."""
         k = self.top_k
-        drafts = self.link.continue_(
-            prompts, self.config.rollout.max_new_tokens, temperature=1.0, seed=self._seed(step), top_k=k
-        ).result()
+        drafts = self._mine(
+            self.link.continue_(
+                prompts, self.config.rollout.max_new_tokens, temperature=1.0, seed=self._seed(step), top_k=k
+            ).result()
+        )
+        prompts = self._mine(prompts)
         responses = [d.token_ids.tolist() or [VOCAB.eos_id] for d in drafts]
         batch = self._batch(step, "teacher", prompts, responses, [0] * len(prompts))
         fill_teacher(batch, drafts, k)

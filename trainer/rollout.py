@@ -58,10 +58,18 @@ def sample(
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    uniforms_B_T: torch.Tensor | None = None,
 ) -> Rollout:
-    """Sample continuations; `temperature == 0` is greedy decoding. Stops at eos or `max_new_tokens`."""
+    """Sample continuations; `temperature == 0` is greedy decoding. Stops at eos or `max_new_tokens`.
+
+    Token t of row b is drawn by inverse CDF from `uniforms_B_T[b, t]` (drawn from `generator` when not
+    given): a row's sample then does not depend on which other rows share its batch, so data-parallel
+    ranks that each take a slice of the global batch sample exactly what one process would.
+    """
     ids_B_P, mask_B_P = left_pad(prompts, pad_id)
     B = ids_B_P.shape[0]
+    if uniforms_B_T is None and temperature != 0:
+        uniforms_B_T = torch.rand((B, max_new_tokens), generator=generator)
     position_B_P = (mask_B_P.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids_B_P, attention_mask=mask_B_P, position_ids=position_B_P, use_cache=True)
     cache, logits_B_V = out.past_key_values, out.logits[:, -1, :].float()
@@ -69,7 +77,7 @@ def sample(
     tokens, logprobs = [], []
     finished_B = torch.zeros(B, dtype=torch.bool)
     lengths_B = torch.zeros(B, dtype=torch.long)
-    for _ in range(max_new_tokens):
+    for t in range(max_new_tokens):
         if banned_ids:
             logits_B_V[:, list(banned_ids)] = float("-inf")
         logp_B_V = torch.log_softmax(logits_B_V, dim=-1)
@@ -77,7 +85,11 @@ def sample(
             tok_B = logits_B_V.argmax(-1)
         else:
             probs = torch.softmax(top_p_filter(logits_B_V / temperature, top_p), dim=-1)
-            tok_B = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            cdf_B_V = probs.cumsum(-1)
+            u_B = uniforms_B_T[:, t : t + 1] * cdf_B_V[:, -1:]
+            tok_B = torch.searchsorted(cdf_B_V, u_B, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+            # never land on a zero-probability id through rounding at the top of the CDF
+            tok_B = torch.where(probs.gather(-1, tok_B[:, None])[:, 0] > 0, tok_B, probs.argmax(-1))
         tok_B = torch.where(finished_B, torch.full_like(tok_B, pad_id), tok_B)
         tokens.append(tok_B)
         logprobs.append(torch.where(finished_B, 0.0, logp_B_V.gather(-1, tok_B[:, None]).squeeze(-1)))

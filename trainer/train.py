@@ -136,7 +136,57 @@ def _flatten(record: dict, prefix: str = "") -> dict:
     return out
 
 
-def train(config: TrainConfig, resume: bool = False, log=print) -> dict:
+class DataParallel:
+    """torchrun: one process per rank, DDP over gloo (CPU) or NCCL (GPU); a no-op in a single process.
+
+    Each rank trains on its slice of the global batch; the loss is scaled so that DDP's gradient average
+    equals the gradient of the mean over all ranks' tokens, as one process with the global batch would get.
+    """
+
+    def __init__(self, config: TrainConfig):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = 0
+        if self.world > 1:
+            n = config.rollout.prompts_per_step * config.rollout.samples_per_prompt
+            if n % self.world:
+                raise UserError(f"prompts_per_step x samples_per_prompt = {n} must divide by the {self.world} ranks")
+            import torch.distributed as dist
+
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            self.rank = dist.get_rank()
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model):
+        if self.world == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model)
+
+    def total(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t)
+
+    def all_ok(self, ok: bool) -> bool:
+        return self.total(0.0 if ok else 1.0) == 0.0
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def train(config: TrainConfig, resume: bool = False, log=print) -> dict | None:
+    """Run (or resume) training; returns the summary (on rank 0; None on other ranks)."""
     from tqdm import tqdm
 
     run_dir = Path(config.out)
@@ -146,19 +196,24 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict:
     ckpt = checkpoint.latest(run_dir) if resume else None
     if not resume and (run_dir / "metrics.jsonl").is_file():
         raise UserError(f"run directory {run_dir} already holds a run: pass --resume, or choose another `out`")
-    torch.set_num_threads(config.threads or max(1, min(os.cpu_count() or 1, 8)))
+    dp = DataParallel(config)
+    torch.set_num_threads(config.threads or max(1, min(os.cpu_count() or 1, 8) // dp.world))
     torch.manual_seed(config.seed)
     toy.quiet_transformers()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(config, run_dir / "config.yaml")
+    if dp.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(config, run_dir / "config.yaml")
+    else:
+        log = _silent
 
     link = TeacherLink(config.teacher)
     try:
         info = link.check(str(student_dir), config.teacher.top_k)
         model = toy.load_model(ckpt / "student" if ckpt else student_dir).train()
+        trained = dp.wrap(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
-        rollouts = Rollouts(config, model, link)
+        rollouts = Rollouts(config, model, link, rank=dp.rank, world=dp.world)
         loss_gen = torch.Generator().manual_seed(config.seed + 1)
         done, skipped, cursor = 0, 0, 0
         if ckpt is not None:
@@ -171,16 +226,16 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict:
             log(f"[train] resuming {run_dir} from {ckpt.name} (step {done})")
         elif resume:
             log(f"[train] no checkpoint in {run_dir}: starting from step 0")
-        if done == 0 or not (run_dir / "eval_before.json").is_file():
+        if dp.main and (done == 0 or not (run_dir / "eval_before.json").is_file()):
             log("[train] evaluating the student before training")
             (run_dir / "eval_before.json").write_text(json.dumps(evaluate(model, link, config)))
-        eval_before = json.loads((run_dir / "eval_before.json").read_text())
-        runlog = RunLog(run_dir, config.tensorboard, done)
+        runlog = RunLog(run_dir, config.tensorboard, done) if dp.main else None
         start_time = time.monotonic()
         inflight: deque = deque()
         next_sample = done + 1
         steps = range(done + 1, config.steps + 1)
-        bar = tqdm(steps, desc=f"{config.loss.method}", unit="step", dynamic_ncols=True, mininterval=1.0)
+        bar = tqdm(steps, desc=f"{config.loss.method}", unit="step", dynamic_ncols=True, mininterval=1.0,
+                   disable=not dp.main)  # fmt: skip
         last_eval = None
         for step in bar:
             t0 = time.perf_counter()
@@ -192,17 +247,21 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict:
             batch = inflight.popleft().resolve()
             t_scored = time.perf_counter()
             model.train()
-            _, mask, logits = response_logprobs(model, batch.prompts, batch.responses, VOCAB.pad_id)
+            _, mask, logits = response_logprobs(trained, batch.prompts, batch.responses, VOCAB.pad_id)
             record = {"step": step, "cursor": cursor - config.max_staleness * config.rollout.prompts_per_step}
             finite_teacher = batch.teacher_lp_B_T is None or bool(torch.isfinite(batch.teacher_lp_B_T[mask]).all())
             loss, metrics = compute_loss(config, batch, logits, step, loss_gen) if finite_teacher else (None, {})
             ok = loss is not None and bool(torch.isfinite(loss))
             grad_norm = math.nan
             optimizer.zero_grad(set_to_none=True)
-            if ok:
+            if dp.world > 1:  # every rank must run backward (DDP reduces there); a bad rank contributes zero
+                share = batch.tokens * dp.world / max(1.0, dp.total(batch.tokens))
+                loss = loss * share if ok else logits.sum() * 0.0
+                ok = dp.all_ok(ok)
+            if ok or dp.world > 1:
                 loss.backward()
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip))
-                ok = math.isfinite(grad_norm)
+                ok = ok and math.isfinite(grad_norm)
             if ok:
                 optimizer.step()
             else:
@@ -228,6 +287,8 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict:
                     "tokens_per_s": batch.tokens / max(1e-9, t_done - t0),
                 }
             )
+            if not dp.main:
+                continue
             if config.eval.every and step % config.eval.every == 0 and step < config.steps:
                 last_eval = evaluate(model, link, config)
                 record["eval"] = last_eval
@@ -240,6 +301,9 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict:
                     {"skipped_steps": skipped, "cursor": cursor}, config.keep_checkpoints, student_dir,
                 )  # fmt: skip
         bar.close()
+        if not dp.main:
+            return None
+        eval_before = json.loads((run_dir / "eval_before.json").read_text())
         log("[train] evaluating the student after training")
         eval_after = evaluate(model, link, config)
         runlog.write({"step": config.steps, "eval": eval_after, "final": True})
@@ -265,6 +329,11 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict:
         return summary
     finally:
         link.close()
+        dp.close()
+
+
+def _silent(*_args) -> None:
+    return None
 
 
 def _postfix(record: dict, last_eval: dict | None) -> dict:
