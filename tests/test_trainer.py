@@ -160,3 +160,13 @@ def test_torchrun_two_processes_match_one(toy_quick, service, tmp_path):
     assert any(not torch.allclose(a[key], init[key], atol=1e-4) for key in a)  # training moved the weights
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
+
+
+def test_inprocess_teacher(toy_quick, tmp_path):
+    cfg = load_config(
+        "configs/toy-tropd.yaml",
+        [f"student={toy_quick / 'student'}", f"out={tmp_path / 'run'}", *SMALL, "steps=2", "teacher.api=inprocess",
+         f"teacher.model={toy_quick / 'teacher'}"],
+    )  # fmt: skip
+    summary = train(cfg, log=lambda _: None)
+    assert summary["teacher"]["engine"] == "hf" and summary["skipped_steps"] == 0

@@ -108,10 +108,44 @@ def run_train(args) -> int:
 def _print_summary(summary: dict) -> None:
     before, after = summary["eval_before"], summary["eval_after"]
     print(f"[train] {summary['steps']} steps in {summary['wall_time_s']:.0f}s, {summary['skipped_steps']} skipped")
+    if before is None or after is None:
+        print(f"  run directory: {summary['run_dir']}")
+        return
     for task, acc in after["accuracy"].items():
         print(f"  {task:<8} accuracy {100 * before['accuracy'][task]:5.1f}% -> {100 * acc:5.1f}%")
     print(f"  reverse KL {before['reverse_kl']:.3f} -> {after['reverse_kl']:.3f} nats/token")
     print(f"  run directory: {summary['run_dir']}")
+
+
+def add_bench(sub) -> None:
+    from tropd.cli import positive_int
+
+    bench = sub.add_parser(
+        "trainer",
+        help="async pipeline vs strict on-policy; teacher service vs in-process",
+        description="Measure, side by side in one run: (a) mean step time with the async pipeline "
+        "(max_staleness 1) over strict on-policy, against a teacher slowed by an injected latency; (b) trainer "
+        "throughput with the teacher as a service over the same teacher loaded in the trainer's process.",
+    )
+    bench.add_argument("--toy", help="toy world directory (default: artifacts/toy; artifacts/toy-quick with --quick)")
+    bench.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="teacher engine, both arms (hf)")
+    bench.add_argument("--steps", type=positive_int, help="steps per arm (default: 30; 6 with --quick)")
+    bench.add_argument("--latency-ms", type=float, help="injected teacher latency (default: the measured step time)")
+    bench.add_argument("--quick", action="store_true", help="a short smoke run (small batches, few steps)")
+    bench.add_argument("--no-build", dest="build", action="store_false", help="do not build the toy world")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.set_defaults(run=run_bench)
+
+
+def run_bench(args) -> int:
+    if args.latency_ms is not None and args.latency_ms < 0:
+        raise UserError(f"--latency-ms must be >= 0, got {args.latency_ms}")
+    args.toy = args.toy or ("artifacts/toy-quick" if args.quick else "artifacts/toy")
+    if not args.build:
+        _model_dir(str(Path(args.toy) / "teacher"), "teacher")
+    from trainer.bench import main
+
+    return main(args)
 
 
 def add_demo(sub) -> None:

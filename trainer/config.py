@@ -23,7 +23,11 @@ class _Section(BaseModel):
 
 class TeacherConfig(_Section):
     url: str = Field("http://127.0.0.1:8000", description="base URL of the teacher service")
-    api: Literal["tropd", "vllm-openai"] = Field("tropd", description="our service, or a stock vLLM OpenAI server")
+    api: Literal["tropd", "vllm-openai", "inprocess"] = Field(
+        "tropd", description="our service, a stock vLLM OpenAI server, or `model` loaded in the trainer's process"
+    )
+    model: str | None = Field(None, description="inprocess: the teacher model directory")
+    engine: Literal["hf", "vllm"] = Field("hf", description="inprocess: the engine that loads `model`")
     api_key_env: str | None = Field(None, description="environment variable holding the bearer key")
     top_k: int = Field(8, ge=0, le=1024, description="teacher top-k for forward-KL terms")
     timeout_s: float = Field(120.0, gt=0)
@@ -81,6 +85,7 @@ class EvalConfig(_Section):
     n: int = Field(200, ge=1, description="greedy-accuracy prompts per task")
     kl_prompts: int = Field(64, ge=1, description="held-out prompts for the reverse-KL estimate")
     tasks: list[Literal["math", "code", "general"]] = Field(default_factory=lambda: ["math", "code", "general"])
+    before_after: bool = Field(True, description="evaluate before and after training")
 
 
 class TrainConfig(_Section):
@@ -106,6 +111,8 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self):
+        if self.teacher.api == "inprocess" and not self.teacher.model:
+            raise ValueError("teacher.api inprocess needs teacher.model (the teacher model directory)")
         if not self.tasks or any(w < 0 for w in self.tasks.values()) or sum(self.tasks.values()) <= 0:
             raise ValueError("tasks: give at least one task with a positive weight")
         return self

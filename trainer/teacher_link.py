@@ -40,6 +40,10 @@ class TeacherLink:
         self.latencies: list[float] = []  # seconds per scoring call, drained by the trainer's metrics
 
     async def _make_client(self, config: TeacherConfig, kwargs):
+        if config.api == "inprocess":
+            from services.teacher.inprocess import InProcessTeacher
+
+            return InProcessTeacher(config.model, config.engine, max_top_k=max(20, config.top_k))
         if config.api == "vllm-openai":
             from services.teacher.openai_client import VLLMOpenAIClient
 
@@ -53,7 +57,7 @@ class TeacherLink:
         """Read the teacher's info; refuse a different tokenizer or a top-k it cannot give."""
         try:
             info = self._call(self.client.info())
-        except TeacherError as exc:
+        except (TeacherError, OSError) as exc:
             raise UserError(f"cannot reach the teacher at {self.config.url}: {exc}") from None
         mine = tokenizer_fingerprint(student_dir)
         theirs = info.get("tokenizer_sha256")

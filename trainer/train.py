@@ -226,7 +226,7 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict | None:
             log(f"[train] resuming {run_dir} from {ckpt.name} (step {done})")
         elif resume:
             log(f"[train] no checkpoint in {run_dir}: starting from step 0")
-        if dp.main and (done == 0 or not (run_dir / "eval_before.json").is_file()):
+        if dp.main and config.eval.before_after and (done == 0 or not (run_dir / "eval_before.json").is_file()):
             log("[train] evaluating the student before training")
             (run_dir / "eval_before.json").write_text(json.dumps(evaluate(model, link, config)))
         runlog = RunLog(run_dir, config.tensorboard, done) if dp.main else None
@@ -303,10 +303,12 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict | None:
         bar.close()
         if not dp.main:
             return None
-        eval_before = json.loads((run_dir / "eval_before.json").read_text())
-        log("[train] evaluating the student after training")
-        eval_after = evaluate(model, link, config)
-        runlog.write({"step": config.steps, "eval": eval_after, "final": True})
+        eval_before = eval_after = None
+        if config.eval.before_after:
+            eval_before = json.loads((run_dir / "eval_before.json").read_text())
+            log("[train] evaluating the student after training")
+            eval_after = evaluate(model, link, config)
+            runlog.write({"step": config.steps, "eval": eval_after, "final": True})
         runlog.close()
         final_dir = run_dir / "student"
         shutil.rmtree(final_dir, ignore_errors=True)

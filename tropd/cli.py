@@ -57,6 +57,7 @@ def build_parser() -> Parser:
     bench = sub.add_parser("bench", help="benchmarks that print measured ratios side by side")
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCH", parser_class=Parser, required=True)
     teacher_cli.add_bench(bench_sub)
+    trainer_cli.add_bench(bench_sub)
     return parser
 
 
