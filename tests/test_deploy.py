@@ -1,0 +1,344 @@
+"""The deployment files, checked by real validators, and docker-compose.yml run as local processes.
+
+- docker-compose.yml against the Compose Specification's JSON schema (vendored in deploy/schema/);
+- every kustomize overlay rendered by `kubectl kustomize` and validated, strictly, against the Kubernetes
+  OpenAPI schemas that `kubernetes-validate` ships (offline);
+- the Dockerfiles linted by hadolint;
+- the compose file's teacher and two trainers run with their commands and environment exactly as written
+  there, as local processes: service names map to 127.0.0.1, volumes to a tmp dir, the toy world to the
+  quick one. No Docker engine and no cluster are needed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from services.teacher.launch import free_port
+from trainer.config import load_config
+
+pytestmark = pytest.mark.deploy
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+DOCKERFILES = sorted((ROOT / "deploy" / "docker").glob("*.Dockerfile"))
+OVERLAYS = ["base", "overlays/cpu-demo", "overlays/gpu"]
+K8S_VERSIONS = ["1.30.0", kubernetes_validate.utils.latest_version()]
+
+
+def tool(name: str) -> str:
+    """A validator's executable from the virtual environment's pip packages (or PATH)."""
+    path = BIN / name if (BIN / name).exists() else shutil.which(name)
+    if not path:
+        pytest.fail(f"{name} not found: install the dev extras (pip install -e '.[dev]')")
+    return str(path)
+
+
+# ---- Compose ------------------------------------------------------------------------------------------
+
+
+def test_compose_file_follows_the_compose_specification():
+    schema = json.loads((ROOT / "deploy" / "schema" / "compose-spec.json").read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(COMPOSE)]
+    assert not errors, "\n".join(errors)
+    # the validator is not a rubber stamp: a misspelt key and a wrong type are rejected
+    broken = json.loads(json.dumps(COMPOSE))
+    broken["services"]["trainer"]["contanier_name"] = "x"
+    broken["services"]["teacher"]["ports"] = "8000:8000"
+    messages = " ".join(e.message for e in validator.iter_errors(broken))
+    assert "'contanier_name' was unexpected" in messages and "'8000:8000' is not of type 'array'" in messages
+
+
+def test_compose_trainers_scale_behind_a_healthy_teacher():
+    trainer, teacher = SERVICES["trainer"], SERVICES["teacher"]
+    # `--scale trainer=N`: nothing that two replicas could collide on
+    assert "container_name" not in trainer and "ports" not in trainer
+    assert "out=/runs/$${HOSTNAME}" in trainer["command"][-1]
+    assert trainer["depends_on"]["teacher"] == {"condition": "service_healthy"}
+    assert trainer["depends_on"]["toy-build"] == {"condition": "service_completed_successfully"}
+    assert "readyz.py" in " ".join(teacher["healthcheck"]["test"])
+    for name in ("teacher", "trainer"):
+        files = [entry["path"] for entry in SERVICES[name]["env_file"]]
+        assert files == ["deploy/teacher.env.example", "deploy/teacher.env"]
+    # CPU by default; the gpu profile reserves an NVIDIA device
+    assert all("profiles" not in SERVICES[name] for name in ("toy-build", "teacher", "trainer"))
+    for name in ("teacher-gpu", "trainer-gpu"):
+        assert SERVICES[name]["profiles"] == ["gpu"]
+    devices = SERVICES["teacher-gpu"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
+    assert "teacher-gpu:8000" in SERVICES["trainer-gpu"]["command"][-1]
+
+
+def interpolate(text: str, env: dict) -> str:
+    """Compose's variable interpolation: `$$` is a literal `$`; ${VAR}, ${VAR:-default}, ${VAR-default}."""
+
+    def one(match: re.Match) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, op, default = match.group(1) or match.group(4), match.group(2), match.group(3) or ""
+        value = env.get(name)
+        if (op == ":-" and not value) or (op == "-" and value is None):
+            return default
+        return value or ""
+
+    return re.sub(r"\$\$|\$\{(\w+)(?:(:?-)([^}]*))?\}|\$(\w+)", one, text)
+
+
+def image_env(service: dict) -> dict:
+    """The ENV instructions of the Dockerfile that builds the service's image."""
+    text = (ROOT / service["build"]["dockerfile"]).read_text().replace("\\\n", " ")
+    env = {}
+    for line in text.splitlines():
+        if line.startswith("ENV "):
+            env.update(item.split("=", 1) for item in shlex.split(line[4:]))
+    return env
+
+
+def env_files(service: dict) -> dict:
+    env = {}
+    for entry in service.get("env_file", []):
+        path = ROOT / entry["path"]
+        if not path.is_file():
+            assert not entry.get("required", True), f"required env_file {path} is missing"
+            continue
+        for line in path.read_text().splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                key, value = line.split("=", 1)
+                env[key.strip()] = value
+    return env
+
+
+class Host:
+    """Runs compose services as local processes: volumes in a tmp dir, service names on 127.0.0.1."""
+
+    def __init__(self, tmp: Path, toy: Path, host_env: dict):
+        self.tmp, self.host_env, self.port = tmp, host_env, free_port()
+        self.volumes = {name: tmp / "volumes" / name for name in COMPOSE["volumes"]}
+        for path in self.volumes.values():
+            path.mkdir(parents=True)
+        (self.volumes["toy"] / "toy").symlink_to(toy)  # the `toy` volume holds the toy world at toy/
+
+    def localize(self, service: dict, text: str) -> str:
+        mounts = {"/app": ROOT}  # the images' WORKDIR holds the repository's files
+        for spec in service.get("volumes", []):
+            name, target = spec.split(":")[:2]
+            mounts[target] = self.volumes[name]
+        # one pass, so that a host path never gets mapped again
+        pattern = "|".join(re.escape(target) for target in sorted(mounts, key=len, reverse=True))
+        text = re.sub(rf"(?<![\w./-])({pattern})(?=/|\s|$)", lambda m: str(mounts[m.group(1)]), text)
+        text = re.sub(r"//[\w.-]+:8000\b", f"//127.0.0.1:{self.port}", text)  # service DNS names, loopback
+        return text.replace("0.0.0.0", "127.0.0.1")
+
+    def command(self, service: dict, words: list[str]) -> list[str]:
+        words = [self.localize(service, interpolate(word, self.host_env)) for word in words]
+        return [str(self.port) if i and words[i - 1] == "--port" else w for i, w in enumerate(words)]
+
+    def env(self, service: dict, **extra: str) -> dict:
+        env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(self.tmp / "home"), "LANG": "C.UTF-8"}
+        env.update(image_env(service))
+        env.update(env_files(service))
+        env.update({k: interpolate(str(v), self.host_env) for k, v in service.get("environment", {}).items()})
+        return {**env, **extra}
+
+    def start(self, name: str, log: str, **extra: str) -> subprocess.Popen:
+        service = SERVICES[name]
+        return subprocess.Popen(
+            self.command(service, service["command"]),
+            cwd=ROOT,
+            env=self.env(service, **extra),
+            stdout=(self.tmp / log).open("w"),
+            stderr=subprocess.STDOUT,
+        )
+
+    def healthcheck(self, name: str) -> int:
+        service = SERVICES[name]
+        kind, *words = service["healthcheck"]["test"]
+        assert kind == "CMD"
+        words = [sys.executable if w == "python" else w for w in self.command(service, words)]
+        return subprocess.run(words, cwd=ROOT, env=self.env(service), capture_output=True, timeout=30).returncode
+
+
+# a few small steps: the test runs on 2 CPU cores
+TRAIN_ARGS = (
+    "steps=2 threads=1 rollout.prompts_per_step=4 rollout.max_new_tokens=16 eval.before_after=false "
+    "eval.every=0 eval.n=4 eval.kl_prompts=4 checkpoint_every=0 tensorboard=false plot=false"
+)
+
+
+def test_compose_teacher_serves_two_trainers(toy_quick, tmp_path):
+    host = Host(tmp_path, toy_quick, {"TROPD_TOY_ARGS": "--quick", "TROPD_TRAIN_ARGS": TRAIN_ARGS})
+    (tmp_path / "home").mkdir()
+    # toy-build finds the world already in its volume and exits at once
+    build = host.start("toy-build", "toy-build.log")
+    assert build.wait(timeout=120) == 0, (tmp_path / "toy-build.log").read_text()
+    assert "cached" in (tmp_path / "toy-build.log").read_text()
+
+    teacher = host.start("teacher", "teacher.log")
+    trainers: list[subprocess.Popen] = []
+    try:
+        deadline = time.monotonic() + 240
+        while host.healthcheck("teacher") != 0:  # what Compose's `service_healthy` waits for
+            assert teacher.poll() is None, (tmp_path / "teacher.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the teacher was not healthy after 240 s"
+            time.sleep(1)
+        url = f"http://127.0.0.1:{host.port}"
+        assert httpx.get(f"{url}/readyz", timeout=5).status_code == 401  # the env file's key is required
+
+        # two replicas of one service: Docker gives each container its own hostname
+        for i in (1, 2):
+            trainers.append(host.start("trainer", f"trainer-{i}.log", HOSTNAME=f"trainer-{i}"))
+        for i, process in enumerate(trainers, 1):
+            assert process.wait(timeout=300) == 0, (tmp_path / f"trainer-{i}.log").read_text()[-3000:]
+            run = host.volumes["runs"] / f"trainer-{i}"
+            assert json.loads((run / "summary.json").read_text())["steps"] == 2
+
+        key = host.env(SERVICES["teacher"])["TROPD_API_KEY"]
+        metrics = httpx.get(f"{url}/metrics", headers={"authorization": f"Bearer {key}"}, timeout=5).text
+        for i in (1, 2):
+            found = re.search(rf'^tropd_client_requests_total\{{client="trainer-{i}"\}} (\S+)$', metrics, re.M)
+            assert found and float(found.group(1)) > 0, f"no requests from trainer-{i} in /metrics"
+    finally:
+        for process in trainers:
+            if process.poll() is None:
+                process.kill()
+        teacher.send_signal(signal.SIGTERM)  # what `docker compose stop` sends
+        try:
+            code = teacher.wait(timeout=int(SERVICES["teacher"]["stop_grace_period"].rstrip("s")))
+        except subprocess.TimeoutExpired:
+            teacher.kill()
+            code = teacher.wait()
+    assert code == 0, (tmp_path / "teacher.log").read_text()[-3000:]
+
+
+# ---- Kubernetes ---------------------------------------------------------------------------------------
+
+
+def render(directory: Path) -> list[dict]:
+    result = subprocess.run([tool("kubectl"), "kustomize", str(directory)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict]]:
+    return {overlay: render(ROOT / "deploy" / "k8s" / overlay) for overlay in OVERLAYS}
+
+
+def find(docs: list[dict], kind: str, name: str) -> dict:
+    matches = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].startswith(name)]
+    assert len(matches) == 1, f"{kind} {name}: {len(matches)} found"
+    return matches[0]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_kustomize_overlay_validates_against_the_kubernetes_schemas(rendered, overlay):
+    for doc in rendered[overlay]:
+        for version in K8S_VERSIONS:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{overlay}: {doc['kind']} {doc['metadata']['name']} (k8s {version}): {exc.message}")
+    # strict validation rejects what the API server would not accept
+    job = json.loads(json.dumps(find(rendered[overlay], "Job", "tropd-trainer")))
+    job["spec"]["template"]["spec"]["containers"][0]["resource"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(job, K8S_VERSIONS[-1], strict=True)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_kustomize_overlay_wires_teacher_and_trainers(rendered, overlay, tmp_path):
+    docs = rendered[overlay]
+    deployment, job = find(docs, "Deployment", "tropd-teacher"), find(docs, "Job", "tropd-trainer")
+    service, policy = find(docs, "Service", "tropd-teacher"), find(docs, "NetworkPolicy", "tropd-teacher")
+    teacher_pod, trainer_pod = deployment["spec"]["template"], job["spec"]["template"]
+    teacher = teacher_pod["spec"]["containers"][0]
+    assert service["spec"]["selector"].items() <= teacher_pod["metadata"]["labels"].items()
+    assert (
+        find(docs, "PodDisruptionBudget", "tropd-teacher")["spec"]["selector"]["matchLabels"]
+        == (deployment["spec"]["selector"]["matchLabels"])
+    )
+    assert teacher["readinessProbe"]["exec"]["command"][-1].endswith("/readyz")
+    assert teacher["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    # Prometheus scrapes /metrics without the key: the service must serve it open
+    assert teacher_pod["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
+    assert "--metrics-open" in teacher["command"]
+    # only trainer pods (and Prometheus) reach the teacher
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= teacher_pod["metadata"]["labels"].items()
+    sources = [rule["from"][0] for rule in policy["spec"]["ingress"]]
+    assert sources[0]["podSelector"]["matchLabels"].items() <= trainer_pod["metadata"]["labels"].items()
+    assert all("namespaceSelector" in s for s in sources[1:])
+    # pod security: non-root, no privilege escalation, read-only root filesystem, resources everywhere
+    for pod in (teacher_pod, trainer_pod):
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+        for container in pod["spec"]["containers"] + pod["spec"].get("initContainers", []):
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False and context["readOnlyRootFilesystem"] is True
+            assert context["capabilities"]["drop"] == ["ALL"]
+            assert container["resources"]["limits"]["memory"]
+    # trainers: an indexed Job whose config points at the teacher Service's DNS name and loads as a TrainConfig
+    assert job["spec"]["completionMode"] == "Indexed"
+    config_map = find(docs, "ConfigMap", "tropd-trainer-config")
+    (tmp_path / "trainer.yaml").write_text(config_map["data"]["trainer.yaml"])
+    config = load_config(str(tmp_path / "trainer.yaml"), ["out=/runs/x"])
+    assert config.teacher.url == f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+    secret = find(docs, "Secret", "tropd-teacher-key")
+    key_ref = next(e["valueFrom"]["secretKeyRef"] for e in teacher["env"] if e["name"] == "TROPD_API_KEY")
+    assert key_ref["name"] == secret["metadata"]["name"]
+    claims = [
+        v["persistentVolumeClaim"]["claimName"] for v in trainer_pod["spec"]["volumes"] if "persistentVolumeClaim" in v
+    ]
+    assert "tropd-runs" in claims and find(docs, "PersistentVolumeClaim", "tropd-runs")
+
+
+def test_gpu_overlay_sizes_follow_its_options(tmp_path):
+    """GPUs per teacher and trainer nodes, set once in options.yaml, reach every field that must agree."""
+    shutil.copytree(ROOT / "deploy" / "k8s", tmp_path / "k8s")
+    options = tmp_path / "k8s" / "overlays" / "gpu" / "options.yaml"
+    text = options.read_text().replace('tensorParallelSize: "1"', 'tensorParallelSize: "4"')
+    options.write_text(text.replace('trainerNodes: "2"', 'trainerNodes: "4"'))
+    docs = render(tmp_path / "k8s" / "overlays" / "gpu")
+    teacher = find(docs, "Deployment", "tropd-teacher")["spec"]["template"]["spec"]["containers"][0]
+    assert teacher["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert {"name": "TENSOR_PARALLEL_SIZE", "value": "4"} in teacher["env"]
+    assert "$(TENSOR_PARALLEL_SIZE)" in teacher["command"]
+    job = find(docs, "Job", "tropd-trainer")
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 4
+    trainer = job["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "NNODES", "value": "4"} in trainer["env"]
+    assert "--rdzv-backend=c10d" in trainer["command"][-1]
+    ddp = find(docs, "Service", "tropd-trainer-ddp")
+    assert ddp["spec"]["clusterIP"] == "None" and job["spec"]["template"]["spec"]["subdomain"] == "tropd-trainer-ddp"
+    assert all(d["metadata"]["name"] != "tropd-gpu-options" for d in docs)  # local config, not applied
+
+
+# ---- Dockerfiles --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_passes_hadolint(dockerfile):
+    result = subprocess.run([tool("hadolint"), "--format", "json", "--no-fail", str(dockerfile)], capture_output=True)
+    findings = json.loads(result.stdout or b"[]")
+    # errors fail the build; warnings too (among them: unpinned apt and pip packages, `latest` images)
+    errors = [f"{f['line']}: {f['code']} {f['message']}" for f in findings if f["level"] in ("error", "warning")]
+    assert not errors, "\n".join(errors)
+    text = dockerfile.read_text()
+    assert re.search(r"^FROM python:\d+\.\d+\.\d+-slim-\w+$", text, re.M), "pin the base image's version"
+    assert re.search(r"^USER 10001:10001$", text, re.M), "run as a non-root user"
+    if dockerfile.name.startswith("teacher"):
+        assert re.search(r"^HEALTHCHECK .*\n.*readyz\.py", text, re.M)
