@@ -42,12 +42,13 @@ def config(toy_quick, service, out, *extra):
 
 
 def test_tropd_trains_and_reverse_kl_falls(toy_quick, service, tmp_path):
-    cfg = config(toy_quick, service, tmp_path / "run", "steps=16", "checkpoint_every=8", "eval.every=8", "plot=true",
-                 "tensorboard=true", "optim.lr=3e-3")  # fmt: skip
+    # a few dozen steps; the reverse-KL estimate on 64 held-out prompts (student samples, same seed before/after)
+    cfg = config(toy_quick, service, tmp_path / "run", "steps=24", "checkpoint_every=12", "eval.every=12", "plot=true",
+                 "tensorboard=true", "optim.lr=2e-3", "eval.kl_prompts=64")  # fmt: skip
     summary = train(cfg, log=lambda _: None)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
-    assert [r["step"] for r in steps] == list(range(1, 17))
+    assert [r["step"] for r in steps] == list(range(1, 25))
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
     for key in ("k1", "trust_share", "outlier_share", "prefix_share", "teacher_latency_s", "tokens_per_s", "grad_norm"):
         assert key in steps[0], key
@@ -56,7 +57,7 @@ def test_tropd_trains_and_reverse_kl_falls(toy_quick, service, tmp_path):
     for name in ("summary.json", "curves.png", "config.yaml", "student/config.json"):
         assert (tmp_path / "run" / name).is_file(), name
     assert any((tmp_path / "run" / "tensorboard").iterdir())
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000008", "step-000016"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000012", "step-000024"]
 
 
 def test_resume_gives_the_same_weights(toy_quick, service, tmp_path):
@@ -129,6 +130,7 @@ def _cli(*args):
         (["--config", "configs/toy-tropd.yaml", "nonsense"], "key=value"),
         (["--config", "no/such.yaml"], "not found"),
         (["--config", "configs/toy-tropd.yaml", "student=/no/such/dir"], "not found"),
+        (["--config", "configs/toy-tropd.yaml", "teacher.api=vllm-openai"], "guidance.enabled=false"),
     ],
 )
 def test_bad_config_is_a_one_line_error(args, needle):

@@ -100,7 +100,7 @@ def format_report(r: dict) -> str:
 
 def main(args) -> int:
     if args.build:
-        toy.build(args.toy, quick=args.quick)
+        toy.build(args.toy, quick=args.quick, log=_stderr)
     steps = args.steps or (6 if args.quick else 30)
     prompts = 16 if args.quick else 64
     report = run_bench(args.toy, args.engine, steps, args.latency_ms, prompts, progress=_stderr)

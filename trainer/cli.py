@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -135,6 +136,44 @@ def add_bench(sub) -> None:
     bench.add_argument("--no-build", dest="build", action="store_false", help="do not build the toy world")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(run=run_bench)
+
+
+def add_bench_methods(sub) -> None:
+    from tropd.cli import positive_int
+
+    bench = sub.add_parser(
+        "methods",
+        help="TrOPD, its ablations and the baselines on the toy world; writes results.md and plots",
+        description="Train the mismatched toy student with every method (opd, tropd and its ablations, eopd, "
+        "reopold, gkd, sft) under the same rollout budget, for several seeds, then opd and tropd from students "
+        "at several distances from the teacher (the mismatch sweep). Writes results.json, results.md and PNG "
+        "plots to --out. The teacher runs in the trainer's process. Full run: hours on 2 CPU cores; --quick: "
+        "minutes.",
+    )
+    bench.add_argument("--out", default="docs/results", help="report directory (default: docs/results)")
+    bench.add_argument("--toy", help="an existing toy world (default: artifacts/toy, built if missing; "
+                       "artifacts/toy-quick with --quick)")  # fmt: skip
+    bench.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="teacher engine (hf)")
+    bench.add_argument("--steps", type=positive_int, help="steps per run (default: 300; 6 with --quick)")
+    bench.add_argument("--seeds", type=positive_int, help="seeds per method (default: 3; 1 with --quick)")
+    bench.add_argument("--methods", type=_names, help="comma-separated subset of the methods (default: all)")
+    bench.add_argument("--no-sweep", action="store_true", help="skip the mismatch sweep")
+    bench.add_argument("--quick", action="store_true", help="a smoke run: tiny batches and few steps (minutes)")
+    bench.add_argument("--json", action="store_true", help="print the tables as one JSON object")
+    bench.set_defaults(run=run_bench_methods)
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one method name")
+    return names
+
+
+def run_bench_methods(args) -> int:
+    from trainer.methods_bench import main
+
+    return main(args)
 
 
 def run_bench(args) -> int:

@@ -113,9 +113,23 @@ class TrainConfig(_Section):
     def _check(self):
         if self.teacher.api == "inprocess" and not self.teacher.model:
             raise ValueError("teacher.api inprocess needs teacher.model (the teacher model directory)")
+        if self.teacher.api == "vllm-openai" and self._needs_drafts():
+            raise ValueError(
+                "teacher.api vllm-openai scores only; teacher drafts need the tropd service's /v1/continue: "
+                "set guidance.enabled=false (tropd), or use loss.method opd/eopd/reopold, or gkd with "
+                "loss.on_policy_share=1"
+            )
         if not self.tasks or any(w < 0 for w in self.tasks.values()) or sum(self.tasks.values()) <= 0:
             raise ValueError("tasks: give at least one task with a positive weight")
         return self
+
+    def _needs_drafts(self) -> bool:
+        method = self.loss.method
+        return (
+            method == "sft"
+            or (method == "tropd" and self.guidance.enabled)
+            or (method == "gkd" and self.loss.on_policy_share < 1)
+        )
 
 
 def _set(tree: dict, dotted: str, value) -> None:

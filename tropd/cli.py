@@ -58,6 +58,7 @@ def build_parser() -> Parser:
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCH", parser_class=Parser, required=True)
     teacher_cli.add_bench(bench_sub)
     trainer_cli.add_bench(bench_sub)
+    trainer_cli.add_bench_methods(bench_sub)
     return parser
 
 

@@ -1,47 +1,51 @@
 """`tropd bench teacher`: scoring throughput of the teacher service against the engine it wraps and vLLM's
 stock OpenAI server, on the same random token sequences (fixed seed, ids drawn from the model's vocabulary).
 
-Paths, each run alone (one server at a time: on a 2-core machine two would share the cores):
-  (a) engine        `VLLMEngine.score` on `ScoreItem`s in this process: what the service runs, without HTTP
+Paths (never two servers at once: on a 2-core machine they would share the cores):
+  (a) engine         `VLLMEngine.score` on `ScoreItem`s in this process: what the service runs, without HTTP
   (b) service_binary `tropd teacher serve --engine vllm` (a subprocess) through `TeacherClient`, binary body
   (c) service_json   the same service, JSON body
-  (d) stock_vllm     `python -m vllm.entrypoints.openai.api_server` through `VLLMOpenAIClient`
-                     (`/v1/completions` with prompt log-probs; see services/teacher/openai_client.py)
+  (d) stock_vllm     `python -m vllm.entrypoints.openai.api_server` (with `--skip-tokenizer-init`, its
+                     fastest setting for ids, unless `stock_tokenizer`) through `VLLMOpenAIClient`
 
 Workload: the N sequences are cut into requests of `--request-sequences` sequences, and the requests are
 dealt round-robin to C clients; all clients start at once, each sends its requests one after another,
 waiting for each answer. The total work is the same for every C, and throughput is scored tokens
 (N x (L - 1), start = 1) over the wall time of the whole set. For (a), C concurrent requests become one
-engine call of C requests, which is the best the service's batcher can do. Each (path, C) gets one
-untimed warm-up pass, then `--repeats` timed passes; the median is reported. Bytes per scored token are
-response-body bytes (as received) over scored tokens. Agreement: on the first sequences, (b), (c), (d)
-must give the same top-k id sets as (a) and log-probs within 1e-4.
+engine call, which is the best the service's batcher can do.
+
+Timing: the engine is loaded first and stays (idle) while each server runs; with each server up, every
+round times one pass of (a) and one of each of that server's paths, in turn, after two warm-up passes
+each; the median of `--repeats` rounds is reported. A path's ratio to (a) uses the (a) passes of its own
+rounds, and b/d = (b/a) / (d/a), so that load from other processes that changes between the two servers
+does not skew the ratios (the raw ratios of medians are reported too). Bytes per scored token are
+response-body bytes received over scored tokens. Agreement: on the first sequences, (b), (c), (d) must
+give the same top-k id sets as (a) and log-probs within 1e-4.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import json
 import os
 import platform
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import numpy as np
 
+from services.teacher.launch import serving
+from services.teacher.openai_client import stock_vllm
 from tropd.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[2]
 PATHS = {
     "engine": "(a) vLLM engine, in-process",
     "service_binary": "(b) tropd service, binary",
@@ -50,6 +54,7 @@ PATHS = {
 }
 TOLERANCE = 1e-4
 CHECKED_SEQUENCES = 4
+WARMUP_PASSES = 2
 SEED = 0
 
 
@@ -63,101 +68,26 @@ class BenchConfig:
     clients: tuple[int, ...] = (1, 4)
     request_sequences: int = 16
     skip_stock: bool = False
+    stock_tokenizer: bool = False
     startup_timeout: float = 300.0
 
 
 @dataclass
 class Measurement:
+    """One path at one number of clients. `engine_tokens_per_s` is (a) timed in the same rounds."""
+
     path: str
     clients: int
     seconds: list[float]
     tokens: int
     bytes_per_token: float | None = None
+    engine_tokens_per_s: float | None = None
     tokens_per_s: float = field(init=False)
+    over_engine: float = field(init=False)
 
     def __post_init__(self):
         self.tokens_per_s = self.tokens / statistics.median(self.seconds)
-
-
-# ---- server subprocesses ----------------------------------------------------------------------------
-
-
-@dataclass
-class Server:
-    name: str
-    url: str
-    process: subprocess.Popen
-    log_path: Path
-
-    def log_tail(self, chars: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-    def stop(self, timeout: float = 60.0) -> int:
-        """SIGTERM (a graceful exit), then SIGKILL to the whole process group (e.g. vLLM's engine core)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGKILL)  # its own group (start_new_session): only what it started
-        return self.process.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def service_command(model: str, port: int, max_top_k: int) -> list[str]:
-    return [sys.executable, "-m", "tropd", "teacher", "serve", "--model", model, "--engine", "vllm"] + [
-        "--host", "127.0.0.1", "--port", str(port), "--max-top-k", str(max_top_k), "--log-level", "warning",
-    ]  # fmt: skip
-
-
-def stock_vllm_command(model: str, port: int, max_top_k: int) -> list[str]:
-    """vLLM's own server, set up for scoring ids as fast as it goes on CPU (see openai_client.py)."""
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model] + [
-        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-logprobs", str(max_top_k),
-        "--gpu-memory-utilization", "0.15", "--skip-tokenizer-init", "--disable-log-stats",
-        "--disable-uvicorn-access-log",
-    ]  # fmt: skip
-
-
-@contextlib.contextmanager
-def serving(name: str, model: str, log_dir: Path, max_top_k: int, env: dict, timeout: float = 300.0):
-    """A server on 127.0.0.1 and a free port, ready to answer; always stopped on the way out."""
-    port = free_port()
-    command, ready = (
-        (service_command(model, port, max_top_k), "/readyz")
-        if name == "service"
-        else (stock_vllm_command(model, port, max_top_k), "/health")
-    )
-    log_path = log_dir / f"{name}-{port}.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
-        )
-    server = Server(name, f"http://127.0.0.1:{port}", process, log_path)
-    try:
-        _wait_ready(server, ready, timeout)
-        yield server
-    finally:
-        server.stop()
-
-
-def _wait_ready(server: Server, path: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"{server.name} exited with {server.process.returncode}:\n{server.log_tail()}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(server.url + path, timeout=2).status_code == 200:
-                return
-        time.sleep(0.3)
-    raise RuntimeError(f"{server.name} not ready after {timeout:.0f}s:\n{server.log_tail()}")
+        self.over_engine = self.tokens_per_s / (self.engine_tokens_per_s or self.tokens_per_s)
 
 
 # ---- workload ---------------------------------------------------------------------------------------
@@ -184,51 +114,81 @@ def _flatten(results_by_request: list[list]) -> list:
     return [r for request in results_by_request for r in request]
 
 
-def time_engine(engine, requests, clients: int, top_k: int, repeats: int) -> tuple[list[float], list]:
-    """Passes over all requests, C requests merged into each engine call: (timed seconds, warm-up results)."""
-    from services.teacher.engines import ScoreItem
+# ---- passes: each scores every request once and returns (seconds, results in sequence order) ----------
 
-    groups = [_flatten(requests[i : i + clients]) for i in range(0, len(requests), clients)]
 
-    def one_pass() -> tuple[float, list]:
+class EnginePasses:
+    """(a): C concurrent requests become one `engine.score` call, run on one worker thread as the service's
+    batcher does. (On the thread that built it, vLLM's CPU backend pins the OpenMP threads to cores, which
+    is far slower when another process is busy on one of them: 40x measured on 2 cores.)"""
+
+    def __init__(self, engine, requests: list, top_k: int):
+        self.engine, self.requests, self.top_k = engine, requests, top_k
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="teacher-engine")
+
+    def for_clients(self, clients: int):
+        groups = [_flatten(self.requests[i : i + clients]) for i in range(0, len(self.requests), clients)]
+        return lambda: self.worker.submit(self._pass, groups).result()
+
+    def _pass(self, groups: list) -> tuple[float, list]:
+        from services.teacher.engines import ScoreItem
+
         start = time.perf_counter()
-        results = [engine.score([ScoreItem(seq, 1, top_k) for seq in group]) for group in groups]
+        results = [self.engine.score([ScoreItem(seq, 1, self.top_k) for seq in group]) for group in groups]
         return time.perf_counter() - start, _flatten(results)
 
-    results = one_pass()[1]
-    return [one_pass()[0] for _ in range(repeats)], results
+    def close(self) -> None:
+        self.worker.shutdown()
+        self.engine.close()
 
 
-async def time_http(make_client, requests, clients: int, top_k: int, repeats: int):
-    """The same over HTTP with C concurrent clients: (timed seconds, warm-up results, body bytes per pass)."""
-    received = [0]
+class HttpPasses:
+    """(b), (c), (d): C clients, requests dealt round-robin, each client sending its own one after another,
+    all clients at once. Counts the response-body bytes received."""
 
-    async def count(response: httpx.Response) -> None:
+    def __init__(self, runner: asyncio.Runner, make_client, requests: list, clients: int, top_k: int):
+        self.runner, self.requests, self.top_k = runner, requests, top_k
+        self.pool = [make_client() for _ in range(clients)]
+        self.received, self.passes = 0, 0
+        for client in self.pool:
+            client.http.event_hooks["response"].append(self._count)
+
+    async def _count(self, response: httpx.Response) -> None:
         await response.aread()
-        received[0] += len(response.content)
+        self.received += len(response.content)
 
-    pool = [make_client() for _ in range(clients)]
-    for client in pool:
-        client.http.event_hooks["response"].append(count)
+    def __call__(self) -> tuple[float, list]:
+        self.passes += 1
+        return self.runner.run(self._pass())
 
-    async def one_pass() -> tuple[float, list]:
-        results: list = [None] * len(requests)
+    async def _pass(self) -> tuple[float, list]:
+        results: list = [None] * len(self.requests)
 
-        async def worker(j: int) -> None:
-            for r in range(j, len(requests), clients):
-                results[r] = await pool[j].score(requests[r], 1, top_k)
+        async def client(j: int) -> None:
+            for r in range(j, len(self.requests), len(self.pool)):
+                results[r] = await self.pool[j].score(self.requests[r], 1, self.top_k)
 
         start = time.perf_counter()
-        await asyncio.gather(*(worker(j) for j in range(clients)))
+        await asyncio.gather(*(client(j) for j in range(len(self.pool))))
         return time.perf_counter() - start, _flatten(results)
 
-    try:
-        results = (await one_pass())[1]
-        seconds = [(await one_pass())[0] for _ in range(repeats)]
-    finally:
-        for client in pool:
-            await client.aclose()
-    return seconds, results, received[0] / (repeats + 1)
+    def close(self) -> None:
+        for client in self.pool:
+            self.runner.run(client.aclose())
+
+
+def measure(passes: dict, repeats: int) -> tuple[dict[str, list[float]], dict[str, list]]:
+    """Warm-up passes of each path, then `repeats` rounds timing every path once, in turn: interleaved, so
+    that other load on the machine weighs on all of them alike."""
+    results = {}
+    for name, one_pass in passes.items():
+        for _ in range(WARMUP_PASSES):
+            results[name] = one_pass()[1]
+    seconds: dict[str, list[float]] = {name: [] for name in passes}
+    for _ in range(repeats):
+        for name, one_pass in passes.items():
+            seconds[name].append(one_pass()[0])
+    return seconds, results
 
 
 def compare(reference: list, other: list, n: int) -> dict:
@@ -281,44 +241,60 @@ def run_bench(config: BenchConfig, progress=print) -> dict:
     report = {"model": config.model, "machine": machine(), "scored_tokens": tokens, **_settings(config)}
     measurements: list[Measurement] = []
     answers: dict[str, list] = {}
+    engine_seconds: dict[int, list[float]] = {c: [] for c in config.clients}
     exit_codes: dict[str, int] = {}
 
-    def record(m: Measurement) -> None:
-        measurements.append(m)
-        progress(f"bench: {PATHS[m.path]}, {m.clients} client(s): {m.tokens_per_s:,.0f} tok/s")
+    def phase(paths: dict) -> None:
+        """Each path of one server against the engine, round by round, for every number of clients."""
+        with asyncio.Runner() as runner:
+            for c in config.clients:
+                http = {p: HttpPasses(runner, make, requests, c, config.top_k) for p, make in paths.items()}
+                try:
+                    seconds, results = measure({"engine": engine.for_clients(c), **http}, config.repeats)
+                finally:
+                    for passes in http.values():
+                        passes.close()
+                for name, result in results.items():
+                    answers.setdefault(name, result)
+                engine_seconds[c] += seconds["engine"]
+                engine_speed = tokens / statistics.median(seconds["engine"])
+                for p, passes in http.items():
+                    size = passes.received / (passes.passes * tokens)
+                    m = Measurement(p, c, seconds[p], tokens, size, engine_speed)
+                    measurements.append(m)
+                    progress(
+                        f"bench: {PATHS[p]}, {c} client(s): {m.tokens_per_s:,.0f} tok/s, {m.over_engine:.2f} x (a)"
+                    )
 
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    progress("bench: (a) loading the vLLM engine in-process")
+    progress("bench: (a) loading the vLLM engine in-process (it idles while the servers start)")
     from services.teacher.engine_vllm import VLLMEngine
 
-    engine = VLLMEngine(config.model, max_top_k=max_top_k)
+    engine = EnginePasses(VLLMEngine(config.model, max_top_k=max_top_k), requests, config.top_k)
     try:
-        for c in config.clients:
-            seconds, results = time_engine(engine, requests, c, config.top_k, config.repeats)
-            answers.setdefault("engine", results)
-            record(Measurement("engine", c, seconds, tokens))
+        with tempfile.TemporaryDirectory(prefix="tropd-bench-") as logs:
+            progress("bench: (b, c) starting `tropd teacher serve --engine vllm`")
+            log = Path(logs) / "service.log"
+            options = ("--max-top-k", str(max_top_k), "--log-level", "warning")
+            with serving(config.model, "vllm", log, *options, env=env, timeout=config.startup_timeout) as service:
+                phase(
+                    {
+                        "service_binary": lambda: TeacherClient(service.url, binary=True),
+                        "service_json": lambda: TeacherClient(service.url, binary=False),
+                    }
+                )
+            exit_codes["service"] = service.process.returncode
+            if not config.skip_stock:
+                progress("bench: (d) starting vLLM's stock OpenAI server")
+                log = Path(logs) / "stock-vllm.log"
+                with stock_vllm(
+                    config.model, log, max_top_k, env, config.startup_timeout, config.stock_tokenizer
+                ) as stock:
+                    phase({"stock_vllm": lambda: VLLMOpenAIClient(stock.url, vocab_size=vocab_size)})
+                exit_codes["stock_vllm"] = stock.process.returncode
     finally:
         engine.close()
-        del engine
-        gc.collect()
-
-    def http_path(path: str, make_client) -> None:
-        for c in config.clients:
-            seconds, results, body = asyncio.run(time_http(make_client, requests, c, config.top_k, config.repeats))
-            answers.setdefault(path, results)
-            record(Measurement(path, c, seconds, tokens, body / tokens))
-
-    with tempfile.TemporaryDirectory(prefix="tropd-bench-") as logs:
-        progress("bench: (b, c) starting `tropd teacher serve --engine vllm`")
-        with serving("service", config.model, Path(logs), max_top_k, env, config.startup_timeout) as service:
-            http_path("service_binary", lambda: TeacherClient(service.url, binary=True))
-            http_path("service_json", lambda: TeacherClient(service.url, binary=False))
-        exit_codes["service"] = service.process.returncode
-        if not config.skip_stock:
-            progress("bench: (d) starting vLLM's stock OpenAI server")
-            with serving("stock_vllm", config.model, Path(logs), max_top_k, env, config.startup_timeout) as stock:
-                http_path("stock_vllm", lambda: VLLMOpenAIClient(stock.url, vocab_size=vocab_size))
-            exit_codes["stock_vllm"] = stock.process.returncode
+    measurements[:0] = [Measurement("engine", c, engine_seconds[c], tokens) for c in config.clients]
 
     n = min(CHECKED_SEQUENCES, config.sequences)
     agreement = {p: compare(answers["engine"], answers[p], n) for p in answers if p != "engine"}
@@ -334,18 +310,22 @@ def run_bench(config: BenchConfig, progress=print) -> dict:
 
 
 def _settings(config: BenchConfig) -> dict:
-    keys = ("sequences", "length", "top_k", "repeats", "clients", "request_sequences")
+    keys = ("sequences", "length", "top_k", "repeats", "clients", "request_sequences", "stock_tokenizer")
     return {k: getattr(config, k) for k in keys} | {"seed": SEED, "statistic": "median"}
 
 
 def _ratios(measurements: list[Measurement]) -> dict:
-    def speed(path: str, clients: int = 1) -> float | None:
-        return next((m.tokens_per_s for m in measurements if m.path == path and m.clients == clients), None)
-
-    service, engine, stock = speed("service_binary"), speed("engine"), speed("stock_vllm")
+    """b/a and b/d at 1 client, each path taken relative to the engine timed in the same rounds (so that
+    b/d = (b/a) / (d/a) is not skewed by load that changed between the two servers), and the raw ratios."""
+    by = {(m.path, m.clients): m for m in measurements}
+    b, a, d = by.get(("service_binary", 1)), by.get(("engine", 1)), by.get(("stock_vllm", 1))
     return {
-        "service_over_engine": service / engine if service and engine else None,
-        "service_over_stock_vllm": service / stock if service and stock else None,
+        "service_over_engine": b.over_engine if b else None,
+        "service_over_stock_vllm": b.over_engine / d.over_engine if b and d else None,
+        "raw_ratios": {
+            "service_over_engine": b.tokens_per_s / a.tokens_per_s if b and a else None,
+            "service_over_stock_vllm": b.tokens_per_s / d.tokens_per_s if b and d else None,
+        },
     }
 
 
@@ -354,29 +334,32 @@ def format_table(report: dict) -> str:
     lines = [
         f"tropd bench teacher: {report['model']}, {report['sequences']} sequences x {report['length']} tokens "
         f"({report['scored_tokens']:,} scored per pass), top-k {report['top_k']}, requests of "
-        f"{report['request_sequences']} sequences, median of {report['repeats']}",
+        f"{report['request_sequences']} sequences, median of {report['repeats']}"
+        + (", stock vLLM with its tokenizer" if report["stock_tokenizer"] else ""),
         f"machine: {m0['cpu']}, {m0['cpus']} CPUs, {m0['memory_gib']} GiB, load {m0['load_avg_1m_at_start']}"
         f"-{m0['load_avg_1m_at_end']}",
         "",
         f"{'path':<32} {'clients':>7} {'tokens/s':>10} {'vs (a)':>7} {'vs (d)':>7} {'bytes/token':>12}",
     ]
-    speeds = {(m["path"], m["clients"]): m["tokens_per_s"] for m in report["measurements"]}
+    by = {(m["path"], m["clients"]): m for m in report["measurements"]}
     for m in report["measurements"]:
-        engine, stock = speeds.get(("engine", m["clients"])), speeds.get(("stock_vllm", m["clients"]))
-        ratio_a = f"{m['tokens_per_s'] / engine:.2f}" if engine else "-"
-        ratio_d = f"{m['tokens_per_s'] / stock:.2f}" if stock else "-"
+        stock = by.get(("stock_vllm", m["clients"]))
+        ratio_d = f"{m['over_engine'] / stock['over_engine']:.2f}" if stock else "-"
         size = f"{m['bytes_per_token']:.1f}" if m["bytes_per_token"] is not None else "-"
         lines.append(
-            f"{PATHS[m['path']]:<32} {m['clients']:>7} {m['tokens_per_s']:>10,.0f} {ratio_a:>7} {ratio_d:>7} {size:>12}"
+            f"{PATHS[m['path']]:<32} {m['clients']:>7} {m['tokens_per_s']:>10,.0f} {m['over_engine']:>7.2f} "
+            f"{ratio_d:>7} {size:>12}"
         )
     b_a, b_d = report["service_over_engine"], report["service_over_stock_vllm"]
+    agreement = report["agreement"]
     lines += [
+        "(vs (a), vs (d): against the engine timed in the same rounds as each server; see `--help`)",
         "",
         f"service / engine      (b/a, 1 client): {b_a:.2f}  (target >= 0.85)" if b_a else "b/a: not measured",
         f"service / stock vLLM  (b/d, 1 client): {b_d:.2f}  (target >= 5)" if b_d else "b/d: not measured",
-        f"agree: {str(report['agree']).lower()} (top-k ids and log-probs within {report['agreement']['tolerance']:g} "
-        f"on the first {report['agreement']['sequences']} sequences; "
-        + ", ".join(f"{p} max diff {a['max_abs_diff']:.1e}" for p, a in report["agreement"].items() if p in PATHS)
+        f"agree: {str(report['agree']).lower()} (top-k ids and log-probs within {agreement['tolerance']:g} on the "
+        f"first {agreement['sequences']} sequences; "
+        + ", ".join(f"{p} max diff {a['max_abs_diff']:.1e}" for p, a in agreement.items() if p in PATHS)
         + ")",
     ]
     return "\n".join(lines)

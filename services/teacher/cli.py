@@ -80,7 +80,9 @@ def add_bench(sub) -> None:
         "ratios b/a and b/d, and whether all paths agree (top-k ids and log-probs within 1e-4). The "
         "sequences are cut into requests, dealt round-robin to the clients, which all start at once and "
         "send their requests one after another; (a) merges C concurrent requests into one engine call. "
-        "One warm-up pass, then the median of the timed passes. Servers run one at a time.",
+        "Servers run one at a time; with each server up, the engine (loaded first, idle meanwhile) and that "
+        "server's paths are timed in turn, round by round, after two warm-up passes; medians are reported, "
+        "and each ratio uses the engine passes of the same rounds.",
     )
     bench.add_argument(
         "--model", default="artifacts/toy/teacher", help="teacher model directory (default: artifacts/toy/teacher)"
@@ -94,6 +96,12 @@ def add_bench(sub) -> None:
     )
     bench.add_argument("--request-sequences", type=positive_int, help="sequences per request (default: 16; --quick: 4)")
     bench.add_argument("--skip-stock", action="store_true", help="skip (d), vLLM's stock OpenAI server")
+    bench.add_argument(
+        "--stock-tokenizer",
+        action="store_true",
+        help="run (d) with its tokenizer (vLLM's default: it checks ids and detokenises the log-probs) instead "
+        "of --skip-tokenizer-init, its fastest setting for ids",
+    )
     bench.add_argument("--quick", action="store_true", help="small sizes and 2 repeats: a smoke test (16 x 64)")
     bench.add_argument("--json", action="store_true", help="print one JSON object with every measurement")
     bench.set_defaults(run=run_bench_teacher)
@@ -124,6 +132,7 @@ def run_bench_teacher(args) -> int:
         clients=args.clients,
         request_sequences=args.request_sequences or (4 if quick else 16),
         skip_stock=args.skip_stock,
+        stock_tokenizer=args.stock_tokenizer,
     )
     bench.model_limits(config.model)  # a missing model is a one-line error before anything starts
     with bench.sigterm_as_interrupt():

@@ -27,11 +27,20 @@ refuses such ids before sending them. Retries (connection errors, 429, 502-504) 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
+import httpx
 import numpy as np
 
 from services.teacher.client import TeacherClient, TeacherError
+from services.teacher.launch import Launched, free_port
 from services.teacher.protocol import ScoreResult
 
 
@@ -146,3 +155,53 @@ def _parse(prompt_logprobs: list, seq: list[int], start: int, k: int) -> ScoreRe
             top_ids[row] = [int(t) for t, _ in best]
             top_logprobs[row] = [e["logprob"] for _, e in best]
     return ScoreResult(chosen, top_ids, top_logprobs)
+
+
+# ---- the stock server, started for tests and the bench ------------------------------------------------
+
+
+def stock_vllm_command(model: str, port: int, max_top_k: int = 20, tokenizer: bool = False) -> list[str]:
+    """The command of the module docstring; `tokenizer=True` keeps vLLM's default of loading the tokenizer
+    (it then checks ids, and detokenises every returned log-prob: much slower)."""
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)] + [
+        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-logprobs", str(max_top_k),
+        "--gpu-memory-utilization", "0.15", "--disable-log-stats", "--disable-uvicorn-access-log",
+    ] + ([] if tokenizer else ["--skip-tokenizer-init"])  # fmt: skip
+
+
+@contextlib.contextmanager
+def stock_vllm(
+    model: str | Path,
+    log_path: Path,
+    max_top_k: int = 20,
+    env: dict | None = None,
+    timeout: float = 300.0,
+    tokenizer: bool = False,
+) -> Iterator[Launched]:
+    """The stock server on 127.0.0.1 and a free port, healthy; stopped on the way out (SIGTERM, then SIGKILL
+    to its process group, which holds its engine-core process)."""
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"} if env is None else env
+    command = stock_vllm_command(model, port, max_top_k, tokenizer)
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    server = Launched(f"http://127.0.0.1:{port}", process, log_path)
+    try:
+        deadline = time.monotonic() + timeout
+        while not _healthy(server.url):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"vLLM's stock server did not start (status {process.poll()}):\n{server.log()[-3000:]}"
+                )
+            time.sleep(0.3)
+        yield server
+    finally:
+        server.stop()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)  # its own group (start_new_session): only what it started
+
+
+def _healthy(url: str) -> bool:
+    with contextlib.suppress(httpx.TransportError):
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    return False

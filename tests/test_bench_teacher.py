@@ -1,0 +1,62 @@
+"""`tropd bench teacher`: its options, and a real (quick) run over every path on the quick toy teacher."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from services.teacher.bench import PATHS
+
+TROPD = [sys.executable, "-m", "tropd", "bench", "teacher"]
+
+
+def run(*args: str, timeout: float = 280) -> subprocess.CompletedProcess:
+    return subprocess.run([*TROPD, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_documents_every_option():
+    result = run("--help", timeout=60)
+    assert result.returncode == 0, result.stderr
+    for option in ("--model", "--sequences", "--length", "--top-k", "--repeats", "--clients", "--request-sequences"):
+        assert option in result.stdout
+    for option in ("--skip-stock", "--stock-tokenizer", "--quick", "--json"):
+        assert option in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--model", "/does/not/exist"], "not found"),
+        (["--clients", "1,x"], "comma-separated positive integers"),
+        (["--repeats", "0"], "positive integer"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(args, needle):
+    result = run(*args, timeout=60)
+    assert result.returncode == 2
+    assert needle in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(300)
+def test_quick_run_reports_every_measurement(toy_quick):
+    result = run("--quick", "--json", "--model", str(toy_quick / "teacher"))
+    assert result.returncode == 0, result.stderr[-4000:]  # never 134 (an abort at exit)
+    report = json.loads(result.stdout)  # stdout holds the JSON object alone: vLLM's prints went to stderr
+    assert report["clients"] == [1, 4] and report["scored_tokens"] == 16 * 63
+    got = {(m["path"], m["clients"]): m for m in report["measurements"]}
+    assert set(got) == {(path, c) for path in PATHS for c in (1, 4)}
+    for (path, _), m in got.items():
+        assert m["tokens_per_s"] > 0 and m["over_engine"] > 0
+        # the engine is timed in the rounds of each of the two servers
+        assert len(m["seconds"]) == report["repeats"] * (2 if path == "engine" else 1)
+        assert (m["bytes_per_token"] is None) == (path == "engine")
+    assert got[("service_binary", 1)]["bytes_per_token"] < got[("service_json", 1)]["bytes_per_token"]
+    assert report["service_over_engine"] > 0 and report["service_over_stock_vllm"] > 0
+    assert set(report["raw_ratios"]) == {"service_over_engine", "service_over_stock_vllm"}
+    assert isinstance(report["agree"], bool)
+    assert set(report["agreement"]) >= {"service_binary", "service_json", "stock_vllm"}
+    assert report["server_exit_codes"]["service"] == 0

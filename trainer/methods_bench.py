@@ -1,0 +1,388 @@
+"""`tropd bench methods`: TrOPD, its ablations and the baselines on the toy world, side by side.
+
+Every arm trains the same mismatched student from the same init with the same rollout budget (prompts per
+step x samples per prompt x steps, up to `max_new_tokens` each; the report gives the response tokens each
+arm really used), for several seeds, against one teacher. A mismatch sweep then runs `opd` and `tropd` from
+students warm-started at several distances from the teacher (reverse KL at init on the x-axis).
+
+Collapse is defined before any run: a run collapses when its loss or gradient is non-finite on more than
+10% of steps, or when its mean accuracy over the evaluated tasks is below the init's by more than 5 points
+at each of its last two evaluations. A grad-norm spike is a step whose gradient norm (before clipping) is
+above 10 x the run's median.
+
+Writes `results.json`, `results.md` and PNG plots to `--out` (default: docs/results).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ARMS: dict[str, list[str]] = {
+    "opd": ["loss.method=opd"],
+    "tropd": [],
+    "tropd-no-guidance": ["guidance.enabled=false"],
+    "tropd-outlier-mask": ["loss.outlier=mask"],
+    "tropd-outlier-clip": ["loss.outlier=clip"],
+    "tropd-rule-stochastic": ["loss.rule=stochastic"],
+    "tropd-rule-adaptive": ["loss.rule=adaptive"],
+    "eopd": ["loss.method=eopd"],
+    "reopold": ["loss.method=reopold"],
+    "gkd": ["loss.method=gkd"],
+    "sft": ["loss.method=sft"],
+}
+SWEEP_ARMS = ("opd", "tropd")
+# Students for the mismatch sweep: the toy student, then that student after N steps of SFT on teacher-style
+# answers (nearer the teacher).
+SWEEP_SFT_STEPS = {"full": (0, 40, 160), "quick": (0, 10)}
+EVAL_TASKS = ("math", "code")
+
+
+def settings(quick: bool, steps: int | None, seeds: int | None) -> dict:
+    if quick:
+        return {"steps": steps or 6, "seeds": seeds or 1, "eval_every": 3, "eval_n": 20, "kl_prompts": 16,
+                "prompts_per_step": 8, "samples_per_prompt": 1, "max_new_tokens": 32}  # fmt: skip
+    return {"steps": steps or 300, "seeds": seeds or 3, "eval_every": 75, "eval_n": 200, "kl_prompts": 64,
+            "prompts_per_step": 64, "samples_per_prompt": 1, "max_new_tokens": 40}  # fmt: skip
+
+
+def overrides(s: dict, student: Path, teacher: Path, engine: str, out: Path, seed: int) -> list[str]:
+    return [
+        f"student={student}", f"out={out}", f"seed={seed}", f"steps={s['steps']}", "teacher.api=inprocess",
+        f"teacher.model={teacher}", f"teacher.engine={engine}", f"eval.every={s['eval_every']}",
+        f"eval.n={s['eval_n']}", f"eval.kl_prompts={s['kl_prompts']}", f"eval.tasks=[{','.join(EVAL_TASKS)}]",
+        f"rollout.prompts_per_step={s['prompts_per_step']}", f"rollout.samples_per_prompt={s['samples_per_prompt']}",
+        f"rollout.max_new_tokens={s['max_new_tokens']}", "tensorboard=false", "plot=false", "checkpoint_every=0",
+        "keep_checkpoints=1",
+    ]  # fmt: skip
+
+
+def run_one(arm: str, extra: list[str], base: list[str]) -> dict:
+    """Train one arm; returns its curves and the numbers of the report."""
+    from trainer.config import load_config
+    from trainer.train import train
+
+    config = load_config(None, [*base, *extra])
+    t0 = time.monotonic()
+    summary = train(config, log=lambda *_: None)
+    wall = time.monotonic() - t0
+    records = [json.loads(line) for line in (Path(config.out) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    evals = [(0, summary["eval_before"])] + [(r["step"], r["eval"]) for r in records if "eval" in r]
+    grad = [r["grad_norm"] for r in steps if math.isfinite(r["grad_norm"])]
+    median = statistics.median(grad) if grad else math.nan
+    bad = sum(1 for r in steps if not (math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])))
+    init = _mean_acc(summary["eval_before"])
+    tail = [_mean_acc(e) for _, e in evals[-2:]]
+    return {
+        "arm": arm,
+        "seed": config.seed,
+        "init": summary["eval_before"],
+        "final": summary["eval_after"],
+        "best_accuracy": {t: max(e["accuracy"][t] for _, e in evals) for t in EVAL_TASKS},
+        "curve": [{"step": s, "accuracy": e["accuracy"], "reverse_kl": e["reverse_kl"]} for s, e in evals],
+        "collapsed": bad > 0.1 * len(steps) or all(a < init - 0.05 for a in tail),
+        "nonfinite_steps": bad,
+        "grad_spikes": sum(1 for g in grad if g > 10 * median),
+        "response_tokens": sum(r["response_tokens"] for r in steps),
+        "wall_time_s": round(wall, 1),
+    }
+
+
+def _mean_acc(evaluation: dict) -> float:
+    return statistics.mean(evaluation["accuracy"][t] for t in EVAL_TASKS)
+
+
+def sweep_students(toy_dir: Path, work: Path, sft_steps: tuple[int, ...], seed: int, log) -> list[Path]:
+    """The toy student, and copies of it moved nearer the teacher by short SFT on teacher-style answers."""
+    from trainer import toy
+
+    out = []
+    for n in sft_steps:
+        if n == 0:
+            out.append(toy_dir / "student")
+            continue
+        path = work / f"student-sft{n}"
+        if not (path / "config.json").is_file():
+            log(f"[bench] warm-starting a nearer student: {n} SFT steps on teacher-style answers")
+            model = toy.load_model(toy_dir / "student")
+            toy.sft(model, toy.SftSpec("teacher", n, 64, 3e-3, warmup=min(10, n)), seed, f"sweep{n}", log=log)
+            toy.save_model(model, path)
+        out.append(path)
+    return out
+
+
+def run_bench(toy_dir: str, out: str, engine: str, quick: bool, steps: int | None, seeds: int | None,
+              arms: list[str] | None, sweep: bool, log=print) -> dict:  # fmt: skip
+    from trainer import toy
+
+    toy_dir, out = Path(toy_dir), Path(out)
+    s = settings(quick, steps, seeds)
+    chosen = arms or list(ARMS)
+    work = out / "runs"
+    work.mkdir(parents=True, exist_ok=True)
+    teacher = toy_dir / "teacher"
+    report: dict = {
+        "command": "tropd bench methods " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "methods"] else "",
+        "settings": {**s, "toy": str(toy_dir), "engine": engine, "quick": quick},
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": _cpus()},
+        "toy_build": json.loads((toy_dir / "build.json").read_text()).get("settings"),
+        "runs": [],
+        "sweep": [],
+    }
+    t0 = time.monotonic()
+    total = len(chosen) * s["seeds"]
+    for i, arm in enumerate(chosen):
+        for seed in range(s["seeds"]):
+            n = i * s["seeds"] + seed + 1
+            log(f"[bench] ({n}/{total}) {arm}, seed {seed}")
+            base = overrides(s, toy_dir / "student", teacher, engine, work / f"{arm}-s{seed}", seed)
+            result = run_one(arm, ARMS[arm], base)
+            report["runs"].append(result)
+            log(f"[bench]   {_line(result)}")
+    if sweep:
+        students = sweep_students(toy_dir, work, SWEEP_SFT_STEPS["quick" if quick else "full"], 0, log)
+        for student in students:
+            for arm in SWEEP_ARMS:
+                for seed in range(s["seeds"]):
+                    log(f"[bench] sweep: {arm} from {student.name}, seed {seed}")
+                    base = overrides(s, student, teacher, engine, work / f"sweep-{student.name}-{arm}-s{seed}", seed)
+                    result = run_one(arm, ARMS[arm], base)
+                    result["student"] = student.name
+                    report["sweep"].append(result)
+                    log(f"[bench]   {_line(result)}")
+    report["wall_time_s"] = round(time.monotonic() - t0, 1)
+    report["table"] = table(report["runs"])
+    report["sweep_table"] = sweep_table(report["sweep"])
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    plots(report, out)
+    (out / "results.md").write_text(markdown(report))
+    toy.quiet_transformers()
+    return report
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _line(r: dict) -> str:
+    acc = " ".join(
+        f"{t} {100 * r['init']['accuracy'][t]:.0f}->{100 * r['final']['accuracy'][t]:.0f}%" for t in EVAL_TASKS
+    )
+    return f"{acc}  KL {r['init']['reverse_kl']:.2f}->{r['final']['reverse_kl']:.2f}  " + (
+        f"{'COLLAPSED  ' if r['collapsed'] else ''}{r['wall_time_s']:.0f}s"
+    )
+
+
+def _stats(values: list[float]) -> dict:
+    return {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def table(runs: list[dict]) -> list[dict]:
+    """One row per arm: means and standard deviations over seeds."""
+    rows = []
+    for arm in dict.fromkeys(r["arm"] for r in runs):
+        mine = [r for r in runs if r["arm"] == arm]
+        row = {"arm": arm, "seeds": len(mine)}
+        for t in EVAL_TASKS:
+            row[f"init_{t}"] = _stats([r["init"]["accuracy"][t] for r in mine])
+            row[f"final_{t}"] = _stats([r["final"]["accuracy"][t] for r in mine])
+            row[f"best_{t}"] = _stats([r["best_accuracy"][t] for r in mine])
+        row["init_kl"] = _stats([r["init"]["reverse_kl"] for r in mine])
+        row["final_kl"] = _stats([r["final"]["reverse_kl"] for r in mine])
+        row["collapsed"] = sum(r["collapsed"] for r in mine)
+        row["grad_spikes"] = sum(r["grad_spikes"] for r in mine)
+        row["response_tokens"] = statistics.mean(r["response_tokens"] for r in mine)
+        row["wall_time_s"] = statistics.mean(r["wall_time_s"] for r in mine)
+        rows.append(row)
+    return rows
+
+
+def sweep_table(runs: list[dict]) -> list[dict]:
+    rows = []
+    for student in dict.fromkeys(r["student"] for r in runs):
+        for arm in SWEEP_ARMS:
+            mine = [r for r in runs if r["student"] == student and r["arm"] == arm]
+            if not mine:
+                continue
+            rows.append(
+                {
+                    "student": student,
+                    "arm": arm,
+                    "init_kl": _stats([r["init"]["reverse_kl"] for r in mine]),
+                    "final_kl": _stats([r["final"]["reverse_kl"] for r in mine]),
+                    **{
+                        f"gain_{t}": _stats([r["final"]["accuracy"][t] - r["init"]["accuracy"][t] for r in mine])
+                        for t in EVAL_TASKS
+                    },  # fmt: skip
+                    "collapsed": sum(r["collapsed"] for r in mine),
+                    "seeds": len(mine),
+                }
+            )
+    return rows
+
+
+def _pm(stat: dict, scale: float = 100.0, digits: int = 1) -> str:
+    return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['sd']:.{digits}f}"
+
+
+def markdown(report: dict) -> str:
+    s = report["settings"]
+    lines = [
+        "# Results: TrOPD and the baselines on the toy world",
+        "",
+        "Written by `tropd bench methods`; every number below comes from that command's runs "
+        "(`results.json` beside this file holds them all, per seed).",
+        "",
+        f"- Command: `{report['command'] or 'tropd bench methods'}`",
+        f"- Machine: {report['machine']['platform']}, {report['machine']['cpus']} CPU cores, Python "
+        f"{report['machine']['python']}; wall time {report['wall_time_s'] / 60:.1f} min",
+        f"- Toy world: `{s['toy']}`; teacher engine `{s['engine']}` in the trainer's process",
+        f"- Budget per run: {s['steps']} steps x {s['prompts_per_step']} prompts x {s['samples_per_prompt']} "
+        f"sample(s), up to {s['max_new_tokens']} tokens each; seeds 0..{s['seeds'] - 1}; eval every "
+        f"{s['eval_every']} steps on {s['eval_n']} held-out prompts per task (greedy), reverse KL on "
+        f"{s['kl_prompts']} held-out prompts",
+        "- Collapse (defined before the runs): non-finite loss or gradient on more than 10% of steps, or mean "
+        "accuracy over math and code more than 5 points below the init at each of the last two evals",
+        "- Grad-norm spike: a step whose gradient norm is above 10 x the run's median",
+        "",
+        "## Methods (mean ± sd over seeds; accuracy in %)",
+        "",
+        "| method | math init | math final | math best | code init | code final | code best | reverse KL init "
+        "-> final | collapsed | grad spikes | tokens/run | wall s/run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["table"]:
+        lines.append(
+            f"| {r['arm']} | {_pm(r['init_math'])} | {_pm(r['final_math'])} | {_pm(r['best_math'])} | "
+            f"{_pm(r['init_code'])} | {_pm(r['final_code'])} | {_pm(r['best_code'])} | "
+            f"{_pm(r['init_kl'], 1, 2)} -> {_pm(r['final_kl'], 1, 2)} | {r['collapsed']}/{r['seeds']} | "
+            f"{r['grad_spikes']} | {r['response_tokens']:.0f} | {r['wall_time_s']:.0f} |"
+        )
+    lines += ["", "![accuracy curves](accuracy.png)", "", "![reverse KL curves](reverse_kl.png)", ""]
+    lines += verdict(report["table"])
+    if report["sweep_table"]:
+        lines += [
+            "",
+            "## Mismatch sweep (opd vs tropd from students at several distances from the teacher)",
+            "",
+            "| student | method | reverse KL at init | final reverse KL | math gain (points) | code gain (points) "
+            "| collapsed |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in report["sweep_table"]:
+            lines.append(
+                f"| {r['student']} | {r['arm']} | {_pm(r['init_kl'], 1, 2)} | {_pm(r['final_kl'], 1, 2)} | "
+                f"{_pm(r['gain_math'])} | {_pm(r['gain_code'])} | {r['collapsed']}/{r['seeds']} |"
+            )
+        lines += ["", "![mismatch sweep](sweep.png)", ""]
+    return "\n".join(lines) + "\n"
+
+
+def verdict(rows: list[dict]) -> list[str]:
+    """Plain statements computed from the table: where TrOPD wins, ties or loses, and what its parts do."""
+    by = {r["arm"]: r for r in rows}
+    if "tropd" not in by:
+        return []
+    me = by["tropd"]
+    out = ["## What the numbers say (computed from the table)", ""]
+
+    def compare(other: dict, task: str) -> str:
+        a, b = me[f"final_{task}"], other[f"final_{task}"]
+        gap, noise = a["mean"] - b["mean"], max(a["sd"], b["sd"], 0.01)
+        word = "wins" if gap > noise else "loses" if gap < -noise else "ties"
+        return f"{word} ({100 * gap:+.1f} points, sd up to {100 * noise:.1f})"
+
+    for arm, r in by.items():
+        if arm == "tropd":
+            continue
+        role = "ablation" if arm.startswith("tropd-") else "baseline"
+        out.append(
+            f"- tropd vs {arm} ({role}): math {compare(r, 'math')}; code {compare(r, 'code')}; "
+            f"collapsed runs {me['collapsed']}/{me['seeds']} vs {r['collapsed']}/{r['seeds']}"
+        )
+    out.append("")
+    out.append(
+        "A 'win' or 'loss' here means the difference of the means exceeds the larger standard deviation over seeds; "
+        "otherwise it is a tie. For an ablation, a tropd win means the part it removes helps."
+    )
+    return out
+
+
+def plots(report: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = report["runs"]
+    arms = list(dict.fromkeys(r["arm"] for r in runs))
+    for key, name, ylabel in (("accuracy", "accuracy.png", "greedy accuracy"), ("reverse_kl", "reverse_kl.png", "")):
+        tasks = EVAL_TASKS if key == "accuracy" else ("",)
+        fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
+        for ax, task in zip(axes[0], tasks, strict=True):
+            for arm in arms:
+                curves = [r["curve"] for r in runs if r["arm"] == arm]
+                steps = [p["step"] for p in curves[0]]
+                values = [
+                    statistics.mean((c[i]["accuracy"][task] if task else c[i]["reverse_kl"]) for c in curves)
+                    for i in range(len(steps))
+                ]
+                ax.plot(steps, values, marker="o", ms=3, label=arm, lw=2.2 if arm in ("tropd", "opd") else 1.0)
+            ax.set_title(f"{task} accuracy" if task else "reverse KL to the teacher (student samples)")
+            ax.set_xlabel("step")
+            ax.set_ylabel(ylabel or "nats per token")
+            ax.grid(alpha=0.3)
+        axes[0][-1].legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+    if report["sweep_table"]:
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        for arm in SWEEP_ARMS:
+            rows = [r for r in report["sweep_table"] if r["arm"] == arm]
+            xs = [r["init_kl"]["mean"] for r in rows]
+            ys = [100 * r["gain_math"]["mean"] for r in rows]
+            ax.errorbar(xs, ys, yerr=[100 * r["gain_math"]["sd"] for r in rows], marker="o", capsize=3, label=arm)
+        ax.set_xlabel("reverse KL to the teacher at init (nats per token)")
+        ax.set_ylabel("math accuracy gain (points)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "sweep.png", dpi=110)
+        plt.close(fig)
+
+
+def main(args) -> int:
+    from trainer import toy
+    from tropd.errors import UserError
+
+    if args.methods:
+        unknown = [m for m in args.methods if m not in ARMS]
+        if unknown:
+            raise UserError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+    if args.toy:
+        toy_dir = args.toy
+        if not (Path(toy_dir) / "build.json").is_file():
+            raise UserError(f"--toy {toy_dir!r}: no toy world there (no build.json); build it with `tropd toy build`")
+    else:
+        toy_dir = "artifacts/toy-quick" if args.quick else "artifacts/toy"
+        toy.build(toy_dir, quick=args.quick, log=_stderr)
+    report = run_bench(toy_dir, args.out, args.engine, args.quick, args.steps, args.seeds, args.methods,
+                       not args.no_sweep, log=_stderr)  # fmt: skip
+    if args.json:
+        print(json.dumps({"table": report["table"], "sweep_table": report["sweep_table"]}))
+    else:
+        print(Path(args.out, "results.md").read_text())
+    return 0
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
