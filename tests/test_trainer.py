@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,3 +173,9 @@ def test_inprocess_teacher(toy_quick, tmp_path):
     )  # fmt: skip
     summary = train(cfg, log=lambda _: None)
     assert summary["teacher"]["engine"] == "hf" and summary["skipped_steps"] == 0
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in Path("configs").glob("*.yaml")))
+def test_example_configs_load(path):
+    config = load_config(path)
+    assert Path(path).stem == f"toy-{config.loss.method}"

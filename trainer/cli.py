@@ -154,7 +154,7 @@ def add_bench_methods(sub) -> None:
     bench.add_argument("--toy", help="an existing toy world (default: artifacts/toy, built if missing; "
                        "artifacts/toy-quick with --quick)")  # fmt: skip
     bench.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="teacher engine (hf)")
-    bench.add_argument("--steps", type=positive_int, help="steps per run (default: 300; 6 with --quick)")
+    bench.add_argument("--steps", type=positive_int, help="steps per run (default: 1000; 6 with --quick)")
     bench.add_argument("--seeds", type=positive_int, help="seeds per method (default: 3; 1 with --quick)")
     bench.add_argument("--methods", type=_names, help="comma-separated subset of the methods (default: all)")
     bench.add_argument("--no-sweep", action="store_true", help="skip the mismatch sweep")

@@ -61,12 +61,12 @@ class GuidanceConfig(_Section):
     enabled: bool = Field(True, description="off-policy guidance by teacher-written prefixes (tropd only)")
     prompt_share: float = Field(0.5, ge=0, le=1, description="share of prompts with a teacher prefix at step 0")
     prefix_tokens: int = Field(8, ge=1, description="most teacher-draft tokens used as a prefix")
-    decay_steps: int = Field(100, ge=1, description="steps over which the prefix share decays to zero")
+    decay_steps: int = Field(300, ge=1, description="steps over which the prefix share decays to zero")
 
 
 class RolloutConfig(_Section):
-    prompts_per_step: int = Field(32, ge=1)
-    samples_per_prompt: int = Field(2, ge=1)
+    prompts_per_step: int = Field(64, ge=1)
+    samples_per_prompt: int = Field(1, ge=1)
     max_new_tokens: int = Field(40, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -81,7 +81,7 @@ class OptimConfig(_Section):
 
 
 class EvalConfig(_Section):
-    every: int = Field(25, ge=0, description="evaluate every N steps (0: only before and after)")
+    every: int = Field(250, ge=0, description="evaluate every N steps (0: only before and after)")
     n: int = Field(200, ge=1, description="greedy-accuracy prompts per task")
     kl_prompts: int = Field(64, ge=1, description="held-out prompts for the reverse-KL estimate")
     tasks: list[Literal["math", "code", "general"]] = Field(default_factory=lambda: ["math", "code", "general"])
@@ -91,13 +91,13 @@ class EvalConfig(_Section):
 class TrainConfig(_Section):
     student: str = Field("artifacts/toy/student", description="student model directory (Hugging Face layout)")
     out: str = Field("runs/tropd", description="run directory")
-    steps: int = Field(200, ge=1)
+    steps: int = Field(1000, ge=1)
     seed: int = Field(0, ge=0)
     tasks: dict[Literal["math", "code", "general"], float] = Field(
-        default_factory=lambda: {"math": 0.6, "code": 0.3, "general": 0.1}, description="task mix of prompts"
+        default_factory=lambda: {"math": 0.7, "code": 0.3}, description="task mix of prompts"
     )
     max_staleness: int = Field(0, ge=0, le=8, description="0: strictly on-policy; k: rollouts up to k steps old")
-    checkpoint_every: int = Field(50, ge=0, description="0: only at the end")
+    checkpoint_every: int = Field(250, ge=0, description="0: only at the end")
     keep_checkpoints: int = Field(2, ge=1)
     tensorboard: bool = True
     plot: bool = True

@@ -39,15 +39,17 @@ ARMS: dict[str, list[str]] = {
 SWEEP_ARMS = ("opd", "tropd")
 # Students for the mismatch sweep: the toy student, then that student after N steps of SFT on teacher-style
 # answers (nearer the teacher).
-SWEEP_SFT_STEPS = {"full": (0, 40, 160), "quick": (0, 10)}
+SWEEP_SFT_STEPS = {"full": (0, 100), "quick": (0, 10)}
 EVAL_TASKS = ("math", "code")
 
 
 def settings(quick: bool, steps: int | None, seeds: int | None) -> dict:
     if quick:
-        return {"steps": steps or 6, "seeds": seeds or 1, "eval_every": 3, "eval_n": 20, "kl_prompts": 16,
+        steps = steps or 6
+        return {"steps": steps, "seeds": seeds or 1, "eval_every": max(1, steps // 2), "eval_n": 20, "kl_prompts": 16,
                 "prompts_per_step": 8, "samples_per_prompt": 1, "max_new_tokens": 32}  # fmt: skip
-    return {"steps": steps or 300, "seeds": seeds or 3, "eval_every": 75, "eval_n": 200, "kl_prompts": 64,
+    steps = steps or 1000
+    return {"steps": steps, "seeds": seeds or 3, "eval_every": max(1, steps // 4), "eval_n": 200, "kl_prompts": 64,
             "prompts_per_step": 64, "samples_per_prompt": 1, "max_new_tokens": 40}  # fmt: skip
 
 
@@ -144,6 +146,7 @@ def run_bench(toy_dir: str, out: str, engine: str, quick: bool, steps: int | Non
             base = overrides(s, toy_dir / "student", teacher, engine, work / f"{arm}-s{seed}", seed)
             result = run_one(arm, ARMS[arm], base)
             report["runs"].append(result)
+            _save_partial(report, out)
             log(f"[bench]   {_line(result)}")
     if sweep:
         students = sweep_students(toy_dir, work, SWEEP_SFT_STEPS["quick" if quick else "full"], 0, log)
@@ -155,15 +158,22 @@ def run_bench(toy_dir: str, out: str, engine: str, quick: bool, steps: int | Non
                     result = run_one(arm, ARMS[arm], base)
                     result["student"] = student.name
                     report["sweep"].append(result)
+                    _save_partial(report, out)
                     log(f"[bench]   {_line(result)}")
     report["wall_time_s"] = round(time.monotonic() - t0, 1)
     report["table"] = table(report["runs"])
     report["sweep_table"] = sweep_table(report["sweep"])
     (out / "results.json").write_text(json.dumps(report, indent=2))
+    (out / "results.partial.json").unlink(missing_ok=True)
     plots(report, out)
     (out / "results.md").write_text(markdown(report))
     toy.quiet_transformers()
     return report
+
+
+def _save_partial(report: dict, out: Path) -> None:
+    """Every finished run is kept at once (results.partial.json), so a long run that stops loses nothing."""
+    (out / "results.partial.json").write_text(json.dumps(report, indent=2))
 
 
 def _cpus() -> int:
