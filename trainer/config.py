@@ -94,7 +94,7 @@ class TrainConfig(_Section):
     steps: int = Field(1000, ge=1)
     seed: int = Field(0, ge=0)
     tasks: dict[Literal["math", "code", "general"], float] = Field(
-        default_factory=lambda: {"math": 0.7, "code": 0.3}, description="task mix of prompts"
+        default_factory=lambda: {"math": 0.6, "code": 0.3, "general": 0.1}, description="task mix of prompts"
     )
     max_staleness: int = Field(0, ge=0, le=8, description="0: strictly on-policy; k: rollouts up to k steps old")
     checkpoint_every: int = Field(250, ge=0, description="0: only at the end")
