@@ -15,6 +15,8 @@ import threading
 import time
 from concurrent.futures import Future
 
+import httpx
+
 from services.teacher.client import TeacherClient, TeacherError
 from services.teacher.protocol import tokenizer_fingerprint
 from trainer.config import TeacherConfig
@@ -29,6 +31,8 @@ class TeacherLink:
             api_key = os.environ.get(config.api_key_env)
             if not api_key:
                 raise UserError(f"teacher.api_key_env {config.api_key_env}: that environment variable is not set")
+        if config.api != "inprocess":
+            _check_url(config.url)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="teacher-link", daemon=True)
         self._thread.start()
@@ -103,3 +107,13 @@ class TeacherLink:
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5)
+
+
+def _check_url(url: str) -> None:
+    """A clear error for a URL that no retry can fix (it would otherwise be retried with back-off)."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise UserError(f"teacher.url {url!r} is not a valid URL: {exc}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise UserError(f"teacher.url {url!r} must be an http:// or https:// URL with a host, e.g. http://host:8000")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from services.teacher.client import TeacherError
 from trainer import checkpoint, losses, toy
 from trainer.config import TrainConfig, dump_config
 from trainer.pipeline import Batch, Rollouts, k1_estimate
@@ -29,6 +30,12 @@ from trainer.tokenizer import VOCAB
 from tropd.errors import UserError
 
 EVAL_SEED = 1234
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def compute_loss(config: TrainConfig, batch: Batch, logits_B_T_V, step: int, generator):
@@ -193,6 +200,9 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict | None:
     student_dir = Path(config.student)
     if not (student_dir / "config.json").is_file():
         raise UserError(f"student directory {config.student!r} not found (no config.json there)")
+    for what, names in (("weights", WEIGHT_FILES), ("tokenizer", ("tokenizer.json", "tokenizer_config.json"))):
+        if not any((student_dir / name).is_file() for name in names):
+            raise UserError(f"student directory {config.student!r} has no {what} (none of {', '.join(names)})")
     ckpt = checkpoint.latest(run_dir) if resume else None
     if not resume and (run_dir / "metrics.jsonl").is_file():
         raise UserError(f"run directory {run_dir} already holds a run: pass --resume, or choose another `out`")
@@ -209,7 +219,7 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict | None:
     link = TeacherLink(config.teacher)
     try:
         info = link.check(str(student_dir), config.teacher.top_k)
-        model = toy.load_model(ckpt / "student" if ckpt else student_dir).train()
+        model = _load_student(ckpt / "student" if ckpt else student_dir).train()
         trained = dp.wrap(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
@@ -329,9 +339,24 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict | None:
 
             plot_run(run_dir)
         return summary
+    except TeacherError as exc:
+        if exc.status is not None:  # a refused request is a bug here, not an outage
+            raise
+        # the teacher stayed away longer than the retries with back-off
+        done = checkpoint.latest(run_dir)
+        kept = f"the last checkpoint is {done.name}" if done else "no checkpoint was written yet"
+        raise UserError(f"{exc}; {kept}: continue the run with --resume once the teacher is back") from None
     finally:
         link.close()
         dp.close()
+
+
+def _load_student(path: Path):
+    try:
+        return toy.load_model(path)
+    except Exception as exc:  # transformers and safetensors raise many kinds; each means "no loadable model here"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load the student model from {path}: {first}") from None
 
 
 def _silent(*_args) -> None:

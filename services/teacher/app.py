@@ -66,17 +66,20 @@ def error_response(status: int, kind: str, message: str, field: str | None = Non
 
 
 def _field(loc) -> str | None:
+    """`sequences[0][2]` from pydantic's location. Request bodies are flat, so after the field name only list
+    indices are kept: a name there is the member of a union that pydantic tried (`temperature.float`)."""
     parts = [p for p in loc if p != "body"]
     if not parts:
         return None
-    text = str(parts[0])
-    for p in parts[1:]:
-        text += f"[{p}]" if isinstance(p, int) else f".{p}"
-    return text
+    return str(parts[0]) + "".join(f"[{p}]" for p in parts[1:] if isinstance(p, int))
 
 
 class BodyLimit:
-    """Pure ASGI middleware: a body over `limit` bytes gets 413 before it is read into memory."""
+    """Pure ASGI middleware: a body over `limit` bytes gets 413 before the app reads it.
+
+    A declared Content-Length is checked at once (the HTTP parser delivers no more than it declares); a body
+    without one (chunked) is read here, up to the limit, and handed on to the app.
+    """
 
     def __init__(self, app, limit: int, on_reject):
         self.app, self.limit, self.on_reject = app, limit, on_reject
@@ -85,32 +88,32 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._reject(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
+        if declared is not None and declared.isdigit():
+            if int(declared) > self.limit:
+                return await self._reject(scope, receive, send)
+            return await self.app(scope, receive, send)
+        messages, seen = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge
-            return message
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                return await self._reject(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        buffered = iter(messages)
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self._reject(scope, receive, send)
+        async def replay():
+            return next(buffered, None) or await receive()
+
+        await self.app(scope, replay, send)
 
     async def _reject(self, scope, receive, send):
         self.on_reject()
         resp = error_response(413, "body_too_large", f"request body over the limit of {self.limit} bytes", "body")
         await resp(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def create_app(engine, settings: Settings | None = None) -> FastAPI:
@@ -208,9 +211,10 @@ def create_app(engine, settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException):
-        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        kind = {400: "malformed_body", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         metrics.errors.labels(kind).inc()
-        return error_response(exc.status_code, kind, str(exc.detail), headers=getattr(exc, "headers", None))
+        field = "body" if exc.status_code == 400 else None  # FastAPI's 400: a body it could not decode
+        return error_response(exc.status_code, kind, str(exc.detail), field, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def on_error(request: Request, exc: Exception):
