@@ -17,3 +17,22 @@ def toy_quick() -> Path:
     out = Path(os.environ.get("TROPD_TEST_TOY", ROOT / "artifacts" / "toy-quick"))
     toy.build(out, seed=0, quick=True)
     return out
+
+
+@pytest.fixture(scope="module")
+def reference(toy_quick):
+    """An independent transformers float32 forward pass, one sequence at a time."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(toy_quick / "teacher", dtype=torch.float32).eval()
+
+    def score(seq: list[int], start: int, k: int):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([seq])).logits[0].double(), -1)
+        rows = logp[start - 1 : len(seq) - 1]
+        chosen = rows.gather(-1, torch.tensor(seq[start:])[:, None])[:, 0]
+        top = rows.topk(k, -1)
+        return chosen.numpy(), top.indices.numpy(), top.values.numpy()
+
+    return score

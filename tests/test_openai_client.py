@@ -9,7 +9,6 @@ import random
 import httpx
 import numpy as np
 import pytest
-import torch
 
 from services.teacher.client import TeacherError
 from services.teacher.openai_client import VLLMOpenAIClient, stock_vllm
@@ -24,23 +23,6 @@ def server(toy_quick, tmp_path_factory):
     with stock_vllm(str(toy_quick / "teacher"), log, max_top_k=20, timeout=200) as stock:
         yield stock
     assert stock.process.returncode is not None  # stopped, with its process group
-
-
-@pytest.fixture(scope="module")
-def reference(toy_quick):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(toy_quick / "teacher", dtype=torch.float32).eval()
-
-    def score(seq: list[int], start: int, k: int):
-        with torch.no_grad():
-            logp = torch.log_softmax(model(torch.tensor([seq])).logits[0].double(), -1)
-        rows = logp[start - 1 : len(seq) - 1]
-        chosen = rows.gather(-1, torch.tensor(seq[start:])[:, None])[:, 0]
-        top = rows.topk(k, -1)
-        return chosen.numpy(), top.indices.numpy(), top.values.numpy()
-
-    return score
 
 
 def sequences(n: int, seed: int = 0) -> list[list[int]]:

@@ -8,7 +8,6 @@ import random
 import httpx
 import numpy as np
 import pytest
-import torch
 
 from services.teacher.client import TeacherClient, TeacherError
 from services.teacher.protocol import BINARY_MEDIA_TYPE, decode_results, tokenizer_fingerprint
@@ -35,24 +34,6 @@ def sequences(n: int, seed: int = 0) -> list[list[int]]:
         response = ex.teacher if rng.random() < 0.5 else ex.student
         out.append(VOCAB.prompt_ids(ex.prompt) + VOCAB.encode(response) + [VOCAB.eos_id])
     return out
-
-
-@pytest.fixture(scope="module")
-def reference(toy_quick):
-    """An independent transformers float32 forward pass, one sequence at a time."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(toy_quick / "teacher", dtype=torch.float32).eval()
-
-    def score(seq: list[int], start: int, k: int):
-        with torch.no_grad():
-            logp = torch.log_softmax(model(torch.tensor([seq])).logits[0].double(), -1)
-        rows = logp[start - 1 : len(seq) - 1]
-        chosen = rows.gather(-1, torch.tensor(seq[start:])[:, None])[:, 0]
-        top = rows.topk(k, -1)
-        return chosen.numpy(), top.indices.numpy(), top.values.numpy()
-
-    return score
 
 
 def run(coro):
