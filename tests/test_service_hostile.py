@@ -3,7 +3,8 @@
 - schemathesis generates requests from the service's own OpenAPI schema (/openapi.json), valid and
   invalid: no 5xx, every response conforms to the schema;
 - hand-written bad inputs not covered in test_service.py: each a clear 4xx naming the field;
-- slow (slowloris-style) and vanishing clients do not block other clients; a full queue sheds load with
+- slow (slowloris-style) and vanishing clients do not block other clients, and a read deadline
+  (--read-timeout-s) closes requests that do not arrive in time with 408; a full queue sheds load with
   503 + Retry-After;
 - with a key configured, every route but /healthz (and /metrics when opened) answers 401 without the
   exact key, and the key appears in no log line, metric or response.
@@ -252,6 +253,62 @@ def test_clients_that_vanish_mid_request(service):
         s.close()  # gone before the answer
     time.sleep(1.0)  # the whole request is being scored for nobody
     assert httpx.post(f"{service.url}/v1/score", json=OK).status_code == 200
+
+
+def _read_until_closed(s: socket.socket, limit_s: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and when it closed (s after the call)."""
+    start, data = time.perf_counter(), b""
+    s.settimeout(limit_s)
+    while chunk := s.recv(65536):
+        data += chunk
+    return data, time.perf_counter() - start
+
+
+def test_read_deadline_closes_slow_requests_with_408(toy_quick, tmp_path):
+    """With --read-timeout-s 1: a client that sends nothing, one that trickles its headers, one that
+    stalls in its body, each gets 408 (request_timeout) and a closed connection after about 1 s, counted in
+    /metrics; a request that takes 0.4 s to arrive is served; unfinished headers past 16 KiB get 400; a kept-alive
+    connection idle for longer than the deadline is not cut; the service keeps serving."""
+    with teacher(toy_quick / "teacher", "hf", tmp_path, "--read-timeout-s", "1", env=ONE_THREAD) as svc:
+        address = _address(svc)
+        silent = socket.create_connection(address, timeout=5)
+        headers = socket.create_connection(address, timeout=5)
+        headers.sendall(b"POST /v1/score HTTP/1.1\r\nHost: teacher\r\n")
+        stalled = socket.create_connection(address, timeout=5)
+        stalled.sendall(b"POST /v1/score HTTP/1.1\r\nHost: teacher\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 1000\r\n\r\n{\"sequences\": [[1")  # fmt: skip
+        for _ in range(3):  # keep trickling header lines: the deadline is for the whole request
+            time.sleep(0.2)
+            headers.sendall(b"x-slow: 1\r\n")
+        for s in (silent, headers, stalled):
+            data, waited = _read_until_closed(s, 10)
+            s.close()
+            assert data.startswith(b"HTTP/1.1 408 "), data
+            assert b'"type": "request_timeout"' in data, data
+            assert waited < 5
+        body = b'{"sequences": [[1, 5, 6]]}'
+        slow_but_in_time = socket.create_connection(address, timeout=5)
+        slow_but_in_time.sendall(b"POST /v1/score HTTP/1.1\r\nHost: teacher\r\nContent-Type: application/json\r\n")
+        time.sleep(0.2)
+        slow_but_in_time.sendall(b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:5])
+        time.sleep(0.2)
+        slow_but_in_time.sendall(body[5:])
+        data, _ = _read_until_closed(slow_but_in_time, 10)
+        slow_but_in_time.close()
+        assert data.startswith(b"HTTP/1.1 200 "), data
+        too_big = socket.create_connection(address, timeout=5)  # unfinished headers past h11's 16 KiB
+        too_big.sendall(b"GET /healthz HTTP/1.1\r\nHost: teacher\r\nx-big: " + b"a" * 20000)
+        data, _ = _read_until_closed(too_big, 10)
+        too_big.close()
+        assert data.startswith(b"HTTP/1.1 400 "), data
+        with httpx.Client(base_url=svc.url, timeout=10) as client:  # a kept-alive connection idle past 1 s
+            assert client.post("/v1/score", json=OK).status_code == 200
+            time.sleep(1.5)
+            assert client.post("/v1/score", json=OK).status_code == 200
+            metrics = client.get("/metrics").text
+        assert 'tropd_errors_total{kind="request_timeout"} 3.0' in metrics, metrics
+    assert "Traceback" not in svc.log(), svc.log()[-3000:]
+    assert svc.process.returncode == 0
 
 
 # ---- access control ----------------------------------------------------------------------------------

@@ -39,6 +39,26 @@ def test_second_build_is_cached(toy_quick):
     assert not toy.is_built(toy_quick, seed=1, quick=True)
 
 
+def test_rebuild_keeps_the_model_whose_settings_did_not_change(toy_quick, tmp_path, monkeypatch):
+    import shutil
+
+    out = tmp_path / "toy"
+    shutil.copytree(toy_quick, out)
+    teacher_bytes = (out / "teacher" / "model.safetensors").read_bytes()
+    student_bytes = (out / "student" / "model.safetensors").read_bytes()
+    changed = dict(toy.RECIPES[True], student=toy.SftSpec("student", 3, 16, 3e-3, 1))
+    monkeypatch.setitem(toy.RECIPES, True, changed)
+    messages = []
+    record = toy.build(out, seed=0, quick=True, log=messages.append)
+    assert any(m.startswith("[toy] keeping the teacher") for m in messages), messages
+    assert not any("training the teacher" in m for m in messages)
+    assert any("training the student" in m for m in messages)
+    assert (out / "teacher" / "model.safetensors").read_bytes() == teacher_bytes
+    assert (out / "student" / "model.safetensors").read_bytes() != student_bytes
+    assert record["student"]["settings"]["recipe"]["steps"] == 3
+    assert toy.is_built(out, seed=0, quick=True)
+
+
 def test_sft_is_deterministic_for_a_seed():
     spec = toy.SftSpec("student", steps=4, batch=8, lr=1e-3, warmup=2)
     a = toy.sft(toy.new_model(toy.STUDENT, seed=5), spec, seed=5, label="t", pool_size=200, log=lambda _: None)

@@ -166,22 +166,36 @@ def build_settings(seed: int, quick: bool) -> dict:
     }
 
 
-def is_built(out: Path, seed: int, quick: bool) -> bool:
-    stamp = out / "build.json"
-    if not stamp.is_file() or not (out / "teacher").is_dir() or not (out / "student").is_dir():
-        return False
+def role_settings(role: str, seed: int, quick: bool) -> dict:
+    """What one model of the build depends on: a model whose settings are unchanged is kept on a rebuild."""
+    spec = TEACHER if role == "teacher" else STUDENT
+    return {"version": BUILD_VERSION, "seed": seed, "quick": quick, "model": asdict(spec),
+            "recipe": asdict(RECIPES[quick][role])}  # fmt: skip
+
+
+def _read_record(out: Path) -> dict | None:
     try:
-        return json.loads(stamp.read_text())["settings"] == build_settings(seed, quick)
-    except (ValueError, KeyError):
+        return json.loads((out / "build.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_built(out: Path, seed: int, quick: bool) -> bool:
+    record = _read_record(out)
+    if record is None or not (out / "teacher").is_dir() or not (out / "student").is_dir():
         return False
+    return record.get("settings") == build_settings(seed, quick)
 
 
 def build(out: str | Path = "artifacts/toy", seed: int = 0, quick: bool = False, log=print) -> dict:
-    """Make (or reuse) the toy teacher and student under `out`; returns the build record."""
+    """Make (or reuse) the toy teacher and student under `out`; returns the build record.
+
+    A model whose own settings (architecture, recipe, seed) did not change since the last build is kept."""
     out = Path(out)
     if is_built(out, seed, quick):
         log(f"[toy] cached: {out} (seed {seed}{', quick' if quick else ''})")
         return json.loads((out / "build.json").read_text())
+    old = _read_record(out) or {}
     set_threads()
     out.mkdir(parents=True, exist_ok=True)
     (out / "build.json").unlink(missing_ok=True)
@@ -189,12 +203,18 @@ def build(out: str | Path = "artifacts/toy", seed: int = 0, quick: bool = False,
     start = time.monotonic()
     record: dict = {"settings": build_settings(seed, quick)}
     for role, spec in (("teacher", TEACHER), ("student", STUDENT)):
+        settings = role_settings(role, seed, quick)
+        kept = old.get(role, {})
+        if kept.get("settings") == settings and (out / role / "config.json").is_file():
+            log(f"[toy] keeping the {role} of the last build (its settings did not change)")
+            record[role] = {"parameters": kept["parameters"], "path": str(out / role), "settings": settings}
+            continue
         model = new_model(spec, seed)
         n_params = sum(p.numel() for p in model.parameters())
         log(f"[toy] training the {role} ({n_params / 1e6:.2f}M parameters, {recipe[role].style}-style answers)")
         sft(model, recipe[role], seed, role, log=log)
         save_model(model, out / role)
-        record[role] = {"parameters": n_params, "path": str(out / role)}
+        record[role] = {"parameters": n_params, "path": str(out / role), "settings": settings}
     n_eval = 100 if quick else 500
     for role in ("teacher", "student"):
         model = load_model(out / role)

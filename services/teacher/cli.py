@@ -63,6 +63,25 @@ def add_teacher(sub) -> None:
     serve.add_argument(
         "--fail-rate", type=float, default=0.0, help="testing: answer this share of requests with 503 (0-1)"
     )
+    serve.add_argument(
+        "--read-timeout-s",
+        type=_positive_float,
+        default=30.0,
+        help="a client must send a whole request (line, headers, body) within this time, else 408 and the "
+        "connection is closed (default: 30)",
+    )
+    serve.add_argument(
+        "--keep-alive-s",
+        type=_positive_float,
+        default=30.0,
+        help="idle keep-alive connections are closed after this time (default: 30)",
+    )
+    serve.add_argument(
+        "--threads",
+        type=positive_int,
+        help="torch threads (default: torch's choice, the machine's cores); vLLM's CPU backend may bind its own "
+        "(VLLM_CPU_OMP_THREADS_BIND)",
+    )
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     serve.set_defaults(run=run_serve)
 
@@ -154,6 +173,19 @@ def _port(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
 def settings_from_args(args):
     from services.teacher.app import Settings
 
@@ -193,11 +225,16 @@ def run_serve(args) -> int:
     import uvicorn
 
     from services.teacher.app import create_app
+    from services.teacher.deadline import DeadlineH11Protocol
     from services.teacher.engines import load_engine
 
     options = {"max_model_len": args.max_model_len, "tensor_parallel_size": args.tensor_parallel_size}
     if args.gpu_memory_utilization is not None:
         options["gpu_memory_utilization"] = args.gpu_memory_utilization
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     engine_name = args.engine
     log.info(json.dumps({"event": "loading", "model": args.model, "engine": engine_name}))
     if engine_name in ("auto", "vllm"):
@@ -212,13 +249,15 @@ def run_serve(args) -> int:
     if args.max_model_len is not None and engine.name == "hf":
         engine.info.max_model_len = min(engine.info.max_model_len, args.max_model_len)
     app = create_app(engine, settings)
+    timeouts = app.state.metrics.errors.labels(kind="request_timeout")
     config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
         log_level=args.log_level,
         access_log=False,
-        timeout_keep_alive=30,
+        http=DeadlineH11Protocol.with_read_timeout(args.read_timeout_s, on_timeout=timeouts.inc),
+        timeout_keep_alive=args.keep_alive_s,
         timeout_graceful_shutdown=30,
     )
     server = uvicorn.Server(config)
