@@ -179,3 +179,20 @@ def test_inprocess_teacher(toy_quick, tmp_path):
 def test_example_configs_load(path):
     config = load_config(path)
     assert Path(path).stem == f"toy-{config.loss.method}"
+
+
+def test_demo_settings_and_their_precedence(tmp_path):
+    from types import SimpleNamespace
+
+    from trainer.cli import demo_overrides
+
+    def demo(config=None, steps=None, overrides=()):
+        args = SimpleNamespace(config=config, toy="artifacts/toy", steps=steps, overrides=list(overrides))
+        return load_config(config, demo_overrides(args, tmp_path / "run"))
+
+    built_in = demo()
+    assert (built_in.steps, built_in.eval.every, built_in.checkpoint_every) == (400, 100, 200)
+    assert built_in.student == str(Path("artifacts/toy") / "student") and built_in.out == str(tmp_path / "run")
+    assert demo(overrides=["steps=30"]).steps == 30
+    assert demo(steps=50, overrides=["steps=30"]).steps == 50
+    assert demo(config="configs/toy-tropd.yaml").steps == 1000  # a config file is taken as it is

@@ -187,6 +187,11 @@ def run_bench(args) -> int:
     return main(args)
 
 
+# `tropd demo` without --config: the toy TrOPD settings (configs/toy-tropd.yaml), shortened to fit a few
+# minutes on 2 CPU cores
+DEMO_SETTINGS = ("steps=400", "eval.every=100", "checkpoint_every=200")
+
+
 def add_demo(sub) -> None:
     from tropd.cli import positive_int
 
@@ -201,10 +206,23 @@ def add_demo(sub) -> None:
     demo.add_argument("--out", help="run directory (default: runs/demo-<date>-<time>)")
     demo.add_argument("--toy", default="artifacts/toy", help="toy world directory (default: artifacts/toy)")
     demo.add_argument("--engine", choices=("auto", "vllm", "hf"), default="auto", help="teacher engine (auto)")
-    demo.add_argument("--steps", type=positive_int, help="training steps (default: the config's)")
-    demo.add_argument("--config", help="YAML config (default: built-in toy settings, as configs/toy-tropd.yaml)")
+    demo.add_argument("--steps", type=positive_int, help="training steps (default: 400; with --config, the config's)")
+    demo.add_argument(
+        "--config",
+        help="YAML config (default: the toy settings of configs/toy-tropd.yaml with 400 steps, eval every 100)",
+    )
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, as for `tropd train`")
     demo.set_defaults(run=run_demo)
+
+
+def demo_overrides(args, out: Path) -> list[str]:
+    """Config overrides of `tropd demo`: the short demo settings unless --config is given, then the toy
+    world's student and the run directory, then the user's overrides, then --steps."""
+    short = [] if args.config else list(DEMO_SETTINGS)
+    overrides = [*short, f"student={Path(args.toy) / 'student'}", f"out={out}", *args.overrides]
+    if args.steps:
+        overrides.append(f"steps={args.steps}")
+    return overrides
 
 
 def run_demo(args) -> int:
@@ -215,10 +233,7 @@ def run_demo(args) -> int:
     from trainer.config import load_config
 
     out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    overrides = [f"student={Path(args.toy) / 'student'}", f"out={out}", *args.overrides]
-    if args.steps:
-        overrides.append(f"steps={args.steps}")
-    config = load_config(args.config, overrides)  # validate before any work
+    config = load_config(args.config, demo_overrides(args, out))  # validate before any work
     if (out / "metrics.jsonl").is_file():
         raise UserError(f"run directory {out} already holds a run: choose another --out")
     toy.build(args.toy)
