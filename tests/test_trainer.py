@@ -43,13 +43,14 @@ def config(toy_quick, service, out, *extra):
 
 
 def test_tropd_trains_and_reverse_kl_falls(toy_quick, service, tmp_path):
-    # a few dozen steps; the reverse-KL estimate on 64 held-out prompts (student samples, same seed before/after)
-    cfg = config(toy_quick, service, tmp_path / "run", "steps=24", "checkpoint_every=12", "eval.every=12", "plot=true",
-                 "tensorboard=true", "optim.lr=2e-3", "eval.kl_prompts=64")  # fmt: skip
+    # a few dozen steps; the reverse-KL estimate on 256 held-out prompts (student samples, same seed before and
+    # after; on 64 the estimate's noise is as large as what 24 steps of 16 samples move it)
+    cfg = config(toy_quick, service, tmp_path / "run", "steps=48", "checkpoint_every=24", "eval.every=24", "plot=true",
+                 "tensorboard=true", "optim.lr=2e-3", "eval.kl_prompts=256")  # fmt: skip
     summary = train(cfg, log=lambda _: None)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
-    assert [r["step"] for r in steps] == list(range(1, 25))
+    assert [r["step"] for r in steps] == list(range(1, 49))
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
     for key in ("k1", "trust_share", "outlier_share", "prefix_share", "teacher_latency_s", "tokens_per_s", "grad_norm"):
         assert key in steps[0], key
@@ -58,7 +59,7 @@ def test_tropd_trains_and_reverse_kl_falls(toy_quick, service, tmp_path):
     for name in ("summary.json", "curves.png", "config.yaml", "student/config.json"):
         assert (tmp_path / "run" / name).is_file(), name
     assert any((tmp_path / "run" / "tensorboard").iterdir())
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000012", "step-000024"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000024", "step-000048"]
 
 
 def test_resume_gives_the_same_weights(toy_quick, service, tmp_path):

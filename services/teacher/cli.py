@@ -249,14 +249,16 @@ def run_serve(args) -> int:
     if args.max_model_len is not None and engine.name == "hf":
         engine.info.max_model_len = min(engine.info.max_model_len, args.max_model_len)
     app = create_app(engine, settings)
-    timeouts = app.state.metrics.errors.labels(kind="request_timeout")
+    errors = app.state.metrics.errors
     config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
         log_level=args.log_level,
         access_log=False,
-        http=DeadlineH11Protocol.with_read_timeout(args.read_timeout_s, on_timeout=timeouts.inc),
+        http=DeadlineH11Protocol.with_read_timeout(
+            args.read_timeout_s, on_timeout=lambda: errors.labels(kind="request_timeout").inc()
+        ),
         timeout_keep_alive=args.keep_alive_s,
         timeout_graceful_shutdown=30,
     )
