@@ -181,7 +181,10 @@ def _read_record(out: Path) -> dict | None:
 
 
 def is_built(out: Path, seed: int, quick: bool) -> bool:
-    record = _read_record(out)
+    return _is_current(_read_record(out), out, seed, quick)
+
+
+def _is_current(record: dict | None, out: Path, seed: int, quick: bool) -> bool:
     if record is None or not (out / "teacher").is_dir() or not (out / "student").is_dir():
         return False
     return record.get("settings") == build_settings(seed, quick)
@@ -192,10 +195,11 @@ def build(out: str | Path = "artifacts/toy", seed: int = 0, quick: bool = False,
 
     A model whose own settings (architecture, recipe, seed) did not change since the last build is kept."""
     out = Path(out)
-    if is_built(out, seed, quick):
+    old = _read_record(out)
+    if _is_current(old, out, seed, quick):
         log(f"[toy] cached: {out} (seed {seed}{', quick' if quick else ''})")
-        return json.loads((out / "build.json").read_text())
-    old = _read_record(out) or {}
+        return old
+    old = old or {}
     set_threads()
     out.mkdir(parents=True, exist_ok=True)
     (out / "build.json").unlink(missing_ok=True)

@@ -60,9 +60,13 @@ class BadInput(Exception):
         self.field, self.message, self.status, self.kind = field, message, status, kind
 
 
+def error_body(kind: str, message: str, field: str | None = None) -> dict:
+    """The JSON body of every error answer: `{"error": {"type", "message", "field"}}`."""
+    return {"error": {"type": kind, "message": message, "field": field}}
+
+
 def error_response(status: int, kind: str, message: str, field: str | None = None, headers=None) -> JSONResponse:
-    body = {"error": {"type": kind, "message": message, "field": field}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(error_body(kind, message, field), status_code=status, headers=headers)
 
 
 def _field(loc) -> str | None:

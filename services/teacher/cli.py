@@ -13,7 +13,7 @@ from tropd.errors import UserError
 
 
 def add_teacher(sub) -> None:
-    from tropd.cli import non_negative_int, positive_int
+    from tropd.cli import non_negative_int, positive_float, positive_int
 
     teacher = sub.add_parser("teacher", help="the teacher scoring service")
     teacher_sub = teacher.add_subparsers(dest="teacher", metavar="ACTION", parser_class=type(teacher), required=True)
@@ -65,14 +65,14 @@ def add_teacher(sub) -> None:
     )
     serve.add_argument(
         "--read-timeout-s",
-        type=_positive_float,
+        type=positive_float,
         default=30.0,
         help="a client must send a whole request (line, headers, body) within this time, else 408 and the "
         "connection is closed (default: 30)",
     )
     serve.add_argument(
         "--keep-alive-s",
-        type=_positive_float,
+        type=positive_float,
         default=30.0,
         help="idle keep-alive connections are closed after this time (default: 30)",
     )
@@ -170,19 +170,6 @@ def _port(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"port must be 0-65535, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    import argparse
-    import math
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
     return value
 
 

@@ -16,19 +16,14 @@ import logging
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from services.teacher.app import error_body
+
 log = logging.getLogger("tropd.teacher")
 
 
 def _408(timeout_s: float) -> bytes:
-    body = json.dumps(
-        {
-            "error": {
-                "type": "request_timeout",
-                "message": f"the request was not received in full within {timeout_s:g} s",
-                "field": None,
-            }
-        }
-    ).encode()
+    message = f"the request was not received in full within {timeout_s:g} s"
+    body = json.dumps(error_body("request_timeout", message)).encode()
     head = (
         "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
