@@ -223,3 +223,17 @@ def test_auth(toy_quick, tmp_path):
 
         assert run(with_client())["vocab_size"] == VOCAB.size
     assert key not in svc.log()
+
+
+def test_a_top_k_over_the_vocabulary_is_capped_at_the_vocabulary(toy_quick, tmp_path, reference):
+    """--max-top-k above the vocabulary: the service offers the whole distribution and no more."""
+    with teacher(toy_quick / "teacher", "hf", tmp_path, "--max-top-k", "64") as svc:
+        assert httpx.get(f"{svc.url}/v1/info").json()["max_top_k"] == VOCAB.size
+        seq = sequences(1)[0]
+        (result,) = run(_score(svc.url, [seq], 1, VOCAB.size))
+        np.testing.assert_allclose(np.exp(result.top_logprobs).sum(-1), 1.0, atol=1e-5)
+        chosen, _, top_lp = reference(seq, 1, VOCAB.size)
+        np.testing.assert_allclose(result.top_logprobs, top_lp, atol=1e-4)
+        answer = httpx.post(f"{svc.url}/v1/score", json={"sequences": [seq], "top_k": VOCAB.size + 1})
+        assert answer.status_code == 422 and answer.json()["error"]["field"] == "top_k"
+        assert httpx.get(f"{svc.url}/readyz").status_code == 200

@@ -11,7 +11,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -131,6 +131,8 @@ def create_app(engine, settings: Settings | None = None) -> FastAPI:
         metrics=metrics,
     )
     info = engine.info
+    # a top-k over the vocabulary does not exist: the vocabulary size is the real limit then
+    settings = replace(settings, max_top_k=min(settings.max_top_k, info.vocab_size))
     state = {"ready": True}
 
     async def lifespan(app):

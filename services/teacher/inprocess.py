@@ -17,7 +17,7 @@ from services.teacher.protocol import PROTOCOL_VERSION
 class InProcessTeacher:
     def __init__(self, model_dir: str, engine: str = "hf", max_top_k: int = 20):
         self.engine = load_engine(engine, model_dir, max_top_k=max_top_k)
-        self.max_top_k = max_top_k
+        self.max_top_k = min(max_top_k, self.engine.info.vocab_size)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-engine")
 
     async def info(self) -> dict:

@@ -1,0 +1,78 @@
+"""The plain-torch Llama decoder against the library's own forward: same logits, same samples."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from trainer import rollout
+from trainer.decode import LlamaDecoder, decoder_for
+
+
+def _llama(kv_heads: int, bias: bool, tied: bool, seed: int = 0) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=23, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=kv_heads, attention_bias=bias, mlp_bias=bias, tie_word_embeddings=tied,
+        max_position_embeddings=128, pad_token_id=0, eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # random biases: the library initialises them to zero, which would hide a missing bias
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    return model
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 9, (n,), generator=g)
+    return [torch.randint(3, 23, (int(k),), generator=g).tolist() for k in lengths]
+
+
+@pytest.mark.parametrize(("kv_heads", "bias", "tied"), [(4, False, True), (2, True, False), (1, False, False)])
+def test_decoder_logits_match_the_library_forward(kv_heads, bias, tied):
+    model = _llama(kv_heads, bias, tied)
+    prompts = _prompts(6)
+    ids, mask = rollout.left_pad(prompts, 0)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    extra = torch.randint(3, 23, (6, 5), generator=torch.Generator().manual_seed(1))
+    decoder = LlamaDecoder(model)
+    with torch.no_grad():
+        got = [decoder.prefill(ids, mask, positions, extra.shape[1])]
+        for t in range(extra.shape[1]):
+            got.append(decoder.step(extra[:, t], positions[:, -1] + 1 + t))
+        # the library, on the whole sequence at once, left padding masked
+        full_ids = torch.cat([ids, extra], 1)
+        full_mask = torch.cat([mask, torch.ones_like(extra)], 1)
+        full_pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        want = model(input_ids=full_ids, attention_mask=full_mask, position_ids=full_pos).logits
+    P = ids.shape[1]
+    for t, logits in enumerate(got):
+        assert torch.isfinite(logits).all()
+        torch.testing.assert_close(logits, want[:, P - 1 + t], atol=2e-5, rtol=1e-5)
+
+
+def test_sampling_is_the_same_with_and_without_the_fast_decoder(monkeypatch):
+    model = _llama(2, True, True, seed=3)
+    prompts = _prompts(16, seed=2)
+    uniforms = torch.rand((16, 12), generator=torch.Generator().manual_seed(5))
+    options = dict(max_new_tokens=12, eos_id=2, pad_id=0, banned_ids=(0, 1), uniforms_B_T=uniforms)
+    fast = rollout.sample(model, prompts, **options)
+    greedy_fast = rollout.sample(model, prompts, **{**options, "temperature": 0.0})
+    monkeypatch.setattr(rollout, "decoder_for", lambda model: None)
+    slow = rollout.sample(model, prompts, **options)
+    greedy_slow = rollout.sample(model, prompts, **{**options, "temperature": 0.0})
+    assert torch.equal(fast.response_ids_B_T, slow.response_ids_B_T)
+    assert torch.equal(fast.lengths_B, slow.lengths_B)
+    torch.testing.assert_close(fast.logprobs_B_T, slow.logprobs_B_T, atol=2e-5, rtol=1e-5)
+    assert torch.equal(greedy_fast.response_ids_B_T, greedy_slow.response_ids_B_T)
+
+
+def test_other_architectures_use_the_library_forward():
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=23, n_embd=32, n_layer=1, n_head=2, n_positions=64))
+    assert decoder_for(gpt2) is None
+    assert decoder_for(_llama(4, False, True)) is not None
+    sampled = rollout.sample(gpt2.eval(), _prompts(3), max_new_tokens=4, eos_id=2, pad_id=0, banned_ids=(0,))
+    assert sampled.response_ids_B_T.shape[0] == 3

@@ -1,0 +1,141 @@
+"""Incremental decoding of a Llama-architecture student with a preallocated KV cache, in plain torch.
+
+A small student spends most of a rollout in the model library's per-call overhead (building masks, cache
+objects and output containers for one token at a time), not in arithmetic. `LlamaDecoder` does the same
+arithmetic as `LlamaForCausalLM` (RMSNorm, rotary positions, grouped attention, SiLU MLP, tied or untied
+head) on the model's own parameters, so a training step is seen at once; tests check its logits against the
+library's forward. `decoder_for(model)` returns it for a model it supports and None otherwise (the caller
+then uses the library's forward).
+
+Shapes: B rows, P padded prompt length, N cache length (P + generated), E hidden, H heads, G key/value
+heads, D head size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def decoder_for(model) -> LlamaDecoder | None:
+    """A fast decoder for `model`, or None where its architecture or options are not the plain Llama ones."""
+    config = getattr(model, "config", None)
+    inner = getattr(model, "model", None)
+    if config is None or inner is None or getattr(config, "model_type", None) != "llama":
+        return None
+    rotary = getattr(inner, "rotary_emb", None)
+    if rotary is None or getattr(rotary, "rope_type", None) != "default" or config.hidden_act != "silu":
+        return None
+    return LlamaDecoder(model)
+
+
+class LlamaDecoder:
+    """prefill(ids_B_P, mask_B_P, positions_B_P) -> logits_B_V of the last prompt position; then
+    step(tokens_B, positions_B) -> logits_B_V of the next token, one call per generated token."""
+
+    def __init__(self, model):
+        config, inner = model.config, model.model
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps = config.rms_norm_eps
+        self.embed = inner.embed_tokens.weight
+        self.norm = inner.norm.weight
+        self.head = model.lm_head
+        self.inv_freq = inner.rotary_emb.inv_freq.float()
+        self.rope_scale = float(inner.rotary_emb.attention_scaling)
+        self.layers = inner.layers
+        self.scale = self.head_dim**-0.5
+        self.qkv_sizes = (self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim)
+        # q, k, v as one matrix product and gate, up as another: fewer small products per token (the weights are
+        # the training ones of this moment; a decoder lives for one batch of rollouts)
+        self.fused = [self._fuse(layer) for layer in self.layers]
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.valid_B_N: torch.Tensor | None = None
+        self.length = 0
+
+    @staticmethod
+    def _fuse(layer):
+        attn, mlp = layer.self_attn, layer.mlp
+
+        def joined(*linears):
+            weight = torch.cat([m.weight for m in linears])
+            bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
+            return weight, bias
+
+        return (*joined(attn.q_proj, attn.k_proj, attn.v_proj), attn.o_proj, *joined(mlp.gate_proj, mlp.up_proj),
+                mlp.down_proj)  # fmt: skip
+
+    def _attend(self, q_B_H_S_D, k_B_G_N_D, v_B_G_N_D, mask_B_1_S_N):
+        """Softmax attention over the cache; at a few dozen positions the explicit products beat the fused kernel."""
+        if self.kv_heads != self.heads:
+            k_B_G_N_D = k_B_G_N_D.repeat_interleave(self.heads // self.kv_heads, 1)
+            v_B_G_N_D = v_B_G_N_D.repeat_interleave(self.heads // self.kv_heads, 1)
+        if q_B_H_S_D.shape[2] > 1:  # prefill
+            scores = (q_B_H_S_D @ k_B_G_N_D.transpose(-1, -2)) * self.scale
+            weights = scores.masked_fill(~mask_B_1_S_N, float("-inf")).softmax(-1, dtype=torch.float32)
+            return weights.to(q_B_H_S_D.dtype) @ v_B_G_N_D
+        # one query per row: broadcast products are cheaper than many tiny batched matrix products
+        scores_B_H_N = (q_B_H_S_D * k_B_G_N_D).sum(-1) * self.scale
+        weights = scores_B_H_N.masked_fill(~mask_B_1_S_N[:, :, 0], float("-inf")).softmax(-1, dtype=torch.float32)
+        return (weights.to(q_B_H_S_D.dtype)[..., None] * v_B_G_N_D).sum(-2, keepdim=True)
+
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+    def _rope(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq
+        angles = torch.cat((freqs, freqs), -1)
+        return (angles.cos() * self.rope_scale).to(dtype), (angles.sin() * self.rope_scale).to(dtype)
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+    def _forward(self, x_B_S_E: torch.Tensor, positions_B_S: torch.Tensor, attend_B_S_N: torch.Tensor) -> torch.Tensor:
+        """Run the layers on S new positions written at cache slots [length, length + S)."""
+        B, S, _ = x_B_S_E.shape
+        cos, sin = self._rope(positions_B_S, x_B_S_E.dtype)
+        cos, sin = cos[:, None], sin[:, None]  # B 1 S D
+        lo, hi = self.length, self.length + S
+        mask = attend_B_S_N[:, None, :, :hi]
+        for i, layer in enumerate(self.layers):
+            qkv_w, qkv_b, o_proj, up_w, up_b, down = self.fused[i]
+            h = self._rms(x_B_S_E, layer.input_layernorm.weight)
+            q, k, v = F.linear(h, qkv_w, qkv_b).split(self.qkv_sizes, -1)
+            q = q.view(B, S, self.heads, self.head_dim).transpose(1, 2)
+            k = k.view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            self.keys[i][:, :, lo:hi] = k
+            self.values[i][:, :, lo:hi] = v
+            out = self._attend(q, self.keys[i][:, :, :hi], self.values[i][:, :, :hi], mask)
+            x_B_S_E = x_B_S_E + o_proj(out.transpose(1, 2).reshape(B, S, -1))
+            h = self._rms(x_B_S_E, layer.post_attention_layernorm.weight)
+            gate, up = F.linear(h, up_w, up_b).chunk(2, -1)
+            x_B_S_E = x_B_S_E + down(F.silu(gate) * up)
+        self.length = hi
+        return self.head(self._rms(x_B_S_E[:, -1], self.norm))
+
+    def prefill(self, ids_B_P: torch.Tensor, mask_B_P: torch.Tensor, positions_B_P: torch.Tensor, extra: int):
+        """Start a batch of left-padded prompts, with room for `extra` generated tokens."""
+        B, P = ids_B_P.shape
+        dtype = self.embed.dtype
+        shape = (B, self.kv_heads, P + extra, self.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype) for _ in self.layers]
+        self.values = [torch.zeros(shape, dtype=dtype) for _ in self.layers]
+        self.valid_B_N = torch.zeros((B, P + extra), dtype=torch.bool)
+        self.valid_B_N[:, :P] = mask_B_P.bool()
+        self.length = 0
+        causal_P_P = torch.ones((P, P), dtype=torch.bool).tril()
+        # a padding query sees itself too, so that no attention row is empty (an empty row gives NaN)
+        attend = (causal_P_P & self.valid_B_N[:, None, :P]) | torch.eye(P, dtype=torch.bool)
+        attend_B_P_N = F.pad(attend, (0, extra), value=False)
+        return self._forward(F.embedding(ids_B_P, self.embed), positions_B_P, attend_B_P_N)
+
+    def step(self, tokens_B: torch.Tensor, positions_B: torch.Tensor) -> torch.Tensor:
+        self.valid_B_N[:, self.length] = True
+        attend_B_1_N = self.valid_B_N[:, None, :]
+        return self._forward(F.embedding(tokens_B[:, None], self.embed), positions_B[:, None], attend_B_1_N)
