@@ -4,11 +4,13 @@ import sys
 
 
 def test_bench_trainer_quick_reports_every_measurement(toy_quick):
-    command = [sys.executable, "-m", "tropd", "bench", "trainer", "--quick", "--json", "--toy", str(toy_quick)]
+    command = [sys.executable, "-m", "tropd", "bench", "trainer", "--quick", "--json", "--toy", str(toy_quick),
+               "--threads", "1"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert report["async_over_sync"] > 0 and report["service_over_inprocess"] > 0
+    assert report["settings"]["threads"] == 1
     a, b = report["async_vs_sync"], report["service_vs_inprocess"]
     for key in ("step_s_sync", "step_s_async", "wait_teacher_s_sync", "injected_latency_ms"):
         assert a[key] >= 0, key
@@ -19,3 +21,9 @@ def test_bench_trainer_bad_latency_is_a_clear_error():
     command = [sys.executable, "-m", "tropd", "bench", "trainer", "--latency-ms", "-5", "--no-build"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "latency" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bench_trainer_bad_threads_is_a_clear_error():
+    command = [sys.executable, "-m", "tropd", "bench", "trainer", "--threads", "0", "--no-build"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--threads" in result.stderr and "Traceback" not in result.stderr

@@ -5,12 +5,15 @@
     is the mean step time async / sync (target <= 0.6).
 (b) service vs in-process: trainer throughput (response tokens per second of step time) with the teacher
     as a service vs the same teacher model loaded in the trainer's process (target >= 0.85).
-Guidance prefixes are off here, so that both arms make the same teacher calls (scoring only).
+Guidance prefixes are off here, so that both arms make the same teacher calls (scoring only). The trainer
+and the teacher get the same number of torch threads each (`--threads`, default half the cores), in the
+trainer's process or in the service's, so that the arms differ only in what they measure.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -33,18 +36,28 @@ def _steady(records: list[dict], key: str, skip: int = 2) -> float:
     return statistics.mean(values)
 
 
-def run_bench(toy_dir: str, engine: str, steps: int, latency_ms: float | None, prompts: int, progress=print) -> dict:
+def default_threads() -> int:
+    """Half the machine's cores for each side: the trainer and the teacher then do not fight over cores."""
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+def run_bench(toy_dir: str, engine: str, steps: int, latency_ms: float | None, prompts: int, threads: int,
+              progress=print) -> dict:  # fmt: skip
     teacher_dir = Path(toy_dir) / "teacher"
+    serve_threads = ("--threads", str(threads))
     base = [
         f"student={Path(toy_dir) / 'student'}", f"steps={steps}", "eval.before_after=false", "eval.every=0",
+        f"threads={threads}",
         "tensorboard=false", "plot=false", "checkpoint_every=0", "guidance.enabled=false",
         f"rollout.prompts_per_step={prompts}", "rollout.samples_per_prompt=1", "tasks={math: 0.7, code: 0.3}",
     ]  # fmt: skip
-    report: dict = {"settings": {"toy": toy_dir, "engine": engine, "steps": steps, "prompts_per_step": prompts}}
+    report: dict = {
+        "settings": {"toy": toy_dir, "engine": engine, "steps": steps, "prompts_per_step": prompts, "threads": threads}
+    }
     with tempfile.TemporaryDirectory(prefix="tropd-bench-") as tmp:
         work = Path(tmp)
         progress("[bench] (b) teacher as a service vs in the trainer's process")
-        with serving(teacher_dir, engine, work / "teacher.log") as svc:
+        with serving(teacher_dir, engine, work / "teacher.log", *serve_threads) as svc:
             service = _run("service", base, [f"teacher.url={svc.url}"], work)
         inproc = _run("inprocess", base, ["teacher.api=inprocess", f"teacher.model={teacher_dir}",
                                           f"teacher.engine={engine}"], work)  # fmt: skip
@@ -55,7 +68,8 @@ def run_bench(toy_dir: str, engine: str, steps: int, latency_ms: float | None, p
         own_step = _steady(service, "step_s") - _steady(service, "wait_teacher_s")
         latency = latency_ms if latency_ms is not None else round(1000 * own_step, 1)
         progress(f"[bench] (a) async vs strict on-policy, teacher latency {latency:.0f} ms")
-        with serving(teacher_dir, engine, work / "teacher-slow.log", "--simulate-latency-ms", str(latency)) as svc:
+        slow = ("--simulate-latency-ms", str(latency), *serve_threads)
+        with serving(teacher_dir, engine, work / "teacher-slow.log", *slow) as svc:
             sync = _run("sync", base, [f"teacher.url={svc.url}", "max_staleness=0"], work)
             async_ = _run("async", base, [f"teacher.url={svc.url}", "max_staleness=1"], work)
     report["service_vs_inprocess"] = {
@@ -81,7 +95,8 @@ def format_report(r: dict) -> str:
     return "\n".join(
         [
             f"tropd bench trainer  (toy {s['toy']}, {s['engine']} engine, {s['steps']} steps, "
-            f"{s['prompts_per_step']} prompts/step; means over steps 3..)",
+            f"{s['prompts_per_step']} prompts/step, {s['threads']} torch thread(s) each for trainer and teacher; "
+            "means over steps 3..)",
             "",
             "(a) pipeline       | step time (s) | waiting for the teacher (s)",
             f"    strict (sync)  | {a['step_s_sync']:13.3f} | {a['wait_teacher_s_sync']:.3f}",
@@ -103,7 +118,8 @@ def main(args) -> int:
         toy.build(args.toy, quick=args.quick, log=_stderr)
     steps = args.steps or (6 if args.quick else 30)
     prompts = 16 if args.quick else 64
-    report = run_bench(args.toy, args.engine, steps, args.latency_ms, prompts, progress=_stderr)
+    threads = args.threads or default_threads()
+    report = run_bench(args.toy, args.engine, steps, args.latency_ms, prompts, threads, progress=_stderr)
     print(json.dumps(report) if args.json else format_report(report))
     return 0
 

@@ -132,6 +132,12 @@ def add_bench(sub) -> None:
     bench.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="teacher engine, both arms (hf)")
     bench.add_argument("--steps", type=positive_int, help="steps per arm (default: 30; 6 with --quick)")
     bench.add_argument("--latency-ms", type=float, help="injected teacher latency (default: the measured step time)")
+    bench.add_argument(
+        "--threads",
+        type=positive_int,
+        help="torch threads of the trainer and of the teacher, each (default: half the cores, at least 1): the "
+        "two sides then share the machine the same way in every arm, in-process or as a service",
+    )
     bench.add_argument("--quick", action="store_true", help="a short smoke run (small batches, few steps)")
     bench.add_argument("--no-build", dest="build", action="store_false", help="do not build the toy world")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
