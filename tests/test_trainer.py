@@ -197,3 +197,22 @@ def test_demo_settings_and_their_precedence(tmp_path):
     assert demo(overrides=["steps=30"]).steps == 30
     assert demo(steps=50, overrides=["steps=30"]).steps == 50
     assert demo(config="configs/toy-tropd.yaml").steps == 1000  # a config file is taken as it is
+
+
+def test_demo_end_to_end_on_the_quick_toy(toy_quick, tmp_path):
+    """`tropd demo` as a user runs it: the teacher service as a subprocess, TrOPD, eval, summary and plot,
+    and the teacher stopped at the end. The quick toy world stays quick (no full rebuild)."""
+    out = tmp_path / "demo"
+    command = [
+        sys.executable, "-m", "tropd", "demo", "--toy", str(toy_quick), "--engine", "hf", "--out", str(out),
+        "--steps", "4", "eval.every=2", "eval.n=8", "eval.kl_prompts=6", "rollout.prompts_per_step=8",
+        "checkpoint_every=2", "tensorboard=false",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "cached" in result.stdout and "teacher stopped (exit status 0)" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["skipped_steps"] == 0 and summary["teacher"]["engine"] == "hf"
+    assert set(summary["eval_after"]["accuracy"]) == {"math", "code", "general"}
+    assert (out / "curves.png").stat().st_size > 0 and (out / "student" / "config.json").is_file()
+    assert summary["config"]["student"] == str(toy_quick / "student") and summary["run_dir"] == str(out)

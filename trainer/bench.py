@@ -13,12 +13,11 @@ trainer's process or in the service's, so that the arms differ only in what they
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import tempfile
 from pathlib import Path
 
-from services.teacher.launch import serving
+from services.teacher.launch import half_the_cores, serving
 from trainer import toy
 from trainer.config import load_config
 from trainer.train import train
@@ -34,11 +33,6 @@ def _run(name: str, base: list[str], extra: list[str], work: Path) -> list[dict]
 def _steady(records: list[dict], key: str, skip: int = 2) -> float:
     values = [r[key] for r in records[skip:]] or [r[key] for r in records]
     return statistics.mean(values)
-
-
-def default_threads() -> int:
-    """Half the machine's cores for each side: the trainer and the teacher then do not fight over cores."""
-    return max(1, (os.cpu_count() or 2) // 2)
 
 
 def run_bench(toy_dir: str, engine: str, steps: int, latency_ms: float | None, prompts: int, threads: int,
@@ -118,7 +112,7 @@ def main(args) -> int:
         toy.build(args.toy, quick=args.quick, log=_stderr)
     steps = args.steps or (6 if args.quick else 30)
     prompts = 16 if args.quick else 64
-    threads = args.threads or default_threads()
+    threads = args.threads or half_the_cores()
     report = run_bench(args.toy, args.engine, steps, args.latency_ms, prompts, threads, progress=_stderr)
     print(json.dumps(report) if args.json else format_report(report))
     return 0

@@ -210,7 +210,12 @@ def add_demo(sub) -> None:
         "exit and on Ctrl-C.",
     )
     demo.add_argument("--out", help="run directory (default: runs/demo-<date>-<time>)")
-    demo.add_argument("--toy", default="artifacts/toy", help="toy world directory (default: artifacts/toy)")
+    demo.add_argument(
+        "--toy",
+        default="artifacts/toy",
+        help="toy world directory, built there if missing or out of date; a quick build (`tropd toy build "
+        "--quick`) stays quick (default: artifacts/toy)",
+    )
     demo.add_argument("--engine", choices=("auto", "vllm", "hf"), default="auto", help="teacher engine (auto)")
     demo.add_argument("--steps", type=positive_int, help="training steps (default: 400; with --config, the config's)")
     demo.add_argument(
@@ -242,7 +247,8 @@ def run_demo(args) -> int:
     config = load_config(args.config, demo_overrides(args, out))  # validate before any work
     if (out / "metrics.jsonl").is_file():
         raise UserError(f"run directory {out} already holds a run: choose another --out")
-    toy.build(args.toy)
+    seed, quick = toy.built_kind(args.toy)
+    toy.build(args.toy, seed=seed, quick=quick)
     engine = args.engine
     if engine == "auto":
         from services.teacher.engines import vllm_available

@@ -180,6 +180,14 @@ def _read_record(out: Path) -> dict | None:
         return None
 
 
+def built_kind(out: str | Path) -> tuple[int, bool]:
+    """(seed, quick) of the build in `out`, or the full build's (0, False) where there is none: a rebuild then
+    keeps the kind of toy world a directory holds."""
+    settings = (_read_record(Path(out)) or {}).get("settings") or {}
+    seed, quick = settings.get("seed", 0), settings.get("quick", False)
+    return (seed, quick) if isinstance(seed, int) and isinstance(quick, bool) else (0, False)
+
+
 def is_built(out: Path, seed: int, quick: bool) -> bool:
     return _is_current(_read_record(out), out, seed, quick)
 

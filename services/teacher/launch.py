@@ -19,6 +19,12 @@ from pathlib import Path
 import httpx
 
 
+def half_the_cores() -> int:
+    """Torch threads for each of a teacher and a trainer sharing one machine: half the cores each, at least one,
+    so that neither slows the other by taking every core."""
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
