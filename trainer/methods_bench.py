@@ -334,18 +334,20 @@ def plots(report: dict, out: Path) -> None:
 
     runs = report["runs"]
     arms = list(dict.fromkeys(r["arm"] for r in runs))
+    palette = plt.get_cmap("tab20")  # eleven arms: the ten strong colours first, then the light ones
     for key, name, ylabel in (("accuracy", "accuracy.png", "greedy accuracy"), ("reverse_kl", "reverse_kl.png", "")):
         tasks = EVAL_TASKS if key == "accuracy" else ("",)
         fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
         for ax, task in zip(axes[0], tasks, strict=True):
-            for arm in arms:
+            for color, arm in enumerate(arms):
                 curves = [r["curve"] for r in runs if r["arm"] == arm]
                 steps = [p["step"] for p in curves[0]]
                 values = [
                     statistics.mean((c[i]["accuracy"][task] if task else c[i]["reverse_kl"]) for c in curves)
                     for i in range(len(steps))
                 ]
-                ax.plot(steps, values, marker="o", ms=3, label=arm, lw=2.2 if arm in ("tropd", "opd") else 1.0)
+                ax.plot(steps, values, marker="o", ms=3, label=arm, lw=2.2 if arm in ("tropd", "opd") else 1.0,
+                        color=palette((2 * color) % 20 + (2 * color) // 20 % 2))  # fmt: skip
             ax.set_title(f"{task} accuracy" if task else "reverse KL to the teacher (student samples)")
             ax.set_xlabel("step")
             ax.set_ylabel(ylabel or "nats per token")
