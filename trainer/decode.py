@@ -4,8 +4,8 @@ A small student spends most of a rollout in the model library's per-call overhea
 objects and output containers for one token at a time), not in arithmetic. `LlamaDecoder` does the same
 arithmetic as `LlamaForCausalLM` (RMSNorm, rotary positions, grouped attention, SiLU MLP, tied or untied
 head) on the model's own parameters, so a training step is seen at once; tests check its logits against the
-library's forward. `decoder_for(model)` returns it for a model it supports and None otherwise (the caller
-then uses the library's forward).
+library's forward. `decoder_for(model)` returns it for a model it supports and None otherwise; then
+`LibraryDecoder` drives the model's own forward and cache behind the same two calls.
 
 Shapes: B rows, P padded prompt length, N cache length (P + generated), E hidden, H heads, G key/value
 heads, D head size, V vocabulary.
@@ -139,3 +139,26 @@ class LlamaDecoder:
         self.valid_B_N[:, self.length] = True
         attend_B_1_N = self.valid_B_N[:, None, :]
         return self._forward(F.embedding(tokens_B[:, None], self.embed), positions_B[:, None], attend_B_1_N)
+
+
+class LibraryDecoder:
+    """The same prefill/step calls through the model's own forward and cache, for any causal LM."""
+
+    def __init__(self, model):
+        self.model = model
+        self.cache = None
+        self.mask_B_N: torch.Tensor | None = None
+
+    def _run(self, ids, positions) -> torch.Tensor:
+        out = self.model(input_ids=ids, attention_mask=self.mask_B_N, position_ids=positions,
+                         past_key_values=self.cache, use_cache=True)  # fmt: skip
+        self.cache = out.past_key_values
+        return out.logits[:, -1, :]
+
+    def prefill(self, ids_B_P: torch.Tensor, mask_B_P: torch.Tensor, positions_B_P: torch.Tensor, extra: int):
+        self.cache, self.mask_B_N = None, mask_B_P
+        return self._run(ids_B_P, positions_B_P)
+
+    def step(self, tokens_B: torch.Tensor, positions_B: torch.Tensor) -> torch.Tensor:
+        self.mask_B_N = torch.cat([self.mask_B_N, torch.ones_like(self.mask_B_N[:, :1])], dim=-1)
+        return self._run(tokens_B[:, None], positions_B[:, None])

@@ -1,7 +1,7 @@
 """Sampling from a causal LM with a KV cache: left-padded prompts, temperature, top-p, banned ids.
 
-A Llama-architecture model decodes through `trainer.decode` (the same arithmetic without the library's
-per-token overhead); any other model through its own forward.
+A Llama-architecture model decodes through `trainer.decode.LlamaDecoder` (the same arithmetic without the
+library's per-token overhead); any other model through its own forward (`LibraryDecoder`).
 
 Shapes: B prompts, P padded prompt length, T generated tokens.
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.decode import decoder_for
+from trainer.decode import LibraryDecoder, decoder_for
 
 
 @dataclass
@@ -76,12 +76,8 @@ def sample(
     if uniforms_B_T is None and temperature != 0:
         uniforms_B_T = torch.rand((B, max_new_tokens), generator=generator)
     position_B_P = (mask_B_P.cumsum(-1) - 1).clamp(min=0)
-    decoder = decoder_for(model)
-    if decoder is not None:
-        logits_B_V = decoder.prefill(ids_B_P, mask_B_P, position_B_P, max_new_tokens).float()
-    else:
-        out = model(input_ids=ids_B_P, attention_mask=mask_B_P, position_ids=position_B_P, use_cache=True)
-        cache, logits_B_V = out.past_key_values, out.logits[:, -1, :].float()
+    decoder = decoder_for(model) or LibraryDecoder(model)
+    logits_B_V = decoder.prefill(ids_B_P, mask_B_P, position_B_P, max_new_tokens).float()
     next_pos_B = position_B_P[:, -1] + 1
     tokens, logprobs = [], []
     finished_B = torch.zeros(B, dtype=torch.bool)
@@ -106,18 +102,7 @@ def sample(
         finished_B |= tok_B == eos_id
         if bool(finished_B.all()):
             break
-        if decoder is not None:
-            logits_B_V = decoder.step(tok_B, next_pos_B).float()
-        else:
-            mask_B_P = torch.cat([mask_B_P, torch.ones((B, 1), dtype=mask_B_P.dtype)], dim=-1)
-            out = model(
-                input_ids=tok_B[:, None],
-                attention_mask=mask_B_P,
-                position_ids=next_pos_B[:, None],
-                past_key_values=cache,
-                use_cache=True,
-            )
-            cache, logits_B_V = out.past_key_values, out.logits[:, -1, :].float()
+        logits_B_V = decoder.step(tok_B, next_pos_B).float()
         next_pos_B = next_pos_B + 1
     return Rollout(prompts, torch.stack(tokens, 1), lengths_B, torch.stack(logprobs, 1), finished_B)
 
