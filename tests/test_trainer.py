@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -192,7 +194,7 @@ def test_demo_settings_and_their_precedence(tmp_path):
         return load_config(config, demo_overrides(args, tmp_path / "run"))
 
     built_in = demo()
-    assert (built_in.steps, built_in.eval.every, built_in.checkpoint_every) == (400, 100, 200)
+    assert (built_in.steps, built_in.eval.every, built_in.checkpoint_every) == (600, 100, 200)
     assert built_in.student == str(Path("artifacts/toy") / "student") and built_in.out == str(tmp_path / "run")
     assert demo(overrides=["steps=30"]).steps == 30
     assert demo(steps=50, overrides=["steps=30"]).steps == 50
@@ -216,3 +218,29 @@ def test_demo_end_to_end_on_the_quick_toy(toy_quick, tmp_path):
     assert set(summary["eval_after"]["accuracy"]) == {"math", "code", "general"}
     assert (out / "curves.png").stat().st_size > 0 and (out / "student" / "config.json").is_file()
     assert summary["config"]["student"] == str(toy_quick / "student") and summary["run_dir"] == str(out)
+
+
+def test_demo_stops_its_teacher_when_it_is_terminated(toy_quick, tmp_path):
+    """SIGTERM (kill, docker stop) ends the demo like Ctrl-C: the teacher subprocess is stopped, not orphaned."""
+    out = tmp_path / "demo"
+    command = [
+        sys.executable, "-u", "-m", "tropd", "demo", "--toy", str(toy_quick), "--engine", "hf", "--out", str(out),
+        "--steps", "100000", "eval.n=8", "eval.kl_prompts=6", "rollout.prompts_per_step=8", "tensorboard=false",
+    ]  # fmt: skip
+    demo = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    try:
+        for line in demo.stdout:
+            seen.append(line)
+            if "training the student" in line:
+                break
+        url = seen[-1].split("teacher ready at ")[1].split(";")[0]
+        assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+        demo.send_signal(signal.SIGTERM)
+        rest = demo.communicate(timeout=120)[0]
+    finally:
+        demo.kill()
+    assert demo.returncode == 130, "".join(seen) + rest
+    assert "teacher stopped (exit status 0)" in rest
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{url}/healthz", timeout=5)

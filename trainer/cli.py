@@ -195,7 +195,7 @@ def run_bench(args) -> int:
 
 # `tropd demo` without --config: the toy TrOPD settings (configs/toy-tropd.yaml), shortened to fit a few
 # minutes on 2 CPU cores
-DEMO_SETTINGS = ("steps=400", "eval.every=100", "checkpoint_every=200")
+DEMO_SETTINGS = ("steps=600", "eval.every=100", "checkpoint_every=200")
 
 
 def add_demo(sub) -> None:
@@ -217,10 +217,10 @@ def add_demo(sub) -> None:
         "--quick`) stays quick (default: artifacts/toy)",
     )
     demo.add_argument("--engine", choices=("auto", "vllm", "hf"), default="auto", help="teacher engine (auto)")
-    demo.add_argument("--steps", type=positive_int, help="training steps (default: 400; with --config, the config's)")
+    demo.add_argument("--steps", type=positive_int, help="training steps (default: 600; with --config, the config's)")
     demo.add_argument(
         "--config",
-        help="YAML config (default: the toy settings of configs/toy-tropd.yaml with 400 steps, eval every 100)",
+        help="YAML config (default: the toy settings of configs/toy-tropd.yaml with 600 steps, eval every 100)",
     )
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, as for `tropd train`")
     demo.set_defaults(run=run_demo)
@@ -236,7 +236,12 @@ def demo_overrides(args, out: Path) -> list[str]:
     return overrides
 
 
+def _interrupt(*_args) -> None:
+    raise KeyboardInterrupt
+
+
 def run_demo(args) -> int:
+    import signal
     import time
 
     from services.teacher.launch import launch
@@ -255,6 +260,8 @@ def run_demo(args) -> int:
 
         engine = "vllm" if vllm_available() else "hf"
     print(f"[demo] starting the teacher service ({engine} engine) on {Path(args.toy) / 'teacher'}")
+    # SIGTERM (kill, docker stop) ends the demo like Ctrl-C does, so the teacher below is stopped too
+    signal.signal(signal.SIGTERM, _interrupt)
     teacher = launch(Path(args.toy) / "teacher", engine, out / "teacher.log")
     try:
         print(f"[demo] teacher ready at {teacher.url}; training the student with {config.loss.method}")

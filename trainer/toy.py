@@ -42,13 +42,17 @@ class SftSpec:
     batch: int
     lr: float
     warmup: int = 50
+    drills: float = 0.0  # share of math and code examples replaced by a single worked step (drill())
 
 
 TEACHER = ModelSpec(hidden=128, layers=4, heads=4, intermediate=512)
-STUDENT = ModelSpec(hidden=64, layers=2, heads=2, intermediate=256)
+STUDENT = ModelSpec(hidden=96, layers=3, heads=3, intermediate=384)
 RECIPES = {
-    False: {"teacher": SftSpec("teacher", 1100, 128, 2e-3), "student": SftSpec("student", 600, 128, 3e-3)},
-    True: {"teacher": SftSpec("teacher", 160, 64, 3e-3, 20), "student": SftSpec("student", 60, 64, 3e-3, 10)},
+    False: {"teacher": SftSpec("teacher", 1100, 128, 2e-3), "student": SftSpec("student", 1500, 128, 3e-3, drills=0.8)},
+    True: {
+        "teacher": SftSpec("teacher", 160, 64, 3e-3, 20),
+        "student": SftSpec("student", 60, 64, 3e-3, 10, drills=0.5),
+    },
 }
 
 
@@ -96,14 +100,42 @@ def load_model(path: str | Path):
     return model.eval()
 
 
-def mixed_batch(rng: random.Random, style: str, size: int, pools: dict[str, list[tasks.Example]]):
-    """`size` (prompt_ids, response_ids) pairs, tasks drawn by MIX, response in `style` plus eos."""
+def drill(ex: tasks.Example, rng: random.Random) -> tuple[str, str]:
+    """One step of a `math` or `code` example posed as its own problem and worked in the teacher's style:
+    math `97+57+60` (teacher `97+57=154;154+60=214;#214`) gives `97+57` -> `97+57=154;#154` or
+    `154+60` -> `154+60=214;#214`; code `1 7 7 * +` (teacher `1 49;50;#50`) gives `7 7 *` -> `49;#49` or
+    `1 49 +` -> `50;#50`. A student drilled so can do each step, but not chain them."""
+    if ex.task == "math":
+        lhs, rhs = rng.choice(ex.teacher.split(";")[:-1]).split("=")
+        return lhs, f"{lhs}={rhs};#{rhs}"
+    if ex.task != "code":
+        raise ValueError(f"no drills for task {ex.task!r}")
+    steps, stack = [], []
+    for word in ex.prompt.split():
+        if word.isdigit():
+            stack.append(int(word))
+            continue
+        right, left = stack.pop(), stack.pop()
+        stack.append(left + right if word == "+" else left * right)
+        steps.append((f"{left} {right} {word}", stack[-1]))
+    program, result = rng.choice(steps)
+    return program, f"{result};#{result}"
+
+
+DRILLED = ("math", "code")
+
+
+def mixed_batch(rng: random.Random, style: str, size: int, pools: dict[str, list[tasks.Example]], drills: float = 0.0):
+    """`size` (prompt_ids, response_ids) pairs, tasks drawn by MIX, response in `style` plus eos; a share
+    `drills` of the math and code examples become single-step drills (drill())."""
     names, weights = zip(*MIX.items(), strict=True)
     out = []
     for name in rng.choices(names, weights, k=size):
         ex = rng.choice(pools[name])
-        response = ex.teacher if style == "teacher" else ex.student
-        out.append((VOCAB.prompt_ids(ex.prompt), VOCAB.encode(response) + [VOCAB.eos_id]))
+        prompt, response = ex.prompt, ex.teacher if style == "teacher" else ex.student
+        if name in DRILLED and drills and rng.random() < drills:
+            prompt, response = drill(ex, rng)
+        out.append((VOCAB.prompt_ids(prompt), VOCAB.encode(response) + [VOCAB.eos_id]))
     return out
 
 
@@ -130,7 +162,7 @@ def sft(model, spec: SftSpec, seed: int, label: str, pool_size: int = 20000, log
     for step in range(spec.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, spec)
-        loss = sft_loss(model, mixed_batch(rng, spec.style, spec.batch, pools))
+        loss = sft_loss(model, mixed_batch(rng, spec.style, spec.batch, pools, spec.drills))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
