@@ -32,6 +32,7 @@ def test_quick_run_reports_every_method(toy_quick, tmp_path):
     assert all(math.isfinite(r["init_kl"]["mean"]) for r in tables["sweep_table"])
     assert (out / "runs" / "student-sft10" / "config.json").is_file()
     text = (out / "results.md").read_text()
+    assert "(teacher 128x4, student 96x3, student drills 0.5)" in text  # which toy models made the numbers
     for arm in ARMS:
         assert f"| {arm} |" in text
     for name in ("results.json", "accuracy.png", "reverse_kl.png", "sweep.png"):

@@ -119,6 +119,15 @@ def sweep_students(toy_dir: Path, work: Path, sft_steps: tuple[int, ...], seed: 
     return out
 
 
+def _toy_models(build: dict | None) -> str:
+    """The toy models a report was made with, e.g. ` (teacher 128x4, student 96x3, student drills 0.8)`."""
+    if not isinstance(build, dict) or not all(isinstance(build.get(r), dict) for r in ("teacher", "student")):
+        return ""
+    shapes = [f"{role} {build[role].get('hidden')}x{build[role].get('layers')}" for role in ("teacher", "student")]
+    drills = ((build.get("recipe") or {}).get("student") or {}).get("drills", 0.0)
+    return f" ({', '.join(shapes)}, student drills {drills})"
+
+
 def run_bench(toy_dir: str, out: str, engine: str, quick: bool, steps: int | None, seeds: int | None,
               arms: list[str] | None, sweep: bool, log=print) -> dict:  # fmt: skip
     from trainer import toy
@@ -254,7 +263,8 @@ def markdown(report: dict) -> str:
         f"- Command: `{report['command'] or 'tropd bench methods'}`",
         f"- Machine: {report['machine']['platform']}, {report['machine']['cpus']} CPU cores, Python "
         f"{report['machine']['python']}; wall time {report['wall_time_s'] / 60:.1f} min",
-        f"- Toy world: `{s['toy']}`; teacher engine `{s['engine']}` in the trainer's process",
+        f"- Toy world: `{s['toy']}`{_toy_models(report.get('toy_build'))}; teacher engine `{s['engine']}` in the "
+        "trainer's process",
         f"- Budget per run: {s['steps']} steps x {s['prompts_per_step']} prompts x {s['samples_per_prompt']} "
         f"sample(s), up to {s['max_new_tokens']} tokens each; seeds 0..{s['seeds'] - 1}; eval every "
         f"{s['eval_every']} steps on {s['eval_n']} held-out prompts per task (greedy), reverse KL on "
