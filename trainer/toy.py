@@ -20,6 +20,7 @@ import torch
 
 from trainer import tasks
 from trainer.rollout import response_logprobs, sample
+from trainer.tasks import stack
 from trainer.tokenizer import VOCAB
 
 BUILD_VERSION = 1
@@ -110,16 +111,8 @@ def drill(ex: tasks.Example, rng: random.Random) -> tuple[str, str]:
         return lhs, f"{lhs}={rhs};#{rhs}"
     if ex.task != "code":
         raise ValueError(f"no drills for task {ex.task!r}")
-    steps, stack = [], []
-    for word in ex.prompt.split():
-        if word.isdigit():
-            stack.append(int(word))
-            continue
-        right, left = stack.pop(), stack.pop()
-        stack.append(left + right if word == "+" else left * right)
-        steps.append((f"{left} {right} {word}", stack[-1]))
-    program, result = rng.choice(steps)
-    return program, f"{result};#{result}"
+    left, right, op, after = rng.choice(stack.steps(ex.prompt.split()))
+    return f"{left} {right} {op}", f"{after[-1]};#{after[-1]}"
 
 
 DRILLED = ("math", "code")

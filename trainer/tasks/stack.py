@@ -21,16 +21,21 @@ def make(rng: random.Random) -> tuple[str, str, str]:
 
 def run(program: list[str]) -> list[list[int]]:
     """The stack after each operation."""
+    return [after for *_, after in steps(program)]
+
+
+def steps(program: list[str]) -> list[tuple[int, int, str, list[int]]]:
+    """Each operation of `program` as (left operand, right operand, operator, the stack after it)."""
     stack: list[int] = []
-    trace = []
+    out = []
     for word in program:
         if word.isdigit():
             stack.append(int(word))
             continue
         right, left = stack.pop(), stack.pop()
         stack.append(left + right if word == "+" else left * right)
-        trace.append(list(stack))
-    return trace
+        out.append((left, right, word, list(stack)))
+    return out
 
 
 def check(prompt: str, response: str) -> bool:
