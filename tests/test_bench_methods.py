@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from trainer.methods_bench import ARMS, SWEEP_ARMS
+from trainer.methods_bench import ARMS, SWEEP_ARMS, overrides, run_key, settings
 
 
 @pytest.mark.timeout(900)
@@ -17,8 +17,11 @@ def test_quick_run_reports_every_method(toy_quick, tmp_path):
     out = tmp_path / "results"
     command = [sys.executable, "-m", "tropd", "bench", "methods", "--quick", "--json", "--toy", str(toy_quick),
                "--out", str(out)]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=880)
+    result = subprocess.run([*command, "--jobs", "2"], capture_output=True, text=True, timeout=880)
     assert result.returncode == 0, result.stderr[-3000:]
+    # the sweep's first student is the toy student itself: its opd and tropd runs are the table's, trained once
+    n = len(ARMS) + len(SWEEP_ARMS)
+    assert f"{n + len(SWEEP_ARMS)} runs in the report, {n} distinct, {n} to train" in result.stderr
     tables = json.loads(result.stdout)
     assert [row["arm"] for row in tables["table"]] == list(ARMS)
     for row in tables["table"]:
@@ -37,6 +40,29 @@ def test_quick_run_reports_every_method(toy_quick, tmp_path):
         assert f"| {arm} |" in text
     for name in ("results.json", "accuracy.png", "reverse_kl.png", "sweep.png"):
         assert (out / name).stat().st_size > 0, name
+    assert "2 runs at a time" in text  # how the machine was shared is part of the report
+
+    # --resume: every run is found again in the report, nothing is trained, the tables are the same
+    again = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "0 to train" in again.stderr
+    assert json.loads(again.stdout) == tables
+
+
+def test_run_key_names_what_decides_a_run_and_not_where_it_is_written():
+    from pathlib import Path
+
+    s = settings(False, None, None)
+    toy = Path("artifacts/toy")
+
+    def key(arm="tropd", seed=0, out="a", build=None, steps=None):
+        base = overrides(settings(False, steps, None) if steps else s, toy / "student", toy / "teacher", "hf",
+                         Path(out), seed)  # fmt: skip
+        return run_key(arm, base, build or {"version": 1})
+
+    assert s["steps"] == 600 and s["seeds"] == 3  # the full benchmark's budget
+    assert key(out="a") == key(out="b/c")
+    assert len({key(), key(arm="opd"), key(seed=1), key(build={"version": 2}), key(steps=300)}) == 5
 
 
 def test_unknown_method_is_a_one_line_error():

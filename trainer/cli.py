@@ -160,11 +160,16 @@ def add_bench_methods(sub) -> None:
     bench.add_argument("--toy", help="an existing toy world (default: artifacts/toy, built if missing; "
                        "artifacts/toy-quick with --quick)")  # fmt: skip
     bench.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="teacher engine (hf)")
-    bench.add_argument("--steps", type=positive_int, help="steps per run (default: 1000; 6 with --quick)")
+    bench.add_argument("--steps", type=positive_int, help="steps per run (default: 600; 6 with --quick)")
     bench.add_argument("--seeds", type=positive_int, help="seeds per method (default: 3; 1 with --quick)")
     bench.add_argument("--methods", type=_names, help="comma-separated subset of the methods (default: all)")
     bench.add_argument("--no-sweep", action="store_true", help="skip the mismatch sweep")
     bench.add_argument("--quick", action="store_true", help="a smoke run: tiny batches and few steps (minutes)")
+    bench.add_argument("--jobs", type=positive_int, default=1, help="runs trained at a time, each in its own "
+                       "process with an equal share of the cores (default: 1)")  # fmt: skip
+    bench.add_argument("--resume", action="store_true", help="reuse the runs of an earlier report in --out "
+                       "(results.json or results.partial.json) whose method, seed, student, budget and toy world "
+                       "match; train only the rest")  # fmt: skip
     bench.add_argument("--json", action="store_true", help="print the tables as one JSON object")
     bench.set_defaults(run=run_bench_methods)
 

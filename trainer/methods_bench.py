@@ -10,11 +10,16 @@ Collapse is defined before any run: a run collapses when its loss or gradient is
 at each of its last two evaluations. A grad-norm spike is a step whose gradient norm (before clipping) is
 above 10 x the run's median.
 
-Writes `results.json`, `results.md` and PNG plots to `--out` (default: docs/results).
+Writes `results.json`, `results.md` and PNG plots to `--out` (default: docs/results). Every finished run is
+kept at once in `results.partial.json`, under a key made of everything that decides its outcome (method,
+seed, student, budget, toy world); `--resume` reuses the runs whose key matches, so a long benchmark can stop
+and go on, and a run that two parts of the report share (the sweep's own student) is trained once. `--jobs N`
+trains N runs at a time in separate processes, each with an equal share of the cores.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import platform
@@ -48,7 +53,7 @@ def settings(quick: bool, steps: int | None, seeds: int | None) -> dict:
         steps = steps or 6
         return {"steps": steps, "seeds": seeds or 1, "eval_every": max(1, steps // 2), "eval_n": 20, "kl_prompts": 16,
                 "prompts_per_step": 8, "samples_per_prompt": 1, "max_new_tokens": 32}  # fmt: skip
-    steps = steps or 1000
+    steps = steps or 600
     return {"steps": steps, "seeds": seeds or 3, "eval_every": max(1, steps // 4), "eval_n": 200, "kl_prompts": 64,
             "prompts_per_step": 64, "samples_per_prompt": 1, "max_new_tokens": 40}  # fmt: skip
 
@@ -62,6 +67,18 @@ def overrides(s: dict, student: Path, teacher: Path, engine: str, out: Path, see
         f"rollout.max_new_tokens={s['max_new_tokens']}", "tensorboard=false", "plot=false", "checkpoint_every=0",
         "keep_checkpoints=1",
     ]  # fmt: skip
+
+
+def run_key(arm: str, base: list[str], toy_build: dict | None) -> str:
+    """What decides a run's outcome: its method, its overrides (all but the output directory) and the toy."""
+    what = {"arm": arm, "extra": ARMS[arm], "overrides": [o for o in base if not o.startswith("out=")],
+            "toy": toy_build}  # fmt: skip
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _work(arm: str, base: list[str], threads: int) -> dict:
+    """One run in a worker process (`--jobs`), with its share of the cores."""
+    return run_one(arm, [*ARMS[arm], f"threads={threads}"], base)
 
 
 def run_one(arm: str, extra: list[str], base: list[str]) -> dict:
@@ -129,7 +146,7 @@ def _toy_models(build: dict | None) -> str:
 
 
 def run_bench(toy_dir: str, out: str, engine: str, quick: bool, steps: int | None, seeds: int | None,
-              arms: list[str] | None, sweep: bool, log=print) -> dict:  # fmt: skip
+              arms: list[str] | None, sweep: bool, jobs: int = 1, resume: bool = False, log=print) -> dict:  # fmt: skip
     from trainer import toy
 
     toy_dir, out = Path(toy_dir), Path(out)
@@ -138,38 +155,50 @@ def run_bench(toy_dir: str, out: str, engine: str, quick: bool, steps: int | Non
     work = out / "runs"
     work.mkdir(parents=True, exist_ok=True)
     teacher = toy_dir / "teacher"
+    build = json.loads((toy_dir / "build.json").read_text()).get("settings")
     report: dict = {
         "command": "tropd bench methods " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "methods"] else "",
-        "settings": {**s, "toy": str(toy_dir), "engine": engine, "quick": quick},
+        "settings": {**s, "toy": str(toy_dir), "engine": engine, "quick": quick, "jobs": jobs},
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": _cpus()},
-        "toy_build": json.loads((toy_dir / "build.json").read_text()).get("settings"),
+        "toy_build": build,
         "runs": [],
         "sweep": [],
     }
-    t0 = time.monotonic()
-    total = len(chosen) * s["seeds"]
-    for i, arm in enumerate(chosen):
-        for seed in range(s["seeds"]):
-            n = i * s["seeds"] + seed + 1
-            log(f"[bench] ({n}/{total}) {arm}, seed {seed}")
-            base = overrides(s, toy_dir / "student", teacher, engine, work / f"{arm}-s{seed}", seed)
-            result = run_one(arm, ARMS[arm], base)
-            report["runs"].append(result)
-            _save_partial(report, out)
-            log(f"[bench]   {_line(result)}")
+    # every run of the report: (section, arm, seed, student); then train those not already done
+    plan = [("runs", arm, seed, toy_dir / "student") for arm in chosen for seed in range(s["seeds"])]
     if sweep:
         students = sweep_students(toy_dir, work, SWEEP_SFT_STEPS["quick" if quick else "full"], 0, log)
-        for student in students:
-            for arm in SWEEP_ARMS:
-                for seed in range(s["seeds"]):
-                    log(f"[bench] sweep: {arm} from {student.name}, seed {seed}")
-                    base = overrides(s, student, teacher, engine, work / f"sweep-{student.name}-{arm}-s{seed}", seed)
-                    result = run_one(arm, ARMS[arm], base)
-                    result["student"] = student.name
-                    report["sweep"].append(result)
-                    _save_partial(report, out)
-                    log(f"[bench]   {_line(result)}")
+        plan += [("sweep", arm, seed, st) for st in students for arm in SWEEP_ARMS for seed in range(s["seeds"])]
+    done = _earlier_runs(out) if resume else {}
+    todo: dict[str, tuple[str, list[str]]] = {}
+    keys = []
+    for section, arm, seed, student in plan:
+        name = f"{arm}-s{seed}" if section == "runs" else f"sweep-{student.name}-{arm}-s{seed}"
+        base = overrides(s, student, teacher, engine, work / name, seed)
+        key = run_key(arm, base, build)
+        keys.append(key)
+        if key not in done and key not in todo:
+            todo[key] = (arm, base)
+    log(f"[bench] {len(plan)} runs in the report, {len(set(keys))} distinct, {len(todo)} to train"
+        + (f", {jobs} at a time" if jobs > 1 else ""))  # fmt: skip
+
+    def finished(key: str, result: dict) -> None:
+        done[key] = {**result, "key": key}
+        _fill(report, plan, keys, done)
+        _save_partial(report, out)
+        log(f"[bench] ({len(done.keys() & set(keys))}/{len(set(keys))}) {result['arm']}, seed {result['seed']}: "
+            f"{_line(result)}")  # fmt: skip
+
+    t0 = time.monotonic()
+    if jobs == 1:
+        for key, (arm, base) in todo.items():
+            log(f"[bench] training {arm}, seed {_seed(base)}")
+            finished(key, run_one(arm, ARMS[arm], base))
+    elif todo:
+        _run_parallel(todo, jobs, finished, log)
+    _fill(report, plan, keys, done)
     report["wall_time_s"] = round(time.monotonic() - t0, 1)
+    report["train_time_s"] = round(sum(r["wall_time_s"] for r in {k: done[k] for k in keys}.values()), 1)
     report["table"] = table(report["runs"])
     report["sweep_table"] = sweep_table(report["sweep"])
     (out / "results.json").write_text(json.dumps(report, indent=2))
@@ -178,6 +207,55 @@ def run_bench(toy_dir: str, out: str, engine: str, quick: bool, steps: int | Non
     (out / "results.md").write_text(markdown(report))
     toy.quiet_transformers()
     return report
+
+
+def _seed(base: list[str]) -> str:
+    return next(o.split("=", 1)[1] for o in base if o.startswith("seed="))
+
+
+def _fill(report: dict, plan: list, keys: list[str], done: dict) -> None:
+    """The report's sections, in plan order, from the finished runs."""
+    report["runs"], report["sweep"] = [], []
+    for (section, _arm, _seed, student), key in zip(plan, keys, strict=True):
+        if key in done:
+            report[section].append(done[key] if section == "runs" else {**done[key], "student": student.name})
+
+
+def _earlier_runs(out: Path) -> dict:
+    """Finished runs of an earlier, stopped or finished, report in `out`, by key (`--resume`)."""
+    done: dict = {}
+    for name in ("results.json", "results.partial.json"):  # the partial file is the newer when both exist
+        path = out / name
+        if not path.is_file():
+            continue
+        try:
+            earlier = json.loads(path.read_text())
+        except ValueError:
+            continue
+        for r in [*earlier.get("runs", []), *earlier.get("sweep", [])]:
+            if isinstance(r, dict) and isinstance(r.get("key"), str):
+                done[r["key"]] = {k: v for k, v in r.items() if k != "student"}
+    return done
+
+
+def _run_parallel(todo: dict, jobs: int, finished, log) -> None:
+    """Train the runs `jobs` at a time, each in its own process with cores / jobs torch threads."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    threads = max(1, _cpus() // jobs)
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        running = {}
+        for key, (arm, base) in todo.items():
+            log(f"[bench] queued {arm}, seed {_seed(base)}")
+            running[pool.submit(_work, arm, base, threads)] = key
+        while running:
+            ready, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in ready:
+                finished(running.pop(future), future.result())
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _save_partial(report: dict, out: Path) -> None:
@@ -262,7 +340,7 @@ def markdown(report: dict) -> str:
         "",
         f"- Command: `{report['command'] or 'tropd bench methods'}`",
         f"- Machine: {report['machine']['platform']}, {report['machine']['cpus']} CPU cores, Python "
-        f"{report['machine']['python']}; wall time {report['wall_time_s'] / 60:.1f} min",
+        f"{report['machine']['python']}; {_times(report)}",
         f"- Toy world: `{s['toy']}`{_toy_models(report.get('toy_build'))}; teacher engine `{s['engine']}` in the "
         "trainer's process",
         f"- Budget per run: {s['steps']} steps x {s['prompts_per_step']} prompts x {s['samples_per_prompt']} "
@@ -304,6 +382,16 @@ def markdown(report: dict) -> str:
             )
         lines += ["", "![mismatch sweep](sweep.png)", ""]
     return "\n".join(lines) + "\n"
+
+
+def _times(report: dict) -> str:
+    jobs = report["settings"].get("jobs", 1)
+    cores = max(1, report["machine"]["cpus"] // jobs)
+    share = f"{jobs} runs at a time, {cores} core(s) each" if jobs > 1 else "one run at a time on all cores"
+    train = report.get("train_time_s", report["wall_time_s"]) / 60
+    return f"{share}; training time summed over the runs {train:.0f} min, wall time of the last invocation " + (
+        f"{report['wall_time_s'] / 60:.1f} min"
+    )
 
 
 def verdict(rows: list[dict]) -> list[str]:
@@ -398,7 +486,7 @@ def main(args) -> int:
         toy_dir = "artifacts/toy-quick" if args.quick else "artifacts/toy"
         toy.build(toy_dir, quick=args.quick, log=_stderr)
     report = run_bench(toy_dir, args.out, args.engine, args.quick, args.steps, args.seeds, args.methods,
-                       not args.no_sweep, log=_stderr)  # fmt: skip
+                       not args.no_sweep, jobs=args.jobs, resume=args.resume, log=_stderr)  # fmt: skip
     if args.json:
         print(json.dumps({"table": report["table"], "sweep_table": report["sweep_table"]}))
     else:
