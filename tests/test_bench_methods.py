@@ -34,6 +34,7 @@ def test_quick_run_reports_every_method(toy_quick, tmp_path):
     # the sweep's x-axis is measured for every student (its order on a quick toy is noise: not checked here)
     assert all(math.isfinite(r["init_kl"]["mean"]) for r in tables["sweep_table"])
     assert (out / "runs" / "student-sft10" / "config.json").is_file()
+    assert json.loads((out / "runs" / "student-sft10" / "tropd-sweep-student.json").read_text())["sft_steps"] == 10
     text = (out / "results.md").read_text()
     assert "(teacher 128x4, student 96x3, student drills 0.5)" in text  # which toy models made the numbers
     for arm in ARMS:
@@ -47,6 +48,11 @@ def test_quick_run_reports_every_method(toy_quick, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "0 to train" in again.stderr
     assert json.loads(again.stdout) == tables
+
+    # without --resume a run is trained again, in place of the directory of the last one
+    fresh = subprocess.run([*command, "--methods", "opd", "--no-sweep"], capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert "1 runs in the report, 1 distinct, 1 to train" in fresh.stderr
 
 
 def test_run_key_names_what_decides_a_run_and_not_where_it_is_written():

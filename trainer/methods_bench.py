@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -87,6 +88,7 @@ def run_one(arm: str, extra: list[str], base: list[str]) -> dict:
     from trainer.train import train
 
     config = load_config(None, [*base, *extra])
+    shutil.rmtree(config.out, ignore_errors=True)  # a run trained again starts afresh (the bench owns runs/)
     t0 = time.monotonic()
     summary = train(config, log=lambda *_: None)
     wall = time.monotonic() - t0
@@ -127,11 +129,15 @@ def sweep_students(toy_dir: Path, work: Path, sft_steps: tuple[int, ...], seed: 
             out.append(toy_dir / "student")
             continue
         path = work / f"student-sft{n}"
-        if not (path / "config.json").is_file():
+        # kept only when made the same way from the same toy world
+        made = {"toy": json.loads((toy_dir / "build.json").read_text()).get("settings"), "sft_steps": n, "seed": seed}
+        stamp = path / "tropd-sweep-student.json"
+        if not (path / "config.json").is_file() or not stamp.is_file() or json.loads(stamp.read_text()) != made:
             log(f"[bench] warm-starting a nearer student: {n} SFT steps on teacher-style answers")
             model = toy.load_model(toy_dir / "student")
             toy.sft(model, toy.SftSpec("teacher", n, 64, 3e-3, warmup=min(10, n)), seed, f"sweep{n}", log=log)
             toy.save_model(model, path)
+            stamp.write_text(json.dumps(made))
         out.append(path)
     return out
 
