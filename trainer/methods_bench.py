@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from tropd.machine import usable_cores
+
 ARMS: dict[str, list[str]] = {
     "opd": ["loss.method=opd"],
     "tropd": [],
@@ -165,7 +167,7 @@ def run_bench(toy_dir: str, out: str, engine: str, quick: bool, steps: int | Non
     report: dict = {
         "command": "tropd bench methods " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "methods"] else "",
         "settings": {**s, "toy": str(toy_dir), "engine": engine, "quick": quick, "jobs": jobs},
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": _cpus()},
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": usable_cores()},
         "toy_build": build,
         "runs": [],
         "sweep": [],
@@ -249,7 +251,7 @@ def _run_parallel(todo: dict, jobs: int, finished, log) -> None:
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    threads = max(1, _cpus() // jobs)
+    threads = max(1, usable_cores() // jobs)
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
     try:
         running = {}
@@ -267,12 +269,6 @@ def _run_parallel(todo: dict, jobs: int, finished, log) -> None:
 def _save_partial(report: dict, out: Path) -> None:
     """Every finished run is kept at once (results.partial.json), so a long run that stops loses nothing."""
     (out / "results.partial.json").write_text(json.dumps(report, indent=2))
-
-
-def _cpus() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _line(r: dict) -> str:

@@ -45,6 +45,7 @@ import numpy as np
 from services.teacher.launch import serving
 from services.teacher.openai_client import stock_vllm
 from tropd.errors import UserError
+from tropd.machine import usable_cores
 
 PATHS = {
     "engine": "(a) vLLM engine, in-process",
@@ -211,7 +212,7 @@ def machine() -> dict:
         cpu = names[0] if names else cpu
     return {
         "cpu": cpu,
-        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpus": usable_cores(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "python": platform.python_version(),
         "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
