@@ -34,25 +34,28 @@ def test_quick_run_reports_every_method(toy_quick, tmp_path):
     # the sweep's x-axis is measured for every student (its order on a quick toy is noise: not checked here)
     assert all(math.isfinite(r["init_kl"]["mean"]) for r in tables["sweep_table"])
     assert (out / "runs" / "student-sft10" / "config.json").is_file()
-    assert json.loads((out / "runs" / "student-sft10" / "tropd-sweep-student.json").read_text())["sft_steps"] == 10
+    assert json.loads((out / "runs" / "student-sft10" / "tropd-sweep-student.json").read_text())["sft"]["steps"] == 10
     text = (out / "results.md").read_text()
     assert "(teacher 128x4, student 96x3, student drills 0.5)" in text  # which toy models made the numbers
     for arm in ARMS:
         assert f"| {arm} |" in text
     for name in ("results.json", "accuracy.png", "reverse_kl.png", "sweep.png"):
         assert (out / name).stat().st_size > 0, name
-    assert "2 runs at a time" in text  # how the machine was shared is part of the report
+    assert "torch threads per run: " in text and "2 run(s) at a time" in text  # how the cores were shared
 
     # --resume: every run is found again in the report, nothing is trained, the tables are the same
     again = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "0 to train" in again.stderr
+    assert ", 0 to train" in again.stderr
     assert json.loads(again.stdout) == tables
 
     # without --resume a run is trained again, in place of the directory of the last one
     fresh = subprocess.run([*command, "--methods", "opd", "--no-sweep"], capture_output=True, text=True, timeout=300)
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert "1 runs in the report, 1 distinct, 1 to train" in fresh.stderr
+    # ... and the runs of the earlier report it does not include are carried along, for a later --resume
+    carried = json.loads((out / "results.json").read_text())["other_runs"]
+    assert len(carried) == len(ARMS) + len(SWEEP_ARMS) - 1
 
 
 def test_run_key_names_what_decides_a_run_and_not_where_it_is_written():
@@ -69,6 +72,8 @@ def test_run_key_names_what_decides_a_run_and_not_where_it_is_written():
     assert s["steps"] == 600 and s["seeds"] == 3  # the full benchmark's budget
     assert key(out="a") == key(out="b/c")
     assert len({key(), key(arm="opd"), key(seed=1), key(build={"version": 2}), key(steps=300)}) == 5
+    nearer = overrides(s, Path("out/runs/student-sft100"), toy / "teacher", "hf", Path("a"), 0)
+    assert run_key("tropd", nearer, {"version": 1}) != key()  # the sweep's students are told apart
 
 
 def test_unknown_method_is_a_one_line_error():

@@ -165,11 +165,13 @@ def add_bench_methods(sub) -> None:
     bench.add_argument("--methods", type=_names, help="comma-separated subset of the methods (default: all)")
     bench.add_argument("--no-sweep", action="store_true", help="skip the mismatch sweep")
     bench.add_argument("--quick", action="store_true", help="a smoke run: tiny batches and few steps (minutes)")
-    bench.add_argument("--jobs", type=positive_int, default=1, help="runs trained at a time, each in its own "
-                       "process with an equal share of the cores (default: 1)")  # fmt: skip
+    bench.add_argument("--jobs", type=positive_int, default=1, help="runs trained at a time (default: 1, in "
+                       "this process on all cores); above 1, each in its own process with an equal share of the "
+                       "cores")  # fmt: skip
     bench.add_argument("--resume", action="store_true", help="reuse the runs of an earlier report in --out "
                        "(results.json or results.partial.json) whose method, seed, student, budget and toy world "
-                       "match; train only the rest")  # fmt: skip
+                       "match, and train only the rest; the key holds settings, not code: after a change to the "
+                       "trainer, run without it")  # fmt: skip
     bench.add_argument("--json", action="store_true", help="print the tables as one JSON object")
     bench.set_defaults(run=run_bench_methods)
 

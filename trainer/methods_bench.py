@@ -11,22 +11,28 @@ at each of its last two evaluations. A grad-norm spike is a step whose gradient 
 above 10 x the run's median.
 
 Writes `results.json`, `results.md` and PNG plots to `--out` (default: docs/results). Every finished run is
-kept at once in `results.partial.json`, under a key made of everything that decides its outcome (method,
-seed, student, budget, toy world); `--resume` reuses the runs whose key matches, so a long benchmark can stop
-and go on, and a run that two parts of the report share (the sweep's own student) is trained once. `--jobs N`
-trains N runs at a time in separate processes, each with an equal share of the cores.
+kept at once in `results.partial.json`, under a key made of the settings that decide its outcome (method,
+seed, student, budget, toy world; not the code: after a change to the trainer, run again without
+`--resume`); `--resume` reuses the runs whose key matches, so a long benchmark can stop and go on, and a run
+that two parts of the report share (the sweep's own student) is trained once. Runs of earlier reports that
+the present one does not include are carried along (`other_runs`), so a report of a few methods does not
+lose the others. `--jobs N` trains N runs at a time in separate processes, each with an equal share of the
+cores.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import math
+import os
 import platform
 import shutil
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from tropd.machine import usable_cores
@@ -79,13 +85,16 @@ def run_key(arm: str, base: list[str], toy_build: dict | None) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _work(arm: str, base: list[str], threads: int) -> dict:
+def _work(job: tuple[str, str, list[str], int]) -> tuple[str, dict]:
     """One run in a worker process (`--jobs`), with its share of the cores."""
-    return run_one(arm, [*ARMS[arm], f"threads={threads}"], base)
+    key, arm, base, threads = job
+    return key, run_one(arm, [*ARMS[arm], f"threads={threads}"], base)
 
 
 def run_one(arm: str, extra: list[str], base: list[str]) -> dict:
     """Train one arm; returns its curves and the numbers of the report."""
+    import torch
+
     from trainer.config import load_config
     from trainer.train import train
 
@@ -94,6 +103,7 @@ def run_one(arm: str, extra: list[str], base: list[str]) -> dict:
     t0 = time.monotonic()
     summary = train(config, log=lambda *_: None)
     wall = time.monotonic() - t0
+    threads = torch.get_num_threads()  # what train() used
     records = [json.loads(line) for line in (Path(config.out) / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     evals = [(0, summary["eval_before"])] + [(r["step"], r["eval"]) for r in records if "eval" in r]
@@ -114,6 +124,7 @@ def run_one(arm: str, extra: list[str], base: list[str]) -> dict:
         "grad_spikes": sum(1 for g in grad if g > 10 * median),
         "response_tokens": sum(r["response_tokens"] for r in steps),
         "wall_time_s": round(wall, 1),
+        "threads": threads,
     }
 
 
@@ -132,12 +143,14 @@ def sweep_students(toy_dir: Path, work: Path, sft_steps: tuple[int, ...], seed: 
             continue
         path = work / f"student-sft{n}"
         # kept only when made the same way from the same toy world
-        made = {"toy": json.loads((toy_dir / "build.json").read_text()).get("settings"), "sft_steps": n, "seed": seed}
+        spec = toy.SftSpec("teacher", n, 64, 3e-3, warmup=min(10, n))
+        made = {"toy": json.loads((toy_dir / "build.json").read_text()).get("settings"), "seed": seed,
+                "sft": asdict(spec)}  # fmt: skip
         stamp = path / "tropd-sweep-student.json"
         if not (path / "config.json").is_file() or not stamp.is_file() or json.loads(stamp.read_text()) != made:
             log(f"[bench] warm-starting a nearer student: {n} SFT steps on teacher-style answers")
             model = toy.load_model(toy_dir / "student")
-            toy.sft(model, toy.SftSpec("teacher", n, 64, 3e-3, warmup=min(10, n)), seed, f"sweep{n}", log=log)
+            toy.sft(model, spec, seed, f"sweep{n}", log=log)
             toy.save_model(model, path)
             stamp.write_text(json.dumps(made))
         out.append(path)
@@ -177,7 +190,8 @@ def run_bench(toy_dir: str, out: str, engine: str, quick: bool, steps: int | Non
     if sweep:
         students = sweep_students(toy_dir, work, SWEEP_SFT_STEPS["quick" if quick else "full"], 0, log)
         plan += [("sweep", arm, seed, st) for st in students for arm in SWEEP_ARMS for seed in range(s["seeds"])]
-    done = _earlier_runs(out) if resume else {}
+    earlier = _earlier_runs(out, log)
+    done = dict(earlier) if resume else {}
     todo: dict[str, tuple[str, list[str]]] = {}
     keys = []
     for section, arm, seed, student in plan:
@@ -192,7 +206,7 @@ def run_bench(toy_dir: str, out: str, engine: str, quick: bool, steps: int | Non
 
     def finished(key: str, result: dict) -> None:
         done[key] = {**result, "key": key}
-        _fill(report, plan, keys, done)
+        _fill(report, plan, keys, done, earlier)
         _save_partial(report, out)
         log(f"[bench] ({len(done.keys() & set(keys))}/{len(set(keys))}) {result['arm']}, seed {result['seed']}: "
             f"{_line(result)}")  # fmt: skip
@@ -204,7 +218,7 @@ def run_bench(toy_dir: str, out: str, engine: str, quick: bool, steps: int | Non
             finished(key, run_one(arm, ARMS[arm], base))
     elif todo:
         _run_parallel(todo, jobs, finished, log)
-    _fill(report, plan, keys, done)
+    _fill(report, plan, keys, done, earlier)
     report["wall_time_s"] = round(time.monotonic() - t0, 1)
     report["train_time_s"] = round(sum(r["wall_time_s"] for r in {k: done[k] for k in keys}.values()), 1)
     report["table"] = table(report["runs"])
@@ -221,16 +235,17 @@ def _seed(base: list[str]) -> str:
     return next(o.split("=", 1)[1] for o in base if o.startswith("seed="))
 
 
-def _fill(report: dict, plan: list, keys: list[str], done: dict) -> None:
-    """The report's sections, in plan order, from the finished runs."""
+def _fill(report: dict, plan: list, keys: list[str], done: dict, earlier: dict) -> None:
+    """The report's sections, in plan order, from the finished runs; and the earlier reports' other runs."""
     report["runs"], report["sweep"] = [], []
     for (section, _arm, _seed, student), key in zip(plan, keys, strict=True):
         if key in done:
             report[section].append(done[key] if section == "runs" else {**done[key], "student": student.name})
+    report["other_runs"] = [r for k, r in earlier.items() if k not in set(keys)]
 
 
-def _earlier_runs(out: Path) -> dict:
-    """Finished runs of an earlier, stopped or finished, report in `out`, by key (`--resume`)."""
+def _earlier_runs(out: Path, log) -> dict:
+    """Finished runs of an earlier, stopped or finished, report in `out`, by key."""
     done: dict = {}
     for name in ("results.json", "results.partial.json"):  # the partial file is the newer when both exist
         path = out / name
@@ -238,37 +253,38 @@ def _earlier_runs(out: Path) -> dict:
             continue
         try:
             earlier = json.loads(path.read_text())
-        except ValueError:
+        except ValueError as e:
+            log(f"[bench] warning: {path} is not readable JSON ({e}); its runs are not reused")
             continue
-        for r in [*earlier.get("runs", []), *earlier.get("sweep", [])]:
+        for r in [*earlier.get("runs", []), *earlier.get("sweep", []), *earlier.get("other_runs", [])]:
             if isinstance(r, dict) and isinstance(r.get("key"), str):
                 done[r["key"]] = {k: v for k, v in r.items() if k != "student"}
     return done
 
 
 def _run_parallel(todo: dict, jobs: int, finished, log) -> None:
-    """Train the runs `jobs` at a time, each in its own process with cores / jobs torch threads."""
+    """Train the runs `jobs` at a time, each in its own process with an equal share of the cores. On an error
+    or Ctrl-C the other runs are stopped at once (the finished ones are already saved)."""
     import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
+    jobs = min(jobs, len(todo))
     threads = max(1, usable_cores() // jobs)
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+    pool = multiprocessing.get_context("spawn").Pool(jobs)
     try:
-        running = {}
-        for key, (arm, base) in todo.items():
-            log(f"[bench] queued {arm}, seed {_seed(base)}")
-            running[pool.submit(_work, arm, base, threads)] = key
-        while running:
-            ready, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in ready:
-                finished(running.pop(future), future.result())
+        for key, result in pool.imap_unordered(_work, [(k, arm, base, threads) for k, (arm, base) in todo.items()]):
+            finished(key, result)
+        pool.close()
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.terminate()
+        pool.join()
 
 
 def _save_partial(report: dict, out: Path) -> None:
-    """Every finished run is kept at once (results.partial.json), so a long run that stops loses nothing."""
-    (out / "results.partial.json").write_text(json.dumps(report, indent=2))
+    """Every finished run is kept at once (results.partial.json), so a long run that stops loses nothing;
+    written beside and renamed, so a stop during the write leaves the last complete file."""
+    tmp = out / "results.partial.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, out / "results.partial.json")
 
 
 def _line(r: dict) -> str:
@@ -387,12 +403,18 @@ def markdown(report: dict) -> str:
 
 
 def _times(report: dict) -> str:
+    """How the cores were shared, from what each run recorded, and the time the report took."""
+    runs = list({r.get("key", id(r)): r for r in [*report["runs"], *report["sweep"]]}.values())
+    counts = collections.Counter(r.get("threads") for r in runs)
+    known = ", ".join(f"{n} ({c} run{'s' * (c > 1)})" for n, c in sorted((n, c) for n, c in counts.items() if n))
+    unknown = counts.get(None, 0)
+    threads = "torch threads per run: " + ", ".join(
+        ([known] if known else []) + ([f"not recorded ({unknown} runs)"] if unknown else [])
+    )
     jobs = report["settings"].get("jobs", 1)
-    cores = max(1, report["machine"]["cpus"] // jobs)
-    share = f"{jobs} runs at a time, {cores} core(s) each" if jobs > 1 else "one run at a time on all cores"
     train = report.get("train_time_s", report["wall_time_s"]) / 60
-    return f"{share}; training time summed over the runs {train:.0f} min, wall time of the last invocation " + (
-        f"{report['wall_time_s'] / 60:.1f} min"
+    return f"{threads}; training time summed over the runs {train:.0f} min; the last invocation trained " + (
+        f"{jobs} run(s) at a time and took {report['wall_time_s'] / 60:.1f} min"
     )
 
 
