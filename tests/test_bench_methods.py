@@ -41,7 +41,7 @@ def test_quick_run_reports_every_method(toy_quick, tmp_path):
         assert f"| {arm} |" in text
     for name in ("results.json", "accuracy.png", "reverse_kl.png", "sweep.png"):
         assert (out / name).stat().st_size > 0, name
-    assert "torch threads per run: " in text and "2 run(s) at a time" in text  # how the cores were shared
+    assert "torch threads per run: " in text and "(2 at a time;" in text  # how the cores were shared
 
     # --resume: every run is found again in the report, nothing is trained, the tables are the same
     again = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)

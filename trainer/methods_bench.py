@@ -220,6 +220,7 @@ def run_bench(toy_dir: str, out: str, engine: str, quick: bool, steps: int | Non
         _run_parallel(todo, jobs, finished, log)
     _fill(report, plan, keys, done, earlier)
     report["wall_time_s"] = round(time.monotonic() - t0, 1)
+    report["trained_now"] = len(todo)
     report["train_time_s"] = round(sum(r["wall_time_s"] for r in {k: done[k] for k in keys}.values()), 1)
     report["table"] = table(report["runs"])
     report["sweep_table"] = sweep_table(report["sweep"])
@@ -411,10 +412,10 @@ def _times(report: dict) -> str:
     threads = "torch threads per run: " + ", ".join(
         ([known] if known else []) + ([f"not recorded ({unknown} runs)"] if unknown else [])
     )
-    jobs = report["settings"].get("jobs", 1)
+    jobs, now = report["settings"].get("jobs", 1), report.get("trained_now", len(runs))
     train = report.get("train_time_s", report["wall_time_s"]) / 60
-    return f"{threads}; training time summed over the runs {train:.0f} min; the last invocation trained " + (
-        f"{jobs} run(s) at a time and took {report['wall_time_s'] / 60:.1f} min"
+    return f"{threads}; training time summed over the runs {train:.0f} min; the last invocation trained {now} " + (
+        f"of them ({jobs} at a time; the rest reused from earlier reports) in {report['wall_time_s'] / 60:.1f} min"
     )
 
 
