@@ -35,7 +35,8 @@ def test_quick_run_reports_every_method(toy_quick, tmp_path):
     assert all(math.isfinite(r["init_kl"]["mean"]) for r in tables["sweep_table"])
     assert (out / "runs" / "student-sft10" / "config.json").is_file()
     assert json.loads((out / "runs" / "student-sft10" / "tropd-sweep-student.json").read_text())["sft"]["steps"] == 10
-    text = (out / "results.md").read_text()
+    text = (tmp_path / "results.md").read_text()  # the report sits beside its folder, images linked from it
+    assert "![accuracy curves](results/accuracy.png)" in text and not (out / "results.md").exists()
     assert "(teacher 128x4, student 96x3, student drills 0.5)" in text  # which toy models made the numbers
     for arm in ARMS:
         assert f"| {arm} |" in text

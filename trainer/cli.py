@@ -149,14 +149,15 @@ def add_bench_methods(sub) -> None:
 
     bench = sub.add_parser(
         "methods",
-        help="TrOPD, its ablations and the baselines on the toy world; writes results.md and plots",
+        help="TrOPD, its ablations and the baselines on the toy world; writes a markdown report and plots",
         description="Train the mismatched toy student with every method (opd, tropd and its ablations, eopd, "
         "reopold, gkd, sft) under the same rollout budget, for several seeds, then opd and tropd from students "
-        "at several distances from the teacher (the mismatch sweep). Writes results.json, results.md and PNG "
-        "plots to --out. The teacher runs in the trainer's process. Full run: hours on 2 CPU cores; --quick: "
-        "minutes.",
+        "at several distances from the teacher (the mismatch sweep). Writes results.json and PNG "
+        "plots to --out, and the report to <out>.md beside it (docs/results.md). The teacher runs in the "
+        "trainer's process. Full run: hours on 2 CPU cores; --quick: minutes.",
     )
-    bench.add_argument("--out", default="docs/results", help="report directory (default: docs/results)")
+    bench.add_argument("--out", default="docs/results", help="folder of the results, runs and plots; the "
+                       "report is <out>.md beside it (default: docs/results, report docs/results.md)")  # fmt: skip
     bench.add_argument("--toy", help="an existing toy world (default: artifacts/toy, built if missing; "
                        "artifacts/toy-quick with --quick)")  # fmt: skip
     bench.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="teacher engine (hf)")

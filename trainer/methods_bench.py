@@ -10,7 +10,8 @@ Collapse is defined before any run: a run collapses when its loss or gradient is
 at each of its last two evaluations. A grad-norm spike is a step whose gradient norm (before clipping) is
 above 10 x the run's median.
 
-Writes `results.json`, `results.md` and PNG plots to `--out` (default: docs/results). Every finished run is
+Writes `results.json` and PNG plots to `--out` (default: docs/results) and the report beside that folder,
+`<out>.md` (docs/results.md), its images linked from the folder. Every finished run is
 kept at once in `results.partial.json`, under a key made of the settings that decide its outcome (method,
 seed, student, budget, toy world; not the code: after a change to the trainer, run again without
 `--resume`); `--resume` reuses the runs whose key matches, so a long benchmark can stop and go on, and a run
@@ -227,7 +228,7 @@ def run_bench(toy_dir: str, out: str, engine: str, quick: bool, steps: int | Non
     (out / "results.json").write_text(json.dumps(report, indent=2))
     (out / "results.partial.json").unlink(missing_ok=True)
     plots(report, out)
-    (out / "results.md").write_text(markdown(report))
+    report_path(out).write_text(markdown(report, images=out.resolve().name))
     toy.quiet_transformers()
     return report
 
@@ -349,13 +350,19 @@ def _pm(stat: dict, scale: float = 100.0, digits: int = 1) -> str:
     return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['sd']:.{digits}f}"
 
 
-def markdown(report: dict) -> str:
+def report_path(out: str | Path) -> Path:
+    """The markdown report of an `--out` folder: `<out>.md` beside it (docs/results -> docs/results.md)."""
+    out = Path(out).resolve()
+    return out.parent / f"{out.name}.md"
+
+
+def markdown(report: dict, images: str) -> str:
     s = report["settings"]
     lines = [
         "# Results: TrOPD and the baselines on the toy world",
         "",
         "Written by `tropd bench methods`; every number below comes from that command's runs "
-        "(`results.json` beside this file holds them all, per seed).",
+        f"(`{images}/results.json` holds them all, per seed).",
         "",
         f"- Command: `{report['command'] or 'tropd bench methods'}`",
         f"- Machine: {report['machine']['platform']}, {report['machine']['cpus']} CPU cores, Python "
@@ -383,7 +390,8 @@ def markdown(report: dict) -> str:
             f"{_pm(r['init_kl'], 1, 2)} -> {_pm(r['final_kl'], 1, 2)} | {r['collapsed']}/{r['seeds']} | "
             f"{r['grad_spikes']} | {r['response_tokens']:.0f} | {r['wall_time_s']:.0f} |"
         )
-    lines += ["", "![accuracy curves](accuracy.png)", "", "![reverse KL curves](reverse_kl.png)", ""]
+    lines += ["", f"![accuracy curves]({images}/accuracy.png)", "", f"![reverse KL curves]({images}/reverse_kl.png)",
+              ""]  # fmt: skip
     lines += verdict(report["table"])
     if report["sweep_table"]:
         lines += [
@@ -399,7 +407,7 @@ def markdown(report: dict) -> str:
                 f"| {r['student']} | {r['arm']} | {_pm(r['init_kl'], 1, 2)} | {_pm(r['final_kl'], 1, 2)} | "
                 f"{_pm(r['gain_math'])} | {_pm(r['gain_code'])} | {r['collapsed']}/{r['seeds']} |"
             )
-        lines += ["", "![mismatch sweep](sweep.png)", ""]
+        lines += ["", f"![mismatch sweep]({images}/sweep.png)", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -515,7 +523,7 @@ def main(args) -> int:
     if args.json:
         print(json.dumps({"table": report["table"], "sweep_table": report["sweep_table"]}))
     else:
-        print(Path(args.out, "results.md").read_text())
+        print(report_path(args.out).read_text())
     return 0
 
 
