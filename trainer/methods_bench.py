@@ -133,7 +133,8 @@ def _mean_acc(evaluation: dict) -> float:
     return statistics.mean(evaluation["accuracy"][t] for t in EVAL_TASKS)
 
 
-def sweep_students(toy_dir: Path, work: Path, sft_steps: tuple[int, ...], seed: int, log) -> list[Path]:
+def sweep_students(toy_dir: Path, build: dict | None, work: Path, sft_steps: tuple[int, ...], seed: int,
+                   log) -> list[Path]:  # fmt: skip
     """The toy student, and copies of it moved nearer the teacher by short SFT on teacher-style answers."""
     from trainer import toy
 
@@ -145,8 +146,7 @@ def sweep_students(toy_dir: Path, work: Path, sft_steps: tuple[int, ...], seed: 
         path = work / f"student-sft{n}"
         # kept only when made the same way from the same toy world
         spec = toy.SftSpec("teacher", n, 64, 3e-3, warmup=min(10, n))
-        made = {"toy": json.loads((toy_dir / "build.json").read_text()).get("settings"), "seed": seed,
-                "sft": asdict(spec)}  # fmt: skip
+        made = {"toy": build, "seed": seed, "sft": asdict(spec)}
         stamp = path / "tropd-sweep-student.json"
         if not (path / "config.json").is_file() or not stamp.is_file() or json.loads(stamp.read_text()) != made:
             log(f"[bench] warm-starting a nearer student: {n} SFT steps on teacher-style answers")
@@ -189,11 +189,11 @@ def run_bench(toy_dir: str, out: str, engine: str, quick: bool, steps: int | Non
     # every run of the report: (section, arm, seed, student); then train those not already done
     plan = [("runs", arm, seed, toy_dir / "student") for arm in chosen for seed in range(s["seeds"])]
     if sweep:
-        students = sweep_students(toy_dir, work, SWEEP_SFT_STEPS["quick" if quick else "full"], 0, log)
+        students = sweep_students(toy_dir, build, work, SWEEP_SFT_STEPS["quick" if quick else "full"], 0, log)
         plan += [("sweep", arm, seed, st) for st in students for arm in SWEEP_ARMS for seed in range(s["seeds"])]
     earlier = _earlier_runs(out, log)
     done = dict(earlier) if resume else {}
-    todo: dict[str, tuple[str, list[str]]] = {}
+    todo: dict[str, tuple[str, int, list[str]]] = {}
     keys = []
     for section, arm, seed, student in plan:
         name = f"{arm}-s{seed}" if section == "runs" else f"sweep-{student.name}-{arm}-s{seed}"
@@ -201,7 +201,7 @@ def run_bench(toy_dir: str, out: str, engine: str, quick: bool, steps: int | Non
         key = run_key(arm, base, build)
         keys.append(key)
         if key not in done and key not in todo:
-            todo[key] = (arm, base)
+            todo[key] = (arm, seed, base)
     log(f"[bench] {len(plan)} runs in the report, {len(set(keys))} distinct, {len(todo)} to train"
         + (f", {jobs} at a time" if jobs > 1 else ""))  # fmt: skip
 
@@ -214,15 +214,15 @@ def run_bench(toy_dir: str, out: str, engine: str, quick: bool, steps: int | Non
 
     t0 = time.monotonic()
     if jobs == 1:
-        for key, (arm, base) in todo.items():
-            log(f"[bench] training {arm}, seed {_seed(base)}")
+        for key, (arm, seed, base) in todo.items():
+            log(f"[bench] training {arm}, seed {seed}")
             finished(key, run_one(arm, ARMS[arm], base))
     elif todo:
         _run_parallel(todo, jobs, finished, log)
     _fill(report, plan, keys, done, earlier)
     report["wall_time_s"] = round(time.monotonic() - t0, 1)
     report["trained_now"] = len(todo)
-    report["train_time_s"] = round(sum(r["wall_time_s"] for r in {k: done[k] for k in keys}.values()), 1)
+    report["train_time_s"] = round(sum(done[k]["wall_time_s"] for k in set(keys)), 1)
     report["table"] = table(report["runs"])
     report["sweep_table"] = sweep_table(report["sweep"])
     (out / "results.json").write_text(json.dumps(report, indent=2))
@@ -233,17 +233,14 @@ def run_bench(toy_dir: str, out: str, engine: str, quick: bool, steps: int | Non
     return report
 
 
-def _seed(base: list[str]) -> str:
-    return next(o.split("=", 1)[1] for o in base if o.startswith("seed="))
-
-
 def _fill(report: dict, plan: list, keys: list[str], done: dict, earlier: dict) -> None:
     """The report's sections, in plan order, from the finished runs; and the earlier reports' other runs."""
     report["runs"], report["sweep"] = [], []
     for (section, _arm, _seed, student), key in zip(plan, keys, strict=True):
         if key in done:
             report[section].append(done[key] if section == "runs" else {**done[key], "student": student.name})
-    report["other_runs"] = [r for k, r in earlier.items() if k not in set(keys)]
+    mine = set(keys)
+    report["other_runs"] = [r for k, r in earlier.items() if k not in mine]
 
 
 def _earlier_runs(out: Path, log) -> dict:
@@ -273,7 +270,8 @@ def _run_parallel(todo: dict, jobs: int, finished, log) -> None:
     threads = max(1, usable_cores() // jobs)
     pool = multiprocessing.get_context("spawn").Pool(jobs)
     try:
-        for key, result in pool.imap_unordered(_work, [(k, arm, base, threads) for k, (arm, base) in todo.items()]):
+        items = [(key, arm, base, threads) for key, (arm, _seed, base) in todo.items()]
+        for key, result in pool.imap_unordered(_work, items):
             finished(key, result)
         pool.close()
     finally:
