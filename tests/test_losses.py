@@ -160,6 +160,19 @@ def test_trust_stochastic_frequency_matches_acceptance():
     assert not losses.trust_mask(s, t, torch.zeros_like(mask), rule="stochastic").any()
 
 
+def test_trust_stochastic_with_given_draws():
+    s = torch.zeros(2, 3)
+    t = torch.log(torch.tensor([[0.2, 0.5, 0.9], [0.2, 0.5, 0.9]]))  # P = p_T
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    u = torch.tensor([[0.1, 0.6, 0.5], [0.3, 0.4, 0.1]])
+    got = losses.trust_mask(s, t, mask, rule="stochastic", uniform_B_T=u)
+    assert got.tolist() == [[True, False, True], [False, True, False]]  # u < P, and never off the mask
+    # the draws a generator would make are the ones it makes when none are given
+    drawn = torch.rand(s.shape, generator=torch.Generator().manual_seed(5))
+    by_gen = losses.trust_mask(s, t, mask, rule="stochastic", generator=torch.Generator().manual_seed(5))
+    assert torch.equal(by_gen, losses.trust_mask(s, t, mask, rule="stochastic", uniform_B_T=drawn))
+
+
 @pytest.mark.parametrize("q", [0.25, 0.5, 0.9])
 def test_trust_adaptive_quantile(q):
     g = torch.Generator().manual_seed(3)

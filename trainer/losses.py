@@ -97,12 +97,14 @@ def trust_mask(
     tau: float = 0.1,
     quantile: float = 0.5,
     generator: torch.Generator | None = None,
+    uniform_B_T: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Which tokens lie in the trust region (bool B_T, False off the mask).
 
     P_t = min(1, exp(t_t - s_t)), the speculative-decoding acceptance probability of y_t.
-    rule "threshold": P_t >= tau.  "stochastic": Bernoulli(P_t), drawn with `generator`.
-    "adaptive": P_t >= the `quantile` quantile of P over the batch's masked tokens.
+    rule "threshold": P_t >= tau.  "stochastic": Bernoulli(P_t), i.e. u_t < P_t with u_t ~ U(0, 1) taken from
+    `uniform_B_T` when given (data-parallel ranks pass their slice of the global batch's draws), else drawn
+    with `generator`.  "adaptive": P_t >= the `quantile` quantile of P over the batch's masked tokens.
     """
     if rule not in TRUST_RULES:
         raise ValueError(f"unknown trust rule {rule!r}; expected one of {TRUST_RULES}")
@@ -110,7 +112,9 @@ def trust_mask(
     if rule == "threshold":
         trusted_B_T = accept_B_T >= tau
     elif rule == "stochastic":
-        trusted_B_T = torch.rand(accept_B_T.shape, generator=generator, device=accept_B_T.device) < accept_B_T
+        if uniform_B_T is None:
+            uniform_B_T = torch.rand(accept_B_T.shape, generator=generator, device=accept_B_T.device)
+        trusted_B_T = uniform_B_T < accept_B_T
     else:
         if not mask_B_T.any():
             return torch.zeros_like(mask_B_T)
@@ -189,6 +193,7 @@ def tropd(
     old_lp_B_T: torch.Tensor | None = None,
     ratio_eps: float = 0.2,
     generator: torch.Generator | None = None,
+    uniform_B_T: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Trust Region On-Policy Distillation.
 
@@ -208,8 +213,9 @@ def tropd(
     prefix_B_T = mask_B_T & prefix_mask_B_T if prefix_mask_B_T is not None else torch.zeros_like(mask_B_T)
     onpolicy_B_T = mask_B_T & ~prefix_B_T
     trusted_B_T = trust_mask(
-        s_B_T, teacher_lp_B_T, onpolicy_B_T, rule=rule, tau=tau, quantile=quantile, generator=generator
-    )
+        s_B_T, teacher_lp_B_T, onpolicy_B_T, rule=rule, tau=tau, quantile=quantile, generator=generator,
+        uniform_B_T=uniform_B_T,
+    )  # fmt: skip
     outlier_B_T = onpolicy_B_T & ~trusted_B_T
     fkl_B_T = _fkl_at(logits_B_T_V, teacher_top_ids_B_T_K, teacher_top_lp_B_T_K, prefix_B_T | outlier_B_T)
 

@@ -38,7 +38,7 @@ WEIGHT_FILES = (
 )
 
 
-def compute_loss(config: TrainConfig, batch: Batch, logits_B_T_V, step: int, generator):
+def compute_loss(config: TrainConfig, batch: Batch, logits_B_T_V, step: int, uniform_B_T=None):
     c, ids, mask = config.loss, batch.ids_B_T, batch.mask_B_T
     t_lp, top_ids, top_lp, old = batch.teacher_lp_B_T, batch.teacher_top_ids_B_T_K, batch.teacher_top_lp_B_T_K, None
     if config.max_staleness > 0 and batch.source == "student":
@@ -50,7 +50,7 @@ def compute_loss(config: TrainConfig, batch: Batch, logits_B_T_V, step: int, gen
             logits_B_T_V, ids, t_lp, top_ids, top_lp, mask,
             prefix_mask_B_T=batch.prefix_mask_B_T, rule=c.rule, tau=c.tau, quantile=c.quantile,
             outlier=c.outlier, clip_c=c.clip_c, lambda_out=c.lambda_out, lambda_prefix=c.lambda_prefix,
-            old_lp_B_T=old, ratio_eps=c.ratio_eps, generator=generator,
+            old_lp_B_T=old, ratio_eps=c.ratio_eps, uniform_B_T=uniform_B_T,
         )  # fmt: skip
     if c.method == "eopd":
         return losses.eopd(
@@ -185,6 +185,19 @@ class DataParallel:
     def all_ok(self, ok: bool) -> bool:
         return self.total(0.0 if ok else 1.0) == 0.0
 
+    def uniforms(self, generator: torch.Generator, rows: int, width: int) -> torch.Tensor:
+        """This rank's U(0, 1) draws for a `rows` x `width` batch: every rank draws the whole global batch's
+        (all ranks' rows, at the widest rank's width) and keeps its slice, so that the stochastic trust rule
+        marks the same tokens as one process with the global batch would."""
+        if self.world == 1:
+            return torch.rand((rows, width), generator=generator)
+        import torch.distributed as dist
+
+        widest = torch.tensor([width], dtype=torch.int64)
+        dist.all_reduce(widest, op=dist.ReduceOp.MAX)
+        draws = torch.rand((rows * self.world, int(widest)), generator=generator)
+        return draws[self.rank * rows : (self.rank + 1) * rows, :width]
+
     def close(self) -> None:
         if self.world > 1:
             import torch.distributed as dist
@@ -260,7 +273,10 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict | None:
             _, mask, logits = response_logprobs(trained, batch.prompts, batch.responses, VOCAB.pad_id)
             record = {"step": step, "cursor": cursor - config.max_staleness * config.rollout.prompts_per_step}
             finite_teacher = batch.teacher_lp_B_T is None or bool(torch.isfinite(batch.teacher_lp_B_T[mask]).all())
-            loss, metrics = compute_loss(config, batch, logits, step, loss_gen) if finite_teacher else (None, {})
+            uniform = None
+            if config.loss.method == "tropd" and config.loss.rule == "stochastic":  # drawn on every rank, every step
+                uniform = dp.uniforms(loss_gen, *mask.shape)
+            loss, metrics = compute_loss(config, batch, logits, step, uniform) if finite_teacher else (None, {})
             ok = loss is not None and bool(torch.isfinite(loss))
             grad_norm = math.nan
             optimizer.zero_grad(set_to_none=True)
