@@ -57,6 +57,8 @@ def test_quick_run_reports_every_method(toy_quick, tmp_path):
     # ... and the runs of the earlier report it does not include are carried along, for a later --resume
     carried = json.loads((out / "results.json").read_text())["other_runs"]
     assert len(carried) == len(ARMS) + len(SWEEP_ARMS) - 1
+    # a carried sweep run still says whose it is (its key was made with that student)
+    assert sorted(r["arm"] for r in carried if r.get("student") == "student-sft10") == sorted(SWEEP_ARMS)
 
 
 def test_run_key_names_what_decides_a_run_and_not_where_it_is_written():

@@ -39,7 +39,7 @@ class TeacherConfig(_Section):
 
 class LossConfig(_Section):
     method: Literal["opd", "tropd", "eopd", "reopold", "gkd", "sft"] = "tropd"
-    rule: Literal["threshold", "stochastic", "adaptive"] = Field("threshold", description="trust rule")
+    rule: Literal["threshold", "stochastic", "adaptive"] = Field("stochastic", description="trust rule")
     tau: float = Field(0.1, ge=0, le=1, description="threshold on P_t = min(1, p_T/p_S)")
     quantile: float = Field(0.5, ge=0, le=1, description="adaptive rule: per-batch quantile of P_t")
     outlier: Literal["mask", "clip", "topk_fkl"] = "topk_fkl"

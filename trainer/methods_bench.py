@@ -13,9 +13,9 @@ above 10 x the run's median.
 Writes `results.json` and PNG plots to `--out` (default: docs/results) and the report beside that folder,
 `<out>.md` (docs/results.md), its images linked from the folder. Every finished run is
 kept at once in `results.partial.json`, under a key made of the settings that decide its outcome (method,
-seed, student, budget, toy world; not the code: after a change to the trainer, run again without
-`--resume`); `--resume` reuses the runs whose key matches, so a long benchmark can stop and go on, and a run
-that two parts of the report share (the sweep's own student) is trained once. Runs of earlier reports that
+seed, student, budget, toy world; not the code nor the trainer's defaults: after a change to either, run
+again without `--resume`); `--resume` reuses the runs whose key matches, so a long benchmark can stop and go
+on, and a run that two parts of the report share (the sweep's own student) is trained once. Runs of earlier reports that
 the present one does not include are carried along (`other_runs`), so a report of a few methods does not
 lose the others. `--jobs N` trains N runs at a time in separate processes, each with an equal share of the
 cores.
@@ -44,7 +44,7 @@ ARMS: dict[str, list[str]] = {
     "tropd-no-guidance": ["guidance.enabled=false"],
     "tropd-outlier-mask": ["loss.outlier=mask"],
     "tropd-outlier-clip": ["loss.outlier=clip"],
-    "tropd-rule-stochastic": ["loss.rule=stochastic"],
+    "tropd-rule-threshold": ["loss.rule=threshold"],
     "tropd-rule-adaptive": ["loss.rule=adaptive"],
     "eopd": ["loss.method=eopd"],
     "reopold": ["loss.method=reopold"],
@@ -238,7 +238,8 @@ def _fill(report: dict, plan: list, keys: list[str], done: dict, earlier: dict) 
     report["runs"], report["sweep"] = [], []
     for (section, _arm, _seed, student), key in zip(plan, keys, strict=True):
         if key in done:
-            report[section].append(done[key] if section == "runs" else {**done[key], "student": student.name})
+            run = {k: v for k, v in done[key].items() if k != "student"}
+            report[section].append(run if section == "runs" else {**run, "student": student.name})
     mine = set(keys)
     report["other_runs"] = [r for k, r in earlier.items() if k not in mine]
 
@@ -257,7 +258,7 @@ def _earlier_runs(out: Path, log) -> dict:
             continue
         for r in [*earlier.get("runs", []), *earlier.get("sweep", []), *earlier.get("other_runs", [])]:
             if isinstance(r, dict) and isinstance(r.get("key"), str):
-                done[r["key"]] = {k: v for k, v in r.items() if k != "student"}
+                done[r["key"]] = r  # a sweep run keeps its student's name: a run carried along says whose it is
     return done
 
 
@@ -450,7 +451,7 @@ def verdict(rows: list[dict]) -> list[str]:
     out.append("")
     out.append(
         "A 'win' or 'loss' here means the difference of the means exceeds the larger standard deviation over seeds; "
-        "otherwise it is a tie. For an ablation, a tropd win means the part it removes helps."
+        "otherwise it is a tie. For an ablation, a tropd win means the part it removes or replaces helps."
     )
     return out
 
