@@ -12,10 +12,11 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from pydantic import BaseModel
 from safetensors.torch import load_file
 
 from tests.helpers import free_port, teacher
-from trainer.config import load_config
+from trainer.config import TrainConfig, load_config
 from trainer.train import train
 from tropd.errors import UserError
 
@@ -183,6 +184,19 @@ def test_inprocess_teacher(toy_quick, tmp_path):
 def test_example_configs_load(path):
     config = load_config(path)
     assert Path(path).stem == f"toy-{config.loss.method}"
+
+
+def test_every_config_key_is_described():
+    """README and the example configs point at trainer/config.py for what each key means."""
+
+    def undescribed(model, prefix=""):
+        for name, field in model.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                yield from undescribed(field.annotation, f"{prefix}{name}.")
+            elif not field.description:
+                yield prefix + name
+
+    assert list(undescribed(TrainConfig)) == []
 
 
 def test_demo_settings_and_their_precedence(tmp_path):

@@ -27,11 +27,12 @@ def add_toy(sub) -> None:
         "build",
         help="train the toy teacher and student (cached)",
         description="Build the toy world: a character tokenizer, a Llama teacher (~1M parameters) trained by SFT "
-        "on scratchpad answers, and a ~8x smaller student warm-started on answer-only responses. "
+        "on scratchpad answers, and a smaller student (~0.45M) warm-started on answer-only responses plus single steps "
+        "drilled in the teacher's style, so that the two disagree. "
         "Deterministic for a seed; a second run with the same settings is instant.",
     )
     build.add_argument("--out", default="artifacts/toy", help="output directory (default: artifacts/toy)")
-    build.add_argument("--quick", action="store_true", help="a tiny build for tests (well under 2 minutes)")
+    build.add_argument("--quick", action="store_true", help="a tiny build for tests (under a minute on 2 cores)")
     build.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default: 0)")
     build.set_defaults(run=run_toy_build)
 
@@ -83,9 +84,11 @@ def _format_eval(r: dict) -> str:
 def add_train(sub) -> None:
     train = sub.add_parser(
         "train",
-        help="train a student against a teacher service",
-        description="Train the student with TrOPD or a baseline (opd, eopd, reopold, gkd, sft) against a running "
-        "teacher service. The config is a YAML file (see configs/) with key=value overrides, e.g. "
+        help="train a student against a teacher (a service, a stock vLLM server, or in-process)",
+        description="Train the student with TrOPD or a baseline (opd, eopd, reopold, gkd, sft) against a teacher: "
+        "a running teacher service (default), a stock vLLM OpenAI server (teacher.api=vllm-openai), or the teacher "
+        "model in this process (teacher.api=inprocess teacher.model=DIR). The config is a YAML file (see "
+        "configs/) with key=value overrides, e.g. "
         "`tropd train --config configs/toy-tropd.yaml steps=50 loss.outlier=mask teacher.url=http://host:8000`.",
     )
     train.add_argument("--config", help="YAML config file (default: built-in defaults)")

@@ -30,19 +30,25 @@ class TeacherConfig(_Section):
     engine: Literal["hf", "vllm"] = Field("hf", description="inprocess: the engine that loads `model`")
     api_key_env: str | None = Field(None, description="environment variable holding the bearer key")
     top_k: int = Field(8, ge=0, le=1024, description="teacher top-k for forward-KL terms")
-    timeout_s: float = Field(120.0, gt=0)
-    retries: int = Field(12, ge=0, description="retries with back-off on connection errors, 429 and 503")
+    timeout_s: float = Field(120.0, gt=0, description="seconds one request may take before it is retried")
+    retries: int = Field(
+        12, ge=0, description="retries with back-off on connection errors, timeouts, 429, 502, 503 and 504"
+    )
     max_concurrency: int = Field(4, ge=1, description="scoring requests in flight at once")
     request_sequences: int = Field(64, ge=1, description="sequences per scoring request")
     client_id: str | None = Field(None, description="sent as X-TrOPD-Client (default: hostname-pid)")
 
 
 class LossConfig(_Section):
-    method: Literal["opd", "tropd", "eopd", "reopold", "gkd", "sft"] = "tropd"
+    method: Literal["opd", "tropd", "eopd", "reopold", "gkd", "sft"] = Field(
+        "tropd", description="the loss: TrOPD or one of the baselines (DESIGN's formulas)"
+    )
     rule: Literal["threshold", "stochastic", "adaptive"] = Field("stochastic", description="trust rule")
     tau: float = Field(0.1, ge=0, le=1, description="threshold on P_t = min(1, p_T/p_S)")
     quantile: float = Field(0.5, ge=0, le=1, description="adaptive rule: per-batch quantile of P_t")
-    outlier: Literal["mask", "clip", "topk_fkl"] = "topk_fkl"
+    outlier: Literal["mask", "clip", "topk_fkl"] = Field(
+        "topk_fkl", description="treatment of tokens outside the trust region"
+    )
     clip_c: float = Field(2.0, gt=0, description="clip rule: advantages clipped to >= -clip_c")
     lambda_out: float = Field(1.0, ge=0, description="weight of the outlier term")
     lambda_prefix: float = Field(1.0, ge=0, description="weight of forward KD on teacher-prefix tokens")
@@ -65,42 +71,44 @@ class GuidanceConfig(_Section):
 
 
 class RolloutConfig(_Section):
-    prompts_per_step: int = Field(64, ge=1)
-    samples_per_prompt: int = Field(1, ge=1)
-    max_new_tokens: int = Field(40, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    prompts_per_step: int = Field(64, ge=1, description="prompts sampled per optimizer step (global batch)")
+    samples_per_prompt: int = Field(1, ge=1, description="student samples drawn for each prompt")
+    max_new_tokens: int = Field(40, ge=1, description="longest student response, in tokens")
+    temperature: float = Field(1.0, gt=0, description="student sampling temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="student nucleus-sampling threshold (1: off)")
 
 
 class OptimConfig(_Section):
-    lr: float = Field(3e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(10, ge=0)
-    schedule: Literal["constant", "cosine"] = "constant"
-    grad_clip: float = Field(1.0, gt=0)
+    lr: float = Field(3e-3, gt=0, description="AdamW learning rate after warmup")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(10, ge=0, description="steps of linear warmup from lr/warmup_steps")
+    schedule: Literal["constant", "cosine"] = Field("constant", description="lr after warmup: constant or cosine to 0")
+    grad_clip: float = Field(1.0, gt=0, description="gradient norm clip")
 
 
 class EvalConfig(_Section):
     every: int = Field(250, ge=0, description="evaluate every N steps (0: only before and after)")
     n: int = Field(200, ge=1, description="greedy-accuracy prompts per task")
     kl_prompts: int = Field(64, ge=1, description="held-out prompts for the reverse-KL estimate")
-    tasks: list[Literal["math", "code", "general"]] = Field(default_factory=lambda: ["math", "code", "general"])
+    tasks: list[Literal["math", "code", "general"]] = Field(
+        default_factory=lambda: ["math", "code", "general"], description="tasks evaluated (accuracy and reverse KL)"
+    )
     before_after: bool = Field(True, description="evaluate before and after training")
 
 
 class TrainConfig(_Section):
     student: str = Field("artifacts/toy/student", description="student model directory (Hugging Face layout)")
     out: str = Field("runs/tropd", description="run directory")
-    steps: int = Field(1000, ge=1)
-    seed: int = Field(0, ge=0)
+    steps: int = Field(1000, ge=1, description="optimizer steps")
+    seed: int = Field(0, ge=0, description="seeds sampling, data order and the trust rule's draws")
     tasks: dict[Literal["math", "code", "general"], float] = Field(
         default_factory=lambda: {"math": 0.6, "code": 0.3, "general": 0.1}, description="task mix of prompts"
     )
     max_staleness: int = Field(0, ge=0, le=8, description="0: strictly on-policy; k: rollouts up to k steps old")
     checkpoint_every: int = Field(250, ge=0, description="0: only at the end")
-    keep_checkpoints: int = Field(2, ge=1)
-    tensorboard: bool = True
-    plot: bool = True
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept in the run directory")
+    tensorboard: bool = Field(True, description="write TensorBoard logs beside metrics.jsonl")
+    plot: bool = Field(True, description="write curves.png at the end")
     threads: int | None = Field(None, ge=1, description="torch threads (default: all cores)")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     loss: LossConfig = Field(default_factory=LossConfig)

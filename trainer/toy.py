@@ -1,5 +1,6 @@
 """The offline toy world: a character tokenizer, a Llama teacher trained by SFT on scratchpad answers,
-and a smaller student warm-started on answer-only responses, so that the two disagree.
+and a smaller student warm-started on answer-only responses plus single steps drilled in the teacher's
+style (it can do each step, never chained), so that the two disagree.
 
 `build(out)` makes `out/teacher` and `out/student` (Hugging Face model directories with tokenizer files)
 deterministically for a seed, and caches them: a second call with the same settings returns at once.

@@ -54,14 +54,15 @@ def add_teacher(sub) -> None:
     serve.add_argument(
         "--gpu-memory-utilization",
         type=float,
-        help="vllm: memory share for weights and KV cache (on CPU: share of RAM for the KV cache; default 0.15)",
+        help="vllm: memory share for weights and KV cache (default 0.9 on GPU; on CPU: share of RAM for the KV cache, "
+        "default 0.15)",
     )
     serve.add_argument("--tensor-parallel-size", type=positive_int, default=1, help="vllm: GPUs per replica (1)")
     serve.add_argument(
-        "--simulate-latency-ms", type=float, default=0.0, help="testing: add this latency to every score/continue"
+        "--simulate-latency-ms", type=float, default=0.0, help="testing: add this latency to every score/continue (0)"
     )
     serve.add_argument(
-        "--fail-rate", type=float, default=0.0, help="testing: answer this share of requests with 503 (0-1)"
+        "--fail-rate", type=float, default=0.0, help="testing: answer this share of requests with 503 (0-1; 0)"
     )
     serve.add_argument(
         "--read-timeout-s",
@@ -82,7 +83,9 @@ def add_teacher(sub) -> None:
         help="torch threads (default: torch's choice, the machine's cores); vLLM's CPU backend may bind its own "
         "(VLLM_CPU_OMP_THREADS_BIND)",
     )
-    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    serve.add_argument(
+        "--log-level", choices=("debug", "info", "warning", "error"), default="info", help="log detail (info)"
+    )
     serve.set_defaults(run=run_serve)
 
 
