@@ -136,6 +136,11 @@ def _cli(*args):
         (["--config", "no/such.yaml"], "not found"),
         (["--config", "configs/toy-tropd.yaml", "student=/no/such/dir"], "not found"),
         (["--config", "configs/toy-tropd.yaml", "teacher.api=vllm-openai"], "guidance.enabled=false"),
+        (["--config", "configs/toy-tropd.yaml", "optim.lr=inf"], "optim.lr: Input should be a finite number"),
+        (["--config", "configs/toy-tropd.yaml", "tasks={math: .nan}"], "tasks.math"),
+        (["--config", "configs/toy-tropd.yaml", "eval.tasks=[]"], "eval.tasks"),
+        (["--config", "configs/toy-tropd.yaml", "=5"], "the key is empty"),
+        (["--config", "configs"], "is a directory"),
     ],
 )
 def test_bad_config_is_a_one_line_error(args, needle):
@@ -143,6 +148,64 @@ def test_bad_config_is_a_one_line_error(args, needle):
     assert result.returncode == 2, result.stderr
     assert needle in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_config_file_that_is_not_text_is_a_one_line_error(tmp_path):
+    (tmp_path / "bin.yaml").write_bytes(bytes(range(128, 256)))
+    result = _cli("--config", str(tmp_path / "bin.yaml"))
+    assert result.returncode == 2 and "is not UTF-8 text" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_dotted_override_changes_one_entry_of_a_default_mapping():
+    config = load_config(None, ["tasks.math=0.5", "out=123"])
+    assert config.tasks == {"math": 0.5, "code": 0.3, "general": 0.1}
+    assert config.out == "123"  # a string key given a number-like value keeps it as text
+
+
+def _inprocess(toy_quick, out, *extra):
+    return [f"student={toy_quick / 'student'}", "teacher.api=inprocess", f"teacher.model={toy_quick / 'teacher'}",
+            f"out={out}", *SMALL, "steps=2", "checkpoint_every=1", "eval.n=2", "eval.kl_prompts=2", *extra]  # fmt: skip
+
+
+def test_out_that_holds_a_model_or_is_a_file_is_refused(toy_quick, tmp_path):
+    world = tmp_path / "world"
+    shutil.copytree(toy_quick, world)
+    weights = (world / "student" / "model.safetensors").read_bytes()
+    (tmp_path / "afile").write_text("")
+    for out, student, needle in [
+        (world, world / "student", "would overwrite the student it trains"),
+        (world, toy_quick / "student", "holds a toy world"),
+        (world / "teacher", toy_quick / "student", "holds a model"),
+        (tmp_path / "afile" / "run", toy_quick / "student", "afile' is a file"),
+        (tmp_path / "run", toy_quick / "student", "teacher.model directory '/no/such/dir' not found"),
+    ]:
+        args = _inprocess(toy_quick, out, f"student={student}")
+        if "teacher.model" in needle:
+            args.append("teacher.model=/no/such/dir")
+        result = subprocess.run([sys.executable, "-m", "tropd", "train", *args], capture_output=True, text=True)
+        assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert (world / "student" / "model.safetensors").read_bytes() == weights
+
+
+def test_resume_refuses_what_it_cannot_continue_and_loses_nothing(toy_quick, tmp_path):
+    run_dir = tmp_path / "run"
+    first = _cli(*_inprocess(toy_quick, run_dir))
+    assert first.returncode == 0, first.stderr[-2000:]
+    summary = (run_dir / "summary.json").read_text()
+
+    def resume(*extra):
+        return _cli(*_inprocess(toy_quick, run_dir, *extra), "--resume")
+
+    result = resume("steps=1")  # the last checkpoint is at step 2
+    assert result.returncode == 2 and "give steps >= 2" in result.stderr, result.stderr[-2000:]
+    (run_dir / "checkpoints" / "step-000002" / "trainer_state.pt").write_bytes(b"garbage")
+    result = resume("steps=3")
+    assert result.returncode == 2 and "step-000002 is damaged" in result.stderr, result.stderr[-2000:]
+    shutil.rmtree(run_dir / "checkpoints")
+    result = resume("steps=3")
+    assert result.returncode == 2 and "finished run without checkpoints" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert (run_dir / "summary.json").read_text() == summary
 
 
 def test_unreachable_teacher_is_a_clear_error(toy_quick, tmp_path):

@@ -300,7 +300,7 @@ def _broken_student(toy_quick: Path, where: Path, kind: str) -> Path:
     "kind,needle",
     [
         ("no-weights", "has no weights"),
-        ("truncated-weights", "cannot load the student model"),
+        ("truncated-weights", "model.safetensors is damaged"),
         ("no-tokenizer", "has no tokenizer"),
         ("other-tokenizer", "tokenizer differs"),
     ],

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from tropd.errors import UserError
+
 PREFIX = "step-"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -55,9 +57,24 @@ def latest(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def step_of(path: Path) -> int:
+    """The step a checkpoint directory `step-NNNNNN` was written at."""
+    return int(path.name.removeprefix(PREFIX))
+
+
 def load_state(path: Path) -> tuple[dict, dict]:
-    """(trainer state from trainer_state.pt, state.json); restores the global RNGs."""
-    blob = torch.load(path / "trainer_state.pt", weights_only=False)
-    random.setstate(blob["python_random"])
-    torch.set_rng_state(blob["torch_random"])
-    return blob, json.loads((path / "state.json").read_text())
+    """(trainer state from trainer_state.pt, state.json); restores the global RNGs. A damaged checkpoint is a
+    UserError that names it."""
+    try:
+        blob = torch.load(path / "trainer_state.pt", weights_only=False)
+        state = json.loads((path / "state.json").read_text())
+        if not isinstance(blob, dict) or not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("unexpected contents")
+        random.setstate(blob["python_random"])
+        torch.set_rng_state(blob["torch_random"])
+        for key in ("optimizer", "scheduler", "cursor"):
+            blob[key]  # noqa: B018 (present, or KeyError)
+    except Exception as exc:  # torch.load, json and the RNG setters raise many kinds; all mean "damaged"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(f"checkpoint {path} is damaged ({first}): remove it to resume from the one before") from None
+    return blob, state

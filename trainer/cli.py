@@ -12,8 +12,11 @@ TASK_CHOICES = ("math", "code", "general")
 
 
 def _model_dir(path: str, what: str = "model") -> str:
+    from tropd.modeldir import check_model_dir
+
     if not (Path(path) / "config.json").is_file():
         raise UserError(f"{what} directory {path!r} not found (no config.json there); build it with `tropd toy build`")
+    check_model_dir(path, what, tokenizer=False)
     return path
 
 
@@ -194,9 +197,16 @@ def run_bench_methods(args) -> int:
 
 
 def run_bench(args) -> int:
-    if args.latency_ms is not None and args.latency_ms < 0:
-        raise UserError(f"--latency-ms must be >= 0, got {args.latency_ms}")
+    import math
+
+    from tropd.paths import directory_path
+
+    if args.latency_ms is not None and not (math.isfinite(args.latency_ms) and args.latency_ms >= 0):
+        raise UserError(f"--latency-ms must be a number >= 0, got {args.latency_ms}")
+    if args.steps is not None and args.steps < 3:
+        raise UserError(f"--steps must be >= 3 (the first two steps of each arm are warm-up), got {args.steps}")
     args.toy = args.toy or ("artifacts/toy-quick" if args.quick else "artifacts/toy")
+    directory_path(args.toy, "--toy")
     if not args.build:
         _model_dir(str(Path(args.toy) / "teacher"), "teacher")
     from trainer.bench import main
@@ -258,9 +268,15 @@ def run_demo(args) -> int:
     from services.teacher.launch import launch
     from trainer import toy
     from trainer.config import load_config
+    from trainer.train import check_run_dir
+    from tropd.paths import directory_path
 
+    if any(item.split("=", 1)[0].strip() == "out" for item in args.overrides):
+        raise UserError("tropd demo: give the run directory with --out DIR, not out=DIR")
     out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     config = load_config(args.config, demo_overrides(args, out))  # validate before any work
+    check_run_dir(out, Path(config.student))
+    directory_path(args.toy, "--toy")
     if (out / "metrics.jsonl").is_file():
         raise UserError(f"run directory {out} already holds a run: choose another --out")
     seed, quick = toy.built_kind(args.toy)

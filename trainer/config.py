@@ -18,7 +18,8 @@ from tropd.errors import UserError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf is refused like nan (an infinite lr or clip is never meant); `out=123` stays the string "123"
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, coerce_numbers_to_str=True)
 
 
 class TeacherConfig(_Section):
@@ -91,7 +92,9 @@ class EvalConfig(_Section):
     n: int = Field(200, ge=1, description="greedy-accuracy prompts per task")
     kl_prompts: int = Field(64, ge=1, description="held-out prompts for the reverse-KL estimate")
     tasks: list[Literal["math", "code", "general"]] = Field(
-        default_factory=lambda: ["math", "code", "general"], description="tasks evaluated (accuracy and reverse KL)"
+        default_factory=lambda: ["math", "code", "general"],
+        min_length=1,
+        description="tasks evaluated (accuracy and reverse KL)",
     )
     before_after: bool = Field(True, description="evaluate before and after training")
 
@@ -140,11 +143,18 @@ class TrainConfig(_Section):
         )
 
 
-def _set(tree: dict, dotted: str, value) -> None:
+def _set(tree: dict, dotted: str, value, defaults: dict) -> None:
+    """Set `dotted` in `tree`; a section or mapping the tree lacks starts from its defaults, so that
+    `tasks.math=0.5` changes one weight of the default mix instead of replacing the mix."""
     keys = dotted.split(".")
+    if not all(keys):
+        raise UserError(f"override {dotted + '=...'!r}: the key is empty or has an empty part")
     node = tree
     for key in keys[:-1]:
-        child = node.setdefault(key, {})
+        defaults = defaults.get(key) if isinstance(defaults, dict) else None
+        if key not in node:
+            node[key] = dict(defaults) if isinstance(defaults, dict) else {}
+        child = node[key]
         if not isinstance(child, dict):
             raise UserError(f"override {dotted!r}: {key!r} is not a section")
         node = child
@@ -156,14 +166,23 @@ def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
     tree: dict = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise UserError(f"config file {path!r} is a directory")
         if not p.is_file():
             raise UserError(f"config file {path!r} not found")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise UserError(f"config file {path!r} is not UTF-8 text") from None
         except yaml.YAMLError as exc:
-            raise UserError(f"config file {path!r} is not valid YAML: {exc}") from None
+            where = getattr(exc, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+            raise UserError(
+                f"config file {path!r} is not valid YAML{at}: {getattr(exc, 'problem', None) or exc}"
+            ) from None
         if not isinstance(tree, dict):
             raise UserError(f"config file {path!r} must hold a mapping of keys to values")
+    defaults = TrainConfig().model_dump(mode="json")
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override {item!r} must look like key=value (e.g. loss.tau=0.2)")
@@ -172,14 +191,15 @@ def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
             value = yaml.safe_load(text) if text else ""
         except yaml.YAMLError:
             value = text
-        _set(tree, key.strip(), value)
+        _set(tree, key.strip(), value, defaults)
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "config"
-            problems.append(f"{where}: {err['msg']}" + (f" (got {repr(err['input'])[:80]})" if "input" in err else ""))
+            where = ".".join(str(p) for p in err["loc"])
+            shown = f" (got {repr(err['input'])[:80]})" if where and "input" in err else ""  # not the whole config
+            problems.append(f"{where or 'config'}: {err['msg'].removeprefix('Value error, ')}{shown}")
         raise UserError("bad config: " + "; ".join(problems)) from None
 
 

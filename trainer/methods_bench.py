@@ -505,7 +505,9 @@ def plots(report: dict, out: Path) -> None:
 def main(args) -> int:
     from trainer import toy
     from tropd.errors import UserError
+    from tropd.paths import directory_path
 
+    directory_path(args.out, "--out")
     if args.methods:
         unknown = [m for m in args.methods if m not in ARMS]
         if unknown:
@@ -514,6 +516,9 @@ def main(args) -> int:
         toy_dir = args.toy
         if not (Path(toy_dir) / "build.json").is_file():
             raise UserError(f"--toy {toy_dir!r}: no toy world there (no build.json); build it with `tropd toy build`")
+        record = toy._read_record(Path(toy_dir))
+        if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
+            raise UserError(f"--toy {toy_dir!r}: its build.json is damaged; rebuild it with `tropd toy build`")
     else:
         toy_dir = "artifacts/toy-quick" if args.quick else "artifacts/toy"
         toy.build(toy_dir, quick=args.quick, log=_stderr)

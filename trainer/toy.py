@@ -23,8 +23,11 @@ from trainer import tasks
 from trainer.rollout import response_logprobs, sample
 from trainer.tasks import stack
 from trainer.tokenizer import VOCAB
+from tropd.errors import UserError
+from tropd.paths import directory_path
 
 BUILD_VERSION = 1
+OWN_FILES = {"build.json", "teacher", "student", "teacher.tmp", "student.tmp"}  # all that build() writes in `out`
 MIX = {"math": 0.45, "code": 0.35, "general": 0.2}
 MAX_NEW_TOKENS = 40
 
@@ -228,7 +231,11 @@ def build(out: str | Path = "artifacts/toy", seed: int = 0, quick: bool = False,
     """Make (or reuse) the toy teacher and student under `out`; returns the build record.
 
     A model whose own settings (architecture, recipe, seed) did not change since the last build is kept."""
-    out = Path(out)
+    out = directory_path(out, "toy world directory")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_FILES) if out.is_dir() else []
+    if foreign:
+        raise UserError(f"{out} holds files a toy build did not make ({', '.join(foreign[:4])}): a build would "
+                        "replace its teacher/ and student/; choose a new or empty directory")  # fmt: skip
     old = _read_record(out)
     if _is_current(old, out, seed, quick):
         log(f"[toy] cached: {out} (seed {seed}{', quick' if quick else ''})")

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -28,14 +29,10 @@ from trainer.tasks import examples
 from trainer.teacher_link import TeacherLink
 from trainer.tokenizer import VOCAB
 from tropd.errors import UserError
+from tropd.modeldir import check_model_dir
+from tropd.paths import directory_path
 
 EVAL_SEED = 1234
-WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
 
 
 def compute_loss(config: TrainConfig, batch: Batch, logits_B_T_V, step: int, uniform_B_T=None):
@@ -109,8 +106,18 @@ class RunLog:
     def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int):
         self.path = run_dir / "metrics.jsonl"
         if resume_step and self.path.is_file():  # drop steps after the checkpoint: they will run again
-            records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            kept = [json.dumps(r) for r in records if r["step"] <= resume_step and not r.get("final")]
+            records = []
+            for number, line in enumerate(self.path.read_text().splitlines(), 1):
+                try:
+                    record = json.loads(line) if line.strip() else None
+                except ValueError:
+                    record = None
+                if record is not None and not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+                    record = None
+                if record is None and line.strip():
+                    print(f"[train] {self.path} line {number} is not a metrics record: dropped", file=sys.stderr)
+                records.append(record)
+            kept = [json.dumps(r) for r in records if r and r["step"] <= resume_step and not r.get("final")]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif not resume_step:
             self.path.write_text("")
@@ -211,14 +218,19 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict | None:
 
     run_dir = Path(config.out)
     student_dir = Path(config.student)
-    if not (student_dir / "config.json").is_file():
-        raise UserError(f"student directory {config.student!r} not found (no config.json there)")
-    for what, names in (("weights", WEIGHT_FILES), ("tokenizer", ("tokenizer.json", "tokenizer_config.json"))):
-        if not any((student_dir / name).is_file() for name in names):
-            raise UserError(f"student directory {config.student!r} has no {what} (none of {', '.join(names)})")
+    check_model_dir(student_dir, "student")
+    check_run_dir(run_dir, student_dir)
+    if config.teacher.api == "inprocess":
+        check_model_dir(config.teacher.model, "teacher.model")
     ckpt = checkpoint.latest(run_dir) if resume else None
     if not resume and (run_dir / "metrics.jsonl").is_file():
         raise UserError(f"run directory {run_dir} already holds a run: pass --resume, or choose another `out`")
+    if resume and ckpt is None and (run_dir / "summary.json").is_file():
+        raise UserError(f"run directory {run_dir} holds a finished run without checkpoints: nothing to resume from "
+                        "(starting again would overwrite it); choose another `out`")  # fmt: skip
+    if ckpt is not None and checkpoint.step_of(ckpt) > config.steps:
+        raise UserError(f"--resume: the last checkpoint of {run_dir} is at step {checkpoint.step_of(ckpt)}, past "
+                        f"steps={config.steps}: give steps >= {checkpoint.step_of(ckpt)}")  # fmt: skip
     dp = DataParallel(config)
     torch.set_num_threads(config.threads or max(1, min(os.cpu_count() or 1, 8) // dp.world))
     torch.manual_seed(config.seed)
@@ -240,7 +252,7 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict | None:
         loss_gen = torch.Generator().manual_seed(config.seed + 1)
         done, skipped, cursor = 0, 0, 0
         if ckpt is not None:
-            blob, state = checkpoint.load_state(ckpt)
+            blob, state = checkpoint.load_state(ckpt)  # a damaged checkpoint is a UserError naming it
             optimizer.load_state_dict(blob["optimizer"])
             scheduler.load_state_dict(blob["scheduler"])
             rollouts.load_state(blob["cursor"]["rollouts"])
@@ -365,6 +377,17 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict | None:
     finally:
         link.close()
         dp.close()
+
+
+def check_run_dir(run_dir: Path, student_dir: Path) -> None:
+    """Refuse an `out` that is a file, lies under a file, or holds a model or a toy world (the run would
+    write its `student/` over what is there)."""
+    directory_path(run_dir, "out")
+    if (run_dir / "student").resolve() == student_dir.resolve() or run_dir.resolve() == student_dir.resolve():
+        raise UserError(f"out {str(run_dir)!r} would overwrite the student it trains ({student_dir}): choose another")
+    for marker, what in (("build.json", "a toy world"), ("config.json", "a model")):
+        if (run_dir / marker).is_file():
+            raise UserError(f"out {str(run_dir)!r} holds {what} ({marker}), not a run: choose another directory")
 
 
 def _load_student(path: Path):

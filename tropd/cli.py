@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"tropd: error: {exc}", file=sys.stderr)
         return 2
+    except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+        # a path the user gave that cannot be used as given; the commands check most of them first
+        print(f"tropd: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("tropd: interrupted", file=sys.stderr)
         return 130

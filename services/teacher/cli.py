@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import sys
-from pathlib import Path
 
 from tropd.errors import UserError
 
@@ -181,8 +181,10 @@ def settings_from_args(args):
 
     if not 0 <= args.fail_rate <= 1:
         raise UserError(f"--fail-rate must be between 0 and 1, got {args.fail_rate}")
-    if args.simulate_latency_ms < 0 or args.batch_window_ms < 0:
-        raise UserError("--simulate-latency-ms and --batch-window-ms must be >= 0")
+    for name in ("simulate_latency_ms", "batch_window_ms", "read_timeout_s", "keep_alive_s"):
+        value = getattr(args, name, 0.0)
+        if not (math.isfinite(value) and value >= 0):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
     if args.gpu_memory_utilization is not None and not 0 < args.gpu_memory_utilization <= 1:
         raise UserError(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
     api_key = None
@@ -206,8 +208,9 @@ def settings_from_args(args):
 
 
 def run_serve(args) -> int:
-    if not (Path(args.model) / "config.json").is_file():
-        raise UserError(f"model directory {args.model!r} not found (no config.json there)")
+    from tropd.modeldir import check_model_dir
+
+    check_model_dir(args.model, "model")
     settings = settings_from_args(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(message)s", stream=sys.stderr)
     log = logging.getLogger("tropd.teacher")
@@ -256,7 +259,7 @@ def run_serve(args) -> int:
     log.info(
         json.dumps(
             {
-                "event": "serving",
+                "event": "starting",  # uvicorn's own line says where it listens (the port, with --port 0)
                 "engine": engine.name,
                 "host": args.host,
                 "port": args.port,
