@@ -198,6 +198,8 @@ def test_resume_refuses_what_it_cannot_continue_and_loses_nothing(toy_quick, tmp
 
     result = resume("steps=1")  # the last checkpoint is at step 2
     assert result.returncode == 2 and "give steps >= 2" in result.stderr, result.stderr[-2000:]
+    result = resume("steps=3", "optim.lr=0.1")
+    assert result.returncode == 2 and "differ from the run's config.yaml (optim.lr: 0.003 -> 0.1)" in result.stderr
     (run_dir / "checkpoints" / "step-000002" / "trainer_state.pt").write_bytes(b"garbage")
     result = resume("steps=3")
     assert result.returncode == 2 and "step-000002 is damaged" in result.stderr, result.stderr[-2000:]

@@ -228,6 +228,8 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict | None:
     if resume and ckpt is None and (run_dir / "summary.json").is_file():
         raise UserError(f"run directory {run_dir} holds a finished run without checkpoints: nothing to resume from "
                         "(starting again would overwrite it); choose another `out`")  # fmt: skip
+    if ckpt is not None:
+        _check_resumed_settings(run_dir, config)
     if ckpt is not None and checkpoint.step_of(ckpt) > config.steps:
         raise UserError(f"--resume: the last checkpoint of {run_dir} is at step {checkpoint.step_of(ckpt)}, past "
                         f"steps={config.steps}: give steps >= {checkpoint.step_of(ckpt)}")  # fmt: skip
@@ -377,6 +379,40 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict | None:
     finally:
         link.close()
         dp.close()
+
+
+# settings a resumed run may change: how long it runs, where its teacher is reached, what it logs; every
+# other setting decides what the steps compute, and must stay as the run began
+RESUME_FREE = ("steps", "out", "student", "threads", "checkpoint_every", "keep_checkpoints", "tensorboard", "plot",
+               "eval.", "teacher.url", "teacher.api", "teacher.model", "teacher.engine", "teacher.api_key_env",
+               "teacher.timeout_s", "teacher.retries", "teacher.max_concurrency", "teacher.request_sequences",
+               "teacher.client_id")  # fmt: skip
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "tasks":
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _check_resumed_settings(run_dir: Path, config: TrainConfig) -> None:
+    """Refuse to resume with settings that change what the steps compute (loss, data, optimizer, ...)."""
+    import yaml
+
+    try:
+        before = _flat(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return  # no readable record of the run's settings: nothing to compare with
+    now = _flat(config.model_dump(mode="json"))
+    changed = [key for key in now if key in before and before[key] != now[key] and not key.startswith(RESUME_FREE)]
+    if changed:
+        shown = ", ".join(f"{key}: {before[key]!r} -> {now[key]!r}" for key in changed[:4])
+        raise UserError(f"--resume with settings that differ from the run's config.yaml ({shown}): resume with the "
+                        "run's settings, or start a new run in another `out`")  # fmt: skip
 
 
 def check_run_dir(run_dir: Path, student_dir: Path) -> None:
