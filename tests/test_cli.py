@@ -115,3 +115,14 @@ def test_toy_build_refuses_a_directory_it_did_not_make(tmp_path):
     result = run("toy", "build", "--quick", "--out", str(run_dir))
     assert result.returncode == 2 and "toy build did not make (metrics.jsonl)" in result.stderr, result.stderr
     assert (run_dir / "student" / "model.safetensors").read_bytes() == b"trained"
+
+
+def test_toy_build_accepts_a_volume_root(tmp_path):
+    from trainer import toy
+
+    for name in ("lost+found", ".snapshot", "teacher", "student.tmp"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "build.json").write_text("{}")
+    assert toy.foreign_files(tmp_path) == []
+    (tmp_path / "notes.txt").write_text("")
+    assert toy.foreign_files(tmp_path) == ["notes.txt"]

@@ -227,12 +227,21 @@ def _is_current(record: dict | None, out: Path, seed: int, quick: bool) -> bool:
     return record.get("settings") == build_settings(seed, quick)
 
 
+def foreign_files(out: Path) -> list[str]:
+    """What `out` holds besides a build's own files: a volume's root may hold lost+found and hidden files,
+    anything else someone else put there (a build would replace its teacher/ and student/)."""
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir()
+                  if p.name not in OWN_FILES and p.name != "lost+found" and not p.name.startswith("."))  # fmt: skip
+
+
 def build(out: str | Path = "artifacts/toy", seed: int = 0, quick: bool = False, log=print) -> dict:
     """Make (or reuse) the toy teacher and student under `out`; returns the build record.
 
     A model whose own settings (architecture, recipe, seed) did not change since the last build is kept."""
     out = directory_path(out, "toy world directory")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_FILES) if out.is_dir() else []
+    foreign = foreign_files(out)
     if foreign:
         raise UserError(f"{out} holds files a toy build did not make ({', '.join(foreign[:4])}): a build would "
                         "replace its teacher/ and student/; choose a new or empty directory")  # fmt: skip
