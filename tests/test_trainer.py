@@ -156,6 +156,17 @@ def test_config_file_that_is_not_text_is_a_one_line_error(tmp_path):
     assert result.returncode == 2 and "is not UTF-8 text" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_overrides_may_follow_options():
+    from tropd.cli import build_parser
+
+    args, extra = build_parser().parse_known_args(["train", "steps=3", "--resume", "loss.tau=0.2", "--config", "c"])
+    assert (args.overrides, extra, args.resume, args.config) == (["steps=3"], ["loss.tau=0.2"], True, "c")
+    result = _cli("steps=3", "--config", "configs/toy-tropd.yaml", "loss.tau=2")  # reaches the validation
+    assert result.returncode == 2 and "loss.tau" in result.stderr, result.stderr
+    result = _cli("steps=3", "--resume", "--bogus")
+    assert result.returncode == 2 and "unrecognized arguments: --bogus" in result.stderr
+
+
 def test_dotted_override_changes_one_entry_of_a_default_mapping():
     config = load_config(None, ["tasks.math=0.5", "out=123"])
     assert config.tasks == {"math": 0.5, "code": 0.3, "general": 0.1}
