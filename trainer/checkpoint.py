@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from tropd.errors import UserError
+from tropd.errors import UserError, first_line
 
 PREFIX = "step-"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -70,11 +70,12 @@ def load_state(path: Path) -> tuple[dict, dict]:
         state = json.loads((path / "state.json").read_text())
         if not isinstance(blob, dict) or not isinstance(state, dict) or not isinstance(state.get("step"), int):
             raise ValueError("unexpected contents")
+        missing = {"optimizer", "scheduler", "cursor"} - blob.keys()
+        if missing:
+            raise ValueError(f"no {', '.join(sorted(missing))}")
         random.setstate(blob["python_random"])
         torch.set_rng_state(blob["torch_random"])
-        for key in ("optimizer", "scheduler", "cursor"):
-            blob[key]  # noqa: B018 (present, or KeyError)
     except Exception as exc:  # torch.load, json and the RNG setters raise many kinds; all mean "damaged"
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise UserError(f"checkpoint {path} is damaged ({first}): remove it to resume from the one before") from None
+        raise UserError(f"checkpoint {path} is damaged ({first_line(exc)}): remove it to resume from the one "
+                        "before") from None  # fmt: skip
     return blob, state

@@ -269,14 +269,12 @@ def run_demo(args) -> int:
     from trainer import toy
     from trainer.config import load_config
     from trainer.train import check_run_dir
-    from tropd.paths import directory_path
 
     if any(item.split("=", 1)[0].strip() == "out" for item in args.overrides):
         raise UserError("tropd demo: give the run directory with --out DIR, not out=DIR")
     out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     config = load_config(args.config, demo_overrides(args, out))  # validate before any work
     check_run_dir(out, Path(config.student))
-    directory_path(args.toy, "--toy")
     if (out / "metrics.jsonl").is_file():
         raise UserError(f"run directory {out} already holds a run: choose another --out")
     seed, quick = toy.built_kind(args.toy)

@@ -516,7 +516,7 @@ def main(args) -> int:
         toy_dir = args.toy
         if not (Path(toy_dir) / "build.json").is_file():
             raise UserError(f"--toy {toy_dir!r}: no toy world there (no build.json); build it with `tropd toy build`")
-        record = toy._read_record(Path(toy_dir))
+        record = toy.read_record(Path(toy_dir))
         if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
             raise UserError(f"--toy {toy_dir!r}: its build.json is damaged; rebuild it with `tropd toy build`")
     else:

@@ -202,7 +202,7 @@ def role_settings(role: str, seed: int, quick: bool) -> dict:
             "recipe": asdict(RECIPES[quick][role])}  # fmt: skip
 
 
-def _read_record(out: Path) -> dict | None:
+def read_record(out: Path) -> dict | None:
     try:
         return json.loads((out / "build.json").read_text())
     except (OSError, ValueError):
@@ -212,13 +212,13 @@ def _read_record(out: Path) -> dict | None:
 def built_kind(out: str | Path) -> tuple[int, bool]:
     """(seed, quick) of the build in `out`, or the full build's (0, False) where there is none: a rebuild then
     keeps the kind of toy world a directory holds."""
-    settings = (_read_record(Path(out)) or {}).get("settings") or {}
+    settings = (read_record(Path(out)) or {}).get("settings") or {}
     seed, quick = settings.get("seed", 0), settings.get("quick", False)
     return (seed, quick) if isinstance(seed, int) and isinstance(quick, bool) else (0, False)
 
 
 def is_built(out: Path, seed: int, quick: bool) -> bool:
-    return _is_current(_read_record(out), out, seed, quick)
+    return _is_current(read_record(out), out, seed, quick)
 
 
 def _is_current(record: dict | None, out: Path, seed: int, quick: bool) -> bool:
@@ -245,7 +245,7 @@ def build(out: str | Path = "artifacts/toy", seed: int = 0, quick: bool = False,
     if foreign:
         raise UserError(f"{out} holds files a toy build did not make ({', '.join(foreign[:4])}): a build would "
                         "replace its teacher/ and student/; choose a new or empty directory")  # fmt: skip
-    old = _read_record(out)
+    old = read_record(out)
     if _is_current(old, out, seed, quick):
         log(f"[toy] cached: {out} (seed {seed}{', quick' if quick else ''})")
         return old

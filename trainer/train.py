@@ -28,7 +28,7 @@ from trainer.rollout import response_logprobs, sample
 from trainer.tasks import examples
 from trainer.teacher_link import TeacherLink
 from trainer.tokenizer import VOCAB
-from tropd.errors import UserError
+from tropd.errors import UserError, first_line
 from tropd.modeldir import check_model_dir
 from tropd.paths import directory_path
 
@@ -100,24 +100,29 @@ def evaluate(model, link: TeacherLink, config: TrainConfig) -> dict:
     return {"accuracy": acc, "reverse_kl": k1_estimate(s_lp, t_lp, mask)}
 
 
+def _metrics_record(line: str) -> dict | None:
+    """A metrics.jsonl line as a record with an integer step, or None."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
 class RunLog:
     """metrics.jsonl, TensorBoard, and the console."""
 
     def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int):
         self.path = run_dir / "metrics.jsonl"
         if resume_step and self.path.is_file():  # drop steps after the checkpoint: they will run again
-            records = []
+            kept = []
             for number, line in enumerate(self.path.read_text().splitlines(), 1):
-                try:
-                    record = json.loads(line) if line.strip() else None
-                except ValueError:
-                    record = None
-                if record is not None and not (isinstance(record, dict) and isinstance(record.get("step"), int)):
-                    record = None
-                if record is None and line.strip():
-                    print(f"[train] {self.path} line {number} is not a metrics record: dropped", file=sys.stderr)
-                records.append(record)
-            kept = [json.dumps(r) for r in records if r and r["step"] <= resume_step and not r.get("final")]
+                record = _metrics_record(line)
+                if record is None:
+                    if line.strip():
+                        print(f"[train] {self.path} line {number} is not a metrics record: dropped", file=sys.stderr)
+                elif record["step"] <= resume_step and not record.get("final"):
+                    kept.append(json.dumps(record))
             self.path.write_text("".join(line + "\n" for line in kept))
         elif not resume_step:
             self.path.write_text("")
@@ -430,8 +435,7 @@ def _load_student(path: Path):
     try:
         return toy.load_model(path)
     except Exception as exc:  # transformers and safetensors raise many kinds; each means "no loadable model here"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot load the student model from {path}: {first}") from None
+        raise UserError(f"cannot load the student model from {path}: {first_line(exc)}") from None
 
 
 def _silent(*_args) -> None:

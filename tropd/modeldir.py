@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tropd.errors import UserError
+from tropd.errors import UserError, first_line
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -38,8 +38,9 @@ def check_model_dir(path: str | Path, what: str = "model", tokenizer: bool = Tru
             with safe_open(str(path / "model.safetensors"), framework="pt") as f:
                 f.keys()
         except Exception as exc:  # safetensors raises its own error type (and OSError) for a damaged file
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise UserError(f"{what} directory {str(path)!r}: model.safetensors is damaged ({first})") from None
+            raise UserError(
+                f"{what} directory {str(path)!r}: model.safetensors is damaged ({first_line(exc)})"
+            ) from None
     if tokenizer and not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise UserError(f"{what} directory {str(path)!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
     return path

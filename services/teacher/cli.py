@@ -181,8 +181,8 @@ def settings_from_args(args):
 
     if not 0 <= args.fail_rate <= 1:
         raise UserError(f"--fail-rate must be between 0 and 1, got {args.fail_rate}")
-    for name in ("simulate_latency_ms", "batch_window_ms", "read_timeout_s", "keep_alive_s"):
-        value = getattr(args, name, 0.0)
+    for name in ("simulate_latency_ms", "batch_window_ms"):
+        value = getattr(args, name)
         if not (math.isfinite(value) and value >= 0):
             raise UserError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
     if args.gpu_memory_utilization is not None and not 0 < args.gpu_memory_utilization <= 1:
