@@ -107,11 +107,13 @@ def test_tokenizer_mismatch_is_refused(toy_quick, service, tmp_path):
     with pytest.raises(UserError, match="tokenizer differs") as info:
         train(config(toy_quick, service, tmp_path / "run", "steps=1", f"student={student}"), log=lambda _: None)
     assert "teacher" in str(info.value) and "student" in str(info.value)
+    assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
 def test_top_k_over_the_teachers_limit_is_refused(toy_quick, service, tmp_path):
     with pytest.raises(UserError, match="at most top-k 20"):
         train(config(toy_quick, service, tmp_path / "run", "steps=1", "teacher.top_k=50"), log=lambda _: None)
+    assert not (tmp_path / "run").exists()
 
 
 def test_existing_run_directory_is_not_overwritten(toy_quick, service, tmp_path):

@@ -242,15 +242,15 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict | None:
     torch.set_num_threads(config.threads or max(1, min(os.cpu_count() or 1, 8) // dp.world))
     torch.manual_seed(config.seed)
     toy.quiet_transformers()
-    if dp.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(config, run_dir / "config.yaml")
-    else:
+    if not dp.main:
         log = _silent
 
     link = TeacherLink(config.teacher)
     try:
         info = link.check(str(student_dir), config.teacher.top_k)
+        if dp.main:  # a teacher refused above leaves no run directory behind
+            run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(config, run_dir / "config.yaml")
         model = _load_student(ckpt / "student" if ckpt else student_dir).train()
         trained = dp.wrap(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
