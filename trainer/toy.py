@@ -167,7 +167,9 @@ def sft(model, spec: SftSpec, seed: int, label: str, pool_size: int = 20000, log
         now = time.monotonic()
         if now - last > 5 or step == spec.steps - 1:
             last = now
-            log(f"  [{label}] step {step + 1}/{spec.steps}  loss {loss.item():.4f}  {now - start:.0f}s")
+            left = (now - start) / (step + 1) * (spec.steps - step - 1)
+            eta = f", about {left:.0f}s left" if step < spec.steps - 1 else ""
+            log(f"  [{label}] step {step + 1}/{spec.steps}  loss {loss.item():.4f}  {now - start:.0f}s{eta}")
     model.eval()
     return model
 
@@ -254,6 +256,8 @@ def build(out: str | Path = "artifacts/toy", seed: int = 0, quick: bool = False,
     out.mkdir(parents=True, exist_ok=True)
     (out / "build.json").unlink(missing_ok=True)
     recipe = RECIPES[quick]
+    if not quick:
+        log(f"[toy] building the toy world in {out} (once: 7-14 minutes on 2 cores, then cached)")
     start = time.monotonic()
     record: dict = {"settings": build_settings(seed, quick)}
     for role, spec in (("teacher", TEACHER), ("student", STUDENT)):
