@@ -257,7 +257,7 @@ def build(out: str | Path = "artifacts/toy", seed: int = 0, quick: bool = False,
     (out / "build.json").unlink(missing_ok=True)
     recipe = RECIPES[quick]
     if not quick:
-        log(f"[toy] building the toy world in {out} (once: 7-14 minutes on 2 cores, then cached)")
+        log(f"[toy] building the toy world in {out} (a full build takes 7-14 minutes on 2 cores, once: it is cached)")
     start = time.monotonic()
     record: dict = {"settings": build_settings(seed, quick)}
     for role, spec in (("teacher", TEACHER), ("student", STUDENT)):
