@@ -1,4 +1,5 @@
-"""Shared fixtures: the quick toy world (built once per checkout and cached under artifacts/)."""
+"""Shared fixtures: the quick toy world and a real-shaped world (each built once per checkout and cached under
+artifacts/)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,14 @@ def toy_quick() -> Path:
     out = Path(os.environ.get("TROPD_TEST_TOY", ROOT / "artifacts" / "toy-quick"))
     toy.build(out, seed=0, quick=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def realworld() -> Path:
+    """A byte-level BPE tokenizer with ChatML, a Qwen3 teacher and student, JSONL prompt sets (tests/realworld.py)."""
+    from tests.realworld import build_realworld
+
+    return build_realworld(Path(os.environ.get("TROPD_TEST_REALWORLD", ROOT / "artifacts" / "realworld")))
 
 
 @pytest.fixture(scope="module")

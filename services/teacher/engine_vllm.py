@@ -51,9 +51,8 @@ class VLLMEngine:
             options["max_model_len"] = max_model_len
         self.llm = LLM(**options)
         config = self.llm.llm_engine.model_config
-        eos = self.llm.llm_engine.model_config.hf_config.eos_token_id
-        self.eos_id = eos[0] if isinstance(eos, list) else eos
-        self.info = describe(model_dir, "vllm", dtype, config.get_vocab_size(), config.max_model_len, self.eos_id)
+        eos = config.hf_config.eos_token_id
+        self.info = describe(model_dir, "vllm", dtype, config.get_vocab_size(), config.max_model_len, eos)
 
     def score(self, items: list[ScoreItem]) -> list[Scored]:
         prompts, params = [], []
@@ -68,14 +67,14 @@ class VLLMEngine:
         return [_flat_to_scored(out.prompt_logprobs, it) for out, it in zip(outputs, items, strict=True)]
 
     def generate(self, prefixes: list[list[int]], spec: SamplingSpec) -> list[Continued]:
-        stops = list(spec.stop_ids) + ([self.eos_id] if self.eos_id is not None else [])
+        stops = sorted(set(spec.stop_ids) | set(self.info.stop_ids))
         params = self._sampling_params(
             max_tokens=spec.max_tokens,
             temperature=spec.temperature,
             top_p=spec.top_p,
             seed=spec.seed,
             stop_token_ids=stops,
-            ignore_eos=True,  # eos is in `stops`: it ends the draft and stays in its tokens
+            ignore_eos=True,  # the model's eos ids are all in `stops`: each ends the draft and stays in its tokens
             logprobs=spec.top_k,
             detokenize=False,
             flat_logprobs=True,

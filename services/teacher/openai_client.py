@@ -79,7 +79,7 @@ class VLLMOpenAIClient(TeacherClient):
     async def info(self) -> dict:
         """What the stock server tells: the model name and `max_model_len` from `/v1/models`, the vLLM
         version. `vocab_size` is the one given to the constructor (the server does not report it); the
-        tokenizer and chat-template fingerprints, `max_top_k` and `eos_id` are unknown (None)."""
+        tokenizer and chat-template fingerprints, `max_top_k`, `eos_id` and `stop_ids` are unknown (None)."""
         models = (await self._request("GET", "/v1/models")).json()["data"]
         chosen = next((m for m in models if m["id"] == self.model), models[0]) if models else {}
         try:
@@ -95,6 +95,7 @@ class VLLMOpenAIClient(TeacherClient):
             "max_model_len": chosen.get("max_model_len"),
             "max_top_k": None,
             "eos_id": None,
+            "stop_ids": None,
             "tokenizer_sha256": None,
             "chat_template_sha256": None,
             "protocol": None,

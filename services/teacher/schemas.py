@@ -27,7 +27,9 @@ class ContinueRequest(_Strict):
     temperature: StrictFloat | StrictInt = Field(1.0, ge=0, le=100, description="0 is greedy")
     top_p: StrictFloat | StrictInt = Field(1.0, gt=0, le=1)
     seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
-    stop_ids: list[StrictInt] = Field(default_factory=list, description="ids that end a continuation (eos always does)")
+    stop_ids: list[StrictInt] = Field(
+        default_factory=list, description="ids that end a continuation, besides the model's own (/v1/info stop_ids)"
+    )
     top_k: StrictInt = Field(0, ge=0)
 
 
@@ -65,10 +67,16 @@ class Info(BaseModel):
     model: str
     engine: str
     dtype: str
-    vocab_size: int
+    vocab_size: int = Field(
+        description="the model's embedding rows: ids below it are valid (the tokenizer may be shorter)"
+    )
     max_model_len: int
     max_top_k: int
-    eos_id: int | None
+    eos_id: int | None = Field(description="the model config's eos id (the first when it has several)")
+    stop_ids: list[int] = Field(
+        description="every id that ends a continuation: the tokenizer's eos and the eos_token_id of "
+        "generation_config.json and of the model config, sorted"
+    )
     tokenizer_sha256: str
     chat_template_sha256: str | None
     protocol: int
