@@ -5,11 +5,15 @@ Shapes: B sequences, T response positions, V vocabulary, K teacher top-k. Positi
 teacher (constant), d_t = t_t - s_t (detached), m_t the response mask. Every loss is a mean over the mask's True
 tokens, sum_t m_t l_t / max(1, sum_t m_t). Student log-probs are computed in float32 whatever the logits' dtype.
 Values at positions off the mask (padding) never reach the loss or its gradient, even when they are inf or nan.
+
+A loss needs only per-position reductions of the student's logits over V, so its first argument `student` is either
+`logits_B_T_V` or those reductions (`StudentScores`, computed chunk by chunk by trainer/student.py: no B*T*V tensor).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -23,6 +27,43 @@ def token_logprobs(logits_B_T_V: torch.Tensor, ids_B_T: torch.Tensor) -> torch.T
     """s_t = log_softmax(logits_t)[y_t] in float32, as gather minus logsumexp (no B*T*V log-prob tensor)."""
     logits = logits_B_T_V.float()
     return logits.gather(-1, ids_B_T.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+@dataclass
+class StudentScores:
+    """The reductions over V of the student's logits that the losses use (float32; None where not computed):
+    lp_B_T = s_t (with gradient); topk_lp_B_T_K1 = the student's log-probs over the teacher's top-k ids plus the tail
+    bucket (`_student_k1`, with gradient); entropy_B_T = H_S,t = -sum_v p_S(v) log p_S(v) (detached);
+    argmax_B_T = argmax_v logits_t (long); vocab_size = V."""
+
+    lp_B_T: torch.Tensor | None
+    topk_lp_B_T_K1: torch.Tensor | None
+    entropy_B_T: torch.Tensor | None
+    argmax_B_T: torch.Tensor | None
+    vocab_size: int
+
+    def need(self, field: str, loss: str) -> torch.Tensor:
+        value = getattr(self, field)
+        if value is None:
+            raise ValueError(f"{loss} needs StudentScores.{field}, which was not computed")
+        return value
+
+
+def student_scores(
+    logits_B_T_V: torch.Tensor, ids_B_T: torch.Tensor | None, top_ids_B_T_K: torch.Tensor | None = None, *,
+    entropy: bool = False, argmax: bool = False,
+) -> StudentScores:  # fmt: skip
+    """The reductions of `logits_B_T_V` (any leading shape) that the losses need; lp_B_T is None when ids_B_T is."""
+    lp_B_T = token_logprobs(logits_B_T_V, ids_B_T) if ids_B_T is not None else None
+    topk_lp_B_T_K1 = _student_k1(logits_B_T_V, top_ids_B_T_K) if top_ids_B_T_K is not None else None
+    with torch.no_grad():
+        entropy_B_T = torch.special.entr(torch.softmax(logits_B_T_V.float(), -1)).sum(-1) if entropy else None
+        argmax_B_T = logits_B_T_V.argmax(-1) if argmax else None
+    return StudentScores(lp_B_T, topk_lp_B_T_K1, entropy_B_T, argmax_B_T, logits_B_T_V.shape[-1])
+
+
+def _scores(student: torch.Tensor | StudentScores, ids_B_T=None, top_ids_B_T_K=None, **kw) -> StudentScores:
+    return student if isinstance(student, StudentScores) else student_scores(student, ids_B_T, top_ids_B_T_K, **kw)
 
 
 def _mean(x_B_T: torch.Tensor, mask_B_T: torch.Tensor) -> torch.Tensor:
@@ -59,7 +100,7 @@ def _discounted_B_T(d_B_T: torch.Tensor, mask_B_T: torch.Tensor, discount: float
 
 
 def opd(
-    logits_B_T_V: torch.Tensor,
+    student: torch.Tensor | StudentScores,
     ids_B_T: torch.Tensor,
     teacher_lp_B_T: torch.Tensor,
     mask_B_T: torch.Tensor,
@@ -76,7 +117,7 @@ def opd(
     r_t = exp(s_t - s_old_t), whose gradient at s_old = s is that of the fresh loss.
     Metrics: loss, k1 = mean(s - t) (the reverse-KL estimate), advantage_mean.
     """
-    s_B_T = token_logprobs(logits_B_T_V, ids_B_T)
+    s_B_T = _scores(student, ids_B_T).need("lp_B_T", "opd")
     d_B_T = _k1_B_T(s_B_T, teacher_lp_B_T, mask_B_T)
     adv_B_T = _discounted_B_T(d_B_T, mask_B_T, discount)
     loss = _mean(_pg_B_T(s_B_T, adv_B_T, mask_B_T, old_lp_B_T, ratio_eps), mask_B_T)
@@ -152,7 +193,7 @@ def _kl(lp_N_K: torch.Tensor, lq_N_K: torch.Tensor) -> torch.Tensor:
 
 
 def topk_forward_kl(
-    logits_B_T_V: torch.Tensor, teacher_top_ids_B_T_K: torch.Tensor, teacher_top_lp_B_T_K: torch.Tensor
+    student: torch.Tensor | StudentScores, teacher_top_ids_B_T_K: torch.Tensor, teacher_top_lp_B_T_K: torch.Tensor
 ) -> torch.Tensor:
     """Forward KL from the teacher's top-k distribution plus one tail bucket, per position (kl_B_T, any leading shape).
 
@@ -160,22 +201,22 @@ def topk_forward_kl(
     p_T_tail = 1 - sum_K p_T,  p_S_tail = 1 - sum_K p_S,  0 log 0 = 0.
     A true KL over k+1 outcomes, so never negative; the result is clamped at 0 only to absorb float rounding (e.g. a
     teacher top-k whose probabilities sum to slightly over 1). The gradient flows through the student's logits.
+    Given StudentScores, their topk_lp_B_T_K1 must have been computed for `teacher_top_ids_B_T_K`.
     """
-    vocab_size = logits_B_T_V.shape[-1]
-    s_K1 = _student_k1(logits_B_T_V, teacher_top_ids_B_T_K)
-    return _kl(_teacher_k1(teacher_top_lp_B_T_K, vocab_size), s_K1).clamp(min=0.0)
+    scores = _scores(student, None, teacher_top_ids_B_T_K)
+    s_K1 = scores.need("topk_lp_B_T_K1", "topk_forward_kl")
+    return _kl(_teacher_k1(teacher_top_lp_B_T_K, scores.vocab_size), s_K1).clamp(min=0.0)
 
 
-def _fkl_at(
-    logits_B_T_V: torch.Tensor, top_ids_B_T_K: torch.Tensor, top_lp_B_T_K: torch.Tensor, sel_B_T: torch.Tensor
-) -> torch.Tensor:
-    """topk_forward_kl at the selected positions, 0 elsewhere; its V-sized work scales with the selection."""
-    fkl_N = topk_forward_kl(logits_B_T_V[sel_B_T], top_ids_B_T_K[sel_B_T], top_lp_B_T_K[sel_B_T])
+def _fkl_at(scores: StudentScores, top_lp_B_T_K: torch.Tensor, sel_B_T: torch.Tensor, loss: str) -> torch.Tensor:
+    """topk_forward_kl at the selected positions, 0 elsewhere; teacher values off the selection are never read."""
+    s_N_K1 = scores.need("topk_lp_B_T_K1", loss)[sel_B_T]
+    fkl_N = _kl(_teacher_k1(top_lp_B_T_K[sel_B_T], scores.vocab_size), s_N_K1).clamp(min=0.0)
     return fkl_N.new_zeros(sel_B_T.shape).masked_scatter(sel_B_T, fkl_N)
 
 
 def tropd(
-    logits_B_T_V: torch.Tensor,
+    student: torch.Tensor | StudentScores,
     ids_B_T: torch.Tensor,
     teacher_lp_B_T: torch.Tensor,
     teacher_top_ids_B_T_K: torch.Tensor,
@@ -208,7 +249,8 @@ def tropd(
     """
     if outlier not in OUTLIERS:
         raise ValueError(f"unknown outlier treatment {outlier!r}; expected one of {OUTLIERS}")
-    s_B_T = token_logprobs(logits_B_T_V, ids_B_T)
+    scores = _scores(student, ids_B_T, teacher_top_ids_B_T_K)
+    s_B_T = scores.need("lp_B_T", "tropd")
     d_B_T = _k1_B_T(s_B_T, teacher_lp_B_T, mask_B_T)
     prefix_B_T = mask_B_T & prefix_mask_B_T if prefix_mask_B_T is not None else torch.zeros_like(mask_B_T)
     onpolicy_B_T = mask_B_T & ~prefix_B_T
@@ -217,7 +259,7 @@ def tropd(
         uniform_B_T=uniform_B_T,
     )  # fmt: skip
     outlier_B_T = onpolicy_B_T & ~trusted_B_T
-    fkl_B_T = _fkl_at(logits_B_T_V, teacher_top_ids_B_T_K, teacher_top_lp_B_T_K, prefix_B_T | outlier_B_T)
+    fkl_B_T = _fkl_at(scores, teacher_top_lp_B_T_K, prefix_B_T | outlier_B_T, "tropd")
 
     opd_B_T = _pg_B_T(s_B_T, torch.where(trusted_B_T, d_B_T, 0.0), mask_B_T, old_lp_B_T, ratio_eps)
     if outlier == "mask":
@@ -249,7 +291,7 @@ def tropd(
 
 
 def eopd(
-    logits_B_T_V: torch.Tensor,
+    student: torch.Tensor | StudentScores,
     ids_B_T: torch.Tensor,
     teacher_lp_B_T: torch.Tensor,
     teacher_top_ids_B_T_K: torch.Tensor,
@@ -269,12 +311,13 @@ def eopd(
     Metrics: loss, k1, advantage_mean, high_entropy_share, teacher_entropy (mean H), fkl_high (mean FKL where
     H > threshold, 0 if none), opd_term, fkl_term.
     """
-    s_B_T = token_logprobs(logits_B_T_V, ids_B_T)
+    scores = _scores(student, ids_B_T, teacher_top_ids_B_T_K)
+    s_B_T = scores.need("lp_B_T", "eopd")
     d_B_T = _k1_B_T(s_B_T, teacher_lp_B_T, mask_B_T)
-    t_K1 = _teacher_k1(teacher_top_lp_B_T_K, logits_B_T_V.shape[-1])
+    t_K1 = _teacher_k1(teacher_top_lp_B_T_K, scores.vocab_size)
     entropy_B_T = torch.where(t_K1 > float("-inf"), -t_K1.exp() * t_K1, 0.0).sum(-1)
     high_B_T = mask_B_T & (entropy_B_T > entropy_threshold)
-    fkl_B_T = _fkl_at(logits_B_T_V, teacher_top_ids_B_T_K, teacher_top_lp_B_T_K, high_B_T)
+    fkl_B_T = _fkl_at(scores, teacher_top_lp_B_T_K, high_B_T, "eopd")
 
     opd_term = _mean(_pg_B_T(s_B_T, d_B_T, mask_B_T, old_lp_B_T, ratio_eps), mask_B_T)
     fkl_term = lambda_fkl * _mean(fkl_B_T, mask_B_T)  # fkl_B_T is 0 off the high-entropy tokens
@@ -293,7 +336,7 @@ def eopd(
 
 
 def reopold(
-    logits_B_T_V: torch.Tensor,
+    student: torch.Tensor | StudentScores,
     ids_B_T: torch.Tensor,
     teacher_lp_B_T: torch.Tensor,
     mask_B_T: torch.Tensor,
@@ -317,11 +360,12 @@ def reopold(
     if not 0.0 < alpha <= 1.0 or not 0.0 <= token_share <= 1.0:
         raise ValueError(f"need 0 < alpha <= 1 and 0 <= token_share <= 1, got alpha={alpha}, token_share={token_share}")
     if refine:
-        return opd(logits_B_T_V, ids_B_T, teacher_lp_B_T, mask_B_T, old_lp_B_T=old_lp_B_T, ratio_eps=ratio_eps)
-    s_B_T = token_logprobs(logits_B_T_V, ids_B_T)
+        return opd(student, ids_B_T, teacher_lp_B_T, mask_B_T, old_lp_B_T=old_lp_B_T, ratio_eps=ratio_eps)
+    scores = _scores(student, ids_B_T, entropy=True)
+    s_B_T = scores.need("lp_B_T", "reopold")
     d_B_T = _k1_B_T(s_B_T, teacher_lp_B_T, mask_B_T)
+    entropy_B_T = scores.need("entropy_B_T", "reopold").detach()
     with torch.no_grad():
-        entropy_B_T = torch.special.entr(torch.softmax(logits_B_T_V.float(), -1)).sum(-1)
         n_selected = math.ceil(token_share * int(mask_B_T.sum()))
         top_N = entropy_B_T.masked_fill(~mask_B_T, float("-inf")).flatten().topk(n_selected).indices
         selected_B_T = torch.zeros_like(mask_B_T).flatten().index_fill(0, top_N, True).view_as(mask_B_T) & mask_B_T
@@ -340,7 +384,7 @@ def reopold(
 
 
 def gkd(
-    logits_B_T_V: torch.Tensor,
+    student: torch.Tensor | StudentScores,
     teacher_top_ids_B_T_K: torch.Tensor,
     teacher_top_lp_B_T_K: torch.Tensor,
     mask_B_T: torch.Tensor,
@@ -357,9 +401,9 @@ def gkd(
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"need 0 <= beta <= 1, got beta={beta}")
-    vocab_size = logits_B_T_V.shape[-1]
-    s_N_K1 = _student_k1(logits_B_T_V[mask_B_T], teacher_top_ids_B_T_K[mask_B_T])
-    t_N_K1 = _teacher_k1(teacher_top_lp_B_T_K[mask_B_T], vocab_size)
+    scores = _scores(student, None, teacher_top_ids_B_T_K)
+    s_N_K1 = scores.need("topk_lp_B_T_K1", "gkd")[mask_B_T]
+    t_N_K1 = _teacher_k1(teacher_top_lp_B_T_K[mask_B_T], scores.vocab_size)
     if beta == 0.0:
         div_N = _kl(t_N_K1, s_N_K1)
     elif beta == 1.0:
@@ -371,12 +415,14 @@ def gkd(
     return loss, {"loss": loss.item()}
 
 
-def sft(logits_B_T_V: torch.Tensor, ids_B_T: torch.Tensor, mask_B_T: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+def sft(
+    student: torch.Tensor | StudentScores, ids_B_T: torch.Tensor, mask_B_T: torch.Tensor
+) -> tuple[torch.Tensor, Metrics]:
     """Supervised fine-tuning on given (teacher-written) tokens: loss = mean_t(-s_t), the cross-entropy.
 
     Metrics: loss, token_accuracy (share of masked tokens where the student's argmax is y_t).
     """
-    s_B_T = token_logprobs(logits_B_T_V, ids_B_T)
-    loss = _mean(-s_B_T, mask_B_T)
-    accuracy = _mean((logits_B_T_V.argmax(-1) == ids_B_T).float(), mask_B_T)
+    scores = _scores(student, ids_B_T, argmax=True)
+    loss = _mean(-scores.need("lp_B_T", "sft"), mask_B_T)
+    accuracy = _mean((scores.need("argmax_B_T", "sft") == ids_B_T).float(), mask_B_T)
     return loss, {"loss": loss.item(), "token_accuracy": accuracy.item()}
