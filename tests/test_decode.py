@@ -1,4 +1,5 @@
-"""The plain-torch Llama decoder against the library's own forward: same logits, same samples."""
+"""The plain-torch Llama decoder against the library's own forward: same logits, same samples; and the measured
+rule that picks between them."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from trainer import rollout
-from trainer.decode import LlamaDecoder, decoder_for
+from trainer.decode import FAST_DECODER_MAX_WIDTH_X_DEPTH, LibraryDecoder, LlamaDecoder, decoder_for
+from tropd.errors import UserError
 
 
 def _llama(kv_heads: int, bias: bool, tied: bool, seed: int = 0) -> LlamaForCausalLM:
@@ -54,16 +56,15 @@ def test_decoder_logits_match_the_library_forward(kv_heads, bias, tied):
         torch.testing.assert_close(logits, want[:, P - 1 + t], atol=2e-5, rtol=1e-5)
 
 
-def test_sampling_is_the_same_with_and_without_the_fast_decoder(monkeypatch):
+def test_sampling_is_the_same_with_and_without_the_fast_decoder():
     model = _llama(2, True, True, seed=3)
     prompts = _prompts(16, seed=2)
     uniforms = torch.rand((16, 12), generator=torch.Generator().manual_seed(5))
     options = dict(max_new_tokens=12, eos_id=2, pad_id=0, banned_ids=(0, 1), uniforms_B_T=uniforms)
-    fast = rollout.sample(model, prompts, **options)
-    greedy_fast = rollout.sample(model, prompts, **{**options, "temperature": 0.0})
-    monkeypatch.setattr(rollout, "decoder_for", lambda model: None)
-    slow = rollout.sample(model, prompts, **options)
-    greedy_slow = rollout.sample(model, prompts, **{**options, "temperature": 0.0})
+    fast = rollout.sample(model, prompts, **options, decoder="fast")
+    greedy_fast = rollout.sample(model, prompts, **options, temperature=0.0, decoder="fast")
+    slow = rollout.sample(model, prompts, **options, decoder="library")
+    greedy_slow = rollout.sample(model, prompts, **options, temperature=0.0, decoder="library")
     assert torch.equal(fast.response_ids_B_T, slow.response_ids_B_T)
     assert torch.equal(fast.lengths_B, slow.lengths_B)
     torch.testing.assert_close(fast.logprobs_B_T, slow.logprobs_B_T, atol=2e-5, rtol=1e-5)
@@ -72,7 +73,46 @@ def test_sampling_is_the_same_with_and_without_the_fast_decoder(monkeypatch):
 
 def test_other_architectures_use_the_library_forward():
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=23, n_embd=32, n_layer=1, n_head=2, n_positions=64))
-    assert decoder_for(gpt2) is None
-    assert decoder_for(_llama(4, False, True)) is not None
+    assert isinstance(decoder_for(gpt2), LibraryDecoder)
+    assert isinstance(decoder_for(gpt2, "library"), LibraryDecoder)
+    with pytest.raises(UserError, match="plain Llama"):
+        decoder_for(gpt2, "fast")
+    with pytest.raises(UserError, match="auto, fast, library"):
+        decoder_for(gpt2, "fastest")
     sampled = rollout.sample(gpt2.eval(), _prompts(3), max_new_tokens=4, eos_id=2, pad_id=0, banned_ids=(0,))
     assert sampled.response_ids_B_T.shape[0] == 3
+
+
+def _sized_llama(hidden: int, layers: int) -> LlamaForCausalLM:
+    config = LlamaConfig(vocab_size=23, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, max_position_embeddings=64)  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def test_the_size_rule_picks_the_fast_decoder_only_for_small_llamas_on_cpu():
+    at_bound = _sized_llama(FAST_DECODER_MAX_WIDTH_X_DEPTH // 4, 4)
+    over = _sized_llama(FAST_DECODER_MAX_WIDTH_X_DEPTH // 4, 5)
+    toy_student = _sized_llama(96, 3)
+    assert isinstance(decoder_for(toy_student), LlamaDecoder)
+    assert isinstance(decoder_for(at_bound), LlamaDecoder)
+    assert isinstance(decoder_for(over), LibraryDecoder)
+    assert isinstance(decoder_for(over, "fast"), LlamaDecoder)  # forced: still supported
+    assert isinstance(decoder_for(toy_student, "library"), LibraryDecoder)
+    no_rope = _sized_llama(96, 3)
+    no_rope.model.rotary_emb.rope_type = "yarn"  # an option the fast decoder does not implement
+    assert isinstance(decoder_for(no_rope), LibraryDecoder)
+
+
+def test_the_fast_decoder_keeps_a_bfloat16_model_in_bfloat16():
+    model = _llama(2, False, True)
+    prompts = _prompts(4)
+    ids, mask = rollout.left_pad(prompts, 0)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        want = LlamaDecoder(model).prefill(ids, mask, positions, 2)
+        decoder = LlamaDecoder(model.to(torch.bfloat16))
+        got = decoder.prefill(ids, mask, positions, 2)
+    assert got.dtype == torch.bfloat16 and all(k.dtype == torch.bfloat16 for k in decoder.keys)
+    torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.05)
+    sampled = rollout.sample(model, prompts, max_new_tokens=5, pad_id=0, eos_id=2, decoder="fast")
+    assert sampled.logprobs_B_T.dtype == torch.float32 and bool(torch.isfinite(sampled.logprobs_B_T).all())

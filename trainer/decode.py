@@ -1,11 +1,11 @@
-"""Incremental decoding of a Llama-architecture student with a preallocated KV cache, in plain torch.
+"""Incremental decoding of a causal LM with a KV cache, behind two calls: `prefill` and `step`.
 
-A small student spends most of a rollout in the model library's per-call overhead (building masks, cache
-objects and output containers for one token at a time), not in arithmetic. `LlamaDecoder` does the same
-arithmetic as `LlamaForCausalLM` (RMSNorm, rotary positions, grouped attention, SiLU MLP, tied or untied
-head) on the model's own parameters, so a training step is seen at once; tests check its logits against the
-library's forward. `decoder_for(model)` returns it for a model it supports and None otherwise; then
-`LibraryDecoder` drives the model's own forward and cache behind the same two calls.
+`LibraryDecoder` drives the model's own forward and cache: any `AutoModelForCausalLM`, on any device.
+`LlamaDecoder` does the same arithmetic as `LlamaForCausalLM` (RMSNorm, rotary positions, grouped attention,
+SiLU MLP, tied or untied head) in plain torch on the model's own parameters, without the library's per-call
+overhead (masks, cache objects and output containers built for one token at a time); tests check its logits
+against the library's forward. That overhead is what a very small model spends most of a rollout in, so the
+hand-written path pays only there: `decoder_for(model)` picks it by a measured size rule (`fast_decoder_pays`).
 
 Shapes: B rows, P padded prompt length, N cache length (P + generated), E hidden, H heads, G key/value
 heads, D head size, V vocabulary.
@@ -16,17 +16,70 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tropd.errors import UserError
 
-def decoder_for(model) -> LlamaDecoder | None:
-    """A fast decoder for `model`, or None where its architecture or options are not the plain Llama ones."""
+PREFERENCES = ("auto", "fast", "library")
+
+# LlamaDecoder beats the library's cache path only where per-call overhead outweighs arithmetic. Measured through
+# `sample` on CPU, 2 torch threads, 64 toy prompts (8-16 tokens), 48 new tokens, float32, random weights; tok/s
+# LlamaDecoder / library (ratio), best of 3-4 runs in turn (`trainer.bench.decoder_speed` measures the two ends):
+#   hidden x layers      quiet machine               busy machine (other jobs on the same 2 cores)
+#   96 x 3 (toy, 0.45M)  21,310 / 15,358 (1.39)      12,746 / 11,009 (1.16)
+#   128 x 4 .. 256 x 4   1.04 - 1.14                 1.10 - 1.20
+#   256 x 6, 384 x 4     2,501 / 2,184 (1.15), 1.07  3,063 / 2,642 (1.16), 1.02
+#   256 x 8, 320 x 6     1.06 - 1.56, 1.14           366 / 1,205 (0.30), 1.08
+#   384 x 6, 512 x 4     0.98 - 1.12, 0.91           95 / 167 (0.57), 227 / 465 (0.49)
+#   512 x 8 (29M)        914 / 751 (1.22), 0.97-1.06 (an earlier measurement: 666 / 1,127)
+# Up to hidden_size * num_hidden_layers = 1,536 it was never slower; above, from 0.9x to 1.5x on a quiet machine and
+# 2-3x slower on a busy one (2 threads on cores that other jobs hold: its many small ops wait on each other).
+# On CUDA the library path always (its fused kernels; the plain loop is launch-bound).
+FAST_DECODER_MAX_WIDTH_X_DEPTH = 1536
+
+
+def _parameters_device(model) -> torch.device:
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _sharded(model) -> bool:
+    """Whether some parameter is a distributed tensor (FSDP2): only the model's own forward gathers its shards."""
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+def fast_decoder_supports(model) -> bool:
+    """Whether `LlamaDecoder` computes exactly what `model`'s forward does: a plain Llama (default rotary
+    positions, SiLU) with ordinary, unsharded parameters."""
     config = getattr(model, "config", None)
     inner = getattr(model, "model", None)
     if config is None or inner is None or getattr(config, "model_type", None) != "llama":
-        return None
+        return False
     rotary = getattr(inner, "rotary_emb", None)
     if rotary is None or getattr(rotary, "rope_type", None) != "default" or config.hidden_act != "silu":
-        return None
-    return LlamaDecoder(model)
+        return False
+    return not _sharded(model)
+
+
+def fast_decoder_pays(model) -> bool:
+    """The measured rule: on CPU, `hidden_size * num_hidden_layers <= FAST_DECODER_MAX_WIDTH_X_DEPTH`."""
+    if _parameters_device(model).type != "cpu":
+        return False
+    return model.config.hidden_size * model.config.num_hidden_layers <= FAST_DECODER_MAX_WIDTH_X_DEPTH
+
+
+def decoder_for(model, prefer: str = "auto") -> LlamaDecoder | LibraryDecoder:
+    """The decoder that samples `model`: "auto" takes `LlamaDecoder` where it is supported and measured faster
+    (see `FAST_DECODER_MAX_WIDTH_X_DEPTH`), `LibraryDecoder` otherwise; "fast" and "library" force one."""
+    if prefer not in PREFERENCES:
+        raise UserError(f"decoder must be one of {', '.join(PREFERENCES)}, not {prefer!r}")
+    if prefer == "library":
+        return LibraryDecoder(model)
+    supported = fast_decoder_supports(model)
+    if prefer == "fast":
+        if not supported:
+            kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+            raise UserError(f"the fast decoder supports plain Llama models only, not {kind!r}: use decoder=library")
+        return LlamaDecoder(model)
+    return LlamaDecoder(model) if supported and fast_decoder_pays(model) else LibraryDecoder(model)
 
 
 class LlamaDecoder:
@@ -122,16 +175,16 @@ class LlamaDecoder:
     def prefill(self, ids_B_P: torch.Tensor, mask_B_P: torch.Tensor, positions_B_P: torch.Tensor, extra: int):
         """Start a batch of left-padded prompts, with room for `extra` generated tokens."""
         B, P = ids_B_P.shape
-        dtype = self.embed.dtype
+        dtype, device = self.embed.dtype, self.embed.device
         shape = (B, self.kv_heads, P + extra, self.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype) for _ in self.layers]
-        self.values = [torch.zeros(shape, dtype=dtype) for _ in self.layers]
-        self.valid_B_N = torch.zeros((B, P + extra), dtype=torch.bool)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
+        self.valid_B_N = torch.zeros((B, P + extra), dtype=torch.bool, device=device)
         self.valid_B_N[:, :P] = mask_B_P.bool()
         self.length = 0
-        causal_P_P = torch.ones((P, P), dtype=torch.bool).tril()
+        causal_P_P = torch.ones((P, P), dtype=torch.bool, device=device).tril()
         # a padding query sees itself too, so that no attention row is empty (an empty row gives NaN)
-        attend = (causal_P_P & self.valid_B_N[:, None, :P]) | torch.eye(P, dtype=torch.bool)
+        attend = (causal_P_P & self.valid_B_N[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)
         attend_B_P_N = F.pad(attend, (0, extra), value=False)
         return self._forward(F.embedding(ids_B_P, self.embed), positions_B_P, attend_B_P_N)
 

@@ -1,24 +1,26 @@
-"""Sampling from a causal LM with a KV cache: left-padded prompts, temperature, top-p, banned ids.
+"""Sampling from a causal LM with a KV cache: left-padded prompts, temperature, top-p, stop ids, banned ids.
 
-A Llama-architecture model decodes through `trainer.decode.LlamaDecoder` (the same arithmetic without the
-library's per-token overhead); any other model through its own forward (`LibraryDecoder`).
+The model decodes through `trainer.decode.decoder_for(model)`: its own forward and cache, or for a small plain
+Llama on CPU a hand-written decoder that is measured faster there. Sampling runs on the model's device; the
+returned tensors are on CPU.
 
-Shapes: B prompts, P padded prompt length, T generated tokens.
+Shapes: B prompts, P padded prompt length, T generated tokens, V vocabulary (rows of the output head).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from trainer.decode import LibraryDecoder, decoder_for
+from trainer.decode import decoder_for
 
 
 @dataclass
 class Rollout:
-    """Generated tokens of B prompts. `response_ids_B_T` is right-padded with `pad_id`; `lengths_B`
-    counts generated tokens including the eos when one was produced."""
+    """Generated tokens of B prompts, on CPU. `response_ids_B_T` is right-padded with `pad_id`; `lengths_B`
+    counts generated tokens including the stop token when one was produced."""
 
     prompt_ids: list[list[int]]
     response_ids_B_T: torch.Tensor
@@ -51,60 +53,113 @@ def top_p_filter(logits_B_V: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits_B_V.masked_fill(drop, float("-inf"))
 
 
+def blocked_ids(vocab: int, banned_ids: Sequence[int], vocab_limit: int | None, device) -> torch.Tensor:
+    """blocked_V: True for the ids never to sample, the banned ones and those at or above `vocab_limit` (rows of
+    the embedding table that no token maps to). Banned ids outside the vocabulary cannot be sampled anyway."""
+    if vocab_limit is not None and vocab_limit < 1:
+        raise ValueError(f"vocab_limit must be at least 1, not {vocab_limit}")
+    blocked_V = torch.zeros(vocab, dtype=torch.bool)
+    blocked_V[torch.tensor([i for i in banned_ids if 0 <= i < vocab], dtype=torch.long)] = True
+    if vocab_limit is not None:
+        blocked_V[vocab_limit:] = True
+    if bool(blocked_V.all()):
+        raise ValueError(f"every id of the vocabulary ({vocab}) is banned or at or above vocab_limit")
+    return blocked_V.to(device)
+
+
+def draw(logits_B_V: torch.Tensor, u_B: torch.Tensor | None, temperature: float, top_p: float) -> torch.Tensor:
+    """One token per row: the argmax when `temperature == 0`, else the inverse CDF of
+    `softmax(top_p_filter(logits / temperature))` at `u_B` (float32 logits, -inf where blocked)."""
+    if temperature == 0:
+        return logits_B_V.argmax(-1)
+    probs_B_V = torch.softmax(top_p_filter(logits_B_V / temperature, top_p), dim=-1)
+    cdf_B_V = probs_B_V.cumsum(-1)
+    tok_B = torch.searchsorted(cdf_B_V, u_B[:, None] * cdf_B_V[:, -1:], right=True).squeeze(-1)
+    tok_B = tok_B.clamp(max=probs_B_V.shape[-1] - 1)
+    # never land on a zero-probability id through rounding at the top of the CDF
+    return torch.where(probs_B_V.gather(-1, tok_B[:, None])[:, 0] > 0, tok_B, probs_B_V.argmax(-1))
+
+
+def _device_of(model) -> torch.device:
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def sample(
     model,
     prompts: list[list[int]],
     *,
     max_new_tokens: int,
-    eos_id: int,
     pad_id: int,
-    banned_ids: tuple[int, ...] = (),
+    eos_id: int | None = None,
+    stop_ids: Sequence[int] = (),
+    banned_ids: Sequence[int] = (),
+    vocab_limit: int | None = None,
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     uniforms_B_T: torch.Tensor | None = None,
+    decoder: str = "auto",
+    all_done: Callable[[bool], bool] | None = None,
 ) -> Rollout:
-    """Sample continuations; `temperature == 0` is greedy decoding. Stops at eos or `max_new_tokens`.
+    """Sample continuations; `temperature == 0` is greedy decoding. A row finishes at any of `stop_ids` (and
+    `eos_id` when given) or after `max_new_tokens`; ids in `banned_ids` or at or above `vocab_limit` are never
+    sampled. Runs on the model's device (any dtype: logits are cast to float32); the Rollout is on CPU.
 
-    Token t of row b is drawn by inverse CDF from `uniforms_B_T[b, t]` (drawn from `generator` when not
-    given): a row's sample then does not depend on which other rows share its batch, so data-parallel
-    ranks that each take a slice of the global batch sample exactly what one process would.
+    Token t of row b is drawn by inverse CDF from `uniforms_B_T[b, t]` (drawn on CPU from `generator` when not
+    given): a row's sample then does not depend on which other rows share its batch, so data-parallel ranks
+    that each take a slice of the global batch sample exactly what one process would. `decoder` is "auto",
+    "fast" or "library" (`trainer.decode.decoder_for`). `all_done(mine)`, when given, is a collective that
+    says whether every process's rows have finished: ranks that share sharded weights must make the same
+    number of forward calls, so each decodes until all are done.
     """
-    ids_B_P, mask_B_P = left_pad(prompts, pad_id)
-    B = ids_B_P.shape[0]
-    if uniforms_B_T is None and temperature != 0:
-        uniforms_B_T = torch.rand((B, max_new_tokens), generator=generator)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("sample needs at least one prompt, and no empty prompt")
+    if max_new_tokens < 1 or temperature < 0:
+        raise ValueError(f"need max_new_tokens >= 1 and temperature >= 0, not {max_new_tokens} and {temperature}")
+    device = _device_of(model)
+    B = len(prompts)
+    if temperature != 0:
+        if uniforms_B_T is None:
+            uniforms_B_T = torch.rand((B, max_new_tokens), generator=generator)
+        if uniforms_B_T.shape[0] != B or uniforms_B_T.shape[1] < max_new_tokens:
+            raise ValueError(f"uniforms_B_T is {tuple(uniforms_B_T.shape)}, need ({B}, >= {max_new_tokens})")
+        uniforms_B_T = uniforms_B_T.to(device, torch.float32)
+    ids_B_P, mask_B_P = (t.to(device) for t in left_pad(prompts, pad_id))
     position_B_P = (mask_B_P.cumsum(-1) - 1).clamp(min=0)
-    decoder = decoder_for(model) or LibraryDecoder(model)
-    logits_B_V = decoder.prefill(ids_B_P, mask_B_P, position_B_P, max_new_tokens).float()
+    stops = sorted(set(stop_ids) | ({eos_id} if eos_id is not None else set()))
+    stops_S = torch.tensor(stops, dtype=torch.long, device=device)
+    runner = decoder_for(model, decoder)
+    logits_B_V = runner.prefill(ids_B_P, mask_B_P, position_B_P, max_new_tokens).float()
+    blocked_V = blocked_ids(logits_B_V.shape[-1], banned_ids, vocab_limit, device)
     next_pos_B = position_B_P[:, -1] + 1
     tokens, logprobs = [], []
-    finished_B = torch.zeros(B, dtype=torch.bool)
-    lengths_B = torch.zeros(B, dtype=torch.long)
+    finished_B = torch.zeros(B, dtype=torch.bool, device=device)
+    lengths_B = torch.zeros(B, dtype=torch.long, device=device)
     for t in range(max_new_tokens):
-        if banned_ids:
-            logits_B_V[:, list(banned_ids)] = float("-inf")
-        logp_B_V = torch.log_softmax(logits_B_V, dim=-1)
-        if temperature == 0:
-            tok_B = logits_B_V.argmax(-1)
-        else:
-            probs = torch.softmax(top_p_filter(logits_B_V / temperature, top_p), dim=-1)
-            cdf_B_V = probs.cumsum(-1)
-            u_B = uniforms_B_T[:, t : t + 1] * cdf_B_V[:, -1:]
-            tok_B = torch.searchsorted(cdf_B_V, u_B, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
-            # never land on a zero-probability id through rounding at the top of the CDF
-            tok_B = torch.where(probs.gather(-1, tok_B[:, None])[:, 0] > 0, tok_B, probs.argmax(-1))
-        tok_B = torch.where(finished_B, torch.full_like(tok_B, pad_id), tok_B)
+        logits_B_V = logits_B_V.masked_fill(blocked_V, float("-inf"))
+        u_B = None if temperature == 0 else uniforms_B_T[:, t]
+        tok_B = torch.where(finished_B, pad_id, draw(logits_B_V, u_B, temperature, top_p))
+        logp_B = torch.log_softmax(logits_B_V, dim=-1).gather(-1, tok_B[:, None]).squeeze(-1)
         tokens.append(tok_B)
-        logprobs.append(torch.where(finished_B, 0.0, logp_B_V.gather(-1, tok_B[:, None]).squeeze(-1)))
+        logprobs.append(torch.where(finished_B, 0.0, logp_B))
         lengths_B += (~finished_B).long()
-        finished_B |= tok_B == eos_id
-        if bool(finished_B.all()):
+        finished_B |= torch.isin(tok_B, stops_S)
+        if t == max_new_tokens - 1:
             break
-        logits_B_V = decoder.step(tok_B, next_pos_B).float()
+        mine = bool(finished_B.all())
+        if all_done(mine) if all_done is not None else mine:
+            break
+        logits_B_V = runner.step(tok_B, next_pos_B).float()
         next_pos_B = next_pos_B + 1
-    return Rollout(prompts, torch.stack(tokens, 1), lengths_B, torch.stack(logprobs, 1), finished_B)
+    return Rollout(
+        prompts,
+        torch.stack(tokens, 1).cpu(),
+        lengths_B.cpu(),
+        torch.stack(logprobs, 1).cpu(),
+        finished_B.cpu(),
+    )
 
 
 def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int):

@@ -1,0 +1,159 @@
+"""`rollout.sample` on a model the hand-written decoder does not cover (Qwen3, through the library's own forward
+and cache): stop ids, vocab limit and banned ids, greedy decoding against the full forward, batch independence,
+bfloat16, and the device the model is on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from trainer.decode import LibraryDecoder, decoder_for
+from trainer.rollout import sample
+
+VOCAB, LIMIT, PAD = 300, 250, 0
+
+
+def _qwen3(seed: int = 0) -> Qwen3ForCausalLM:
+    """A tiny Qwen3 whose rows at and above LIMIT score high: a sampler that ignored the limit would pick them."""
+    config = Qwen3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=128, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight[LIMIT:] *= 4.0
+    return model
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, LIMIT, (int(k),), generator=g).tolist() for k in torch.randint(2, 10, (n,), generator=g)]
+
+
+def _uniforms(n: int, width: int, seed: int = 7) -> torch.Tensor:
+    return torch.rand((n, width), generator=torch.Generator().manual_seed(seed))
+
+
+def test_qwen3_samples_through_the_library_decoder_and_never_at_or_above_the_vocab_limit():
+    model, prompts = _qwen3(), _prompts(16)
+    assert isinstance(decoder_for(model), LibraryDecoder)
+    options = dict(max_new_tokens=24, pad_id=PAD, uniforms_B_T=_uniforms(16, 24))
+    unlimited = sample(model, prompts, **options)
+    assert bool((unlimited.response_ids_B_T >= LIMIT).any())  # the model does favour those rows
+    limited = sample(model, prompts, **options, vocab_limit=LIMIT, banned_ids=(5, 6, 7, 10_000))
+    ids = torch.cat([torch.tensor(r) for r in limited.responses()])
+    assert ids.numel() == 16 * 24
+    assert int(ids.max()) < LIMIT
+    assert not bool(torch.isin(ids, torch.tensor([5, 6, 7])).any())
+    assert bool((limited.logprobs_B_T < 0).all()) and bool(torch.isfinite(limited.logprobs_B_T).all())
+
+
+def test_rows_stop_at_any_of_the_stop_ids():
+    model, prompts = _qwen3(), _prompts(12, seed=1)
+    options = dict(max_new_tokens=20, pad_id=PAD, vocab_limit=LIMIT, uniforms_B_T=_uniforms(12, 20))
+    free = sample(model, prompts, **options).responses()
+    a, b = free[0][3], free[1][5]  # two ids that do occur, so that both stop something
+    assert a != b
+    stopped = sample(model, prompts, **options, stop_ids=(a, b))
+    via_eos = sample(model, prompts, **options, stop_ids=(b,), eos_id=a)
+    assert torch.equal(stopped.response_ids_B_T, via_eos.response_ids_B_T)
+    ends = set()
+    for row, whole, finished, n in zip(
+        stopped.responses(), free, stopped.finished_B.tolist(), stopped.lengths_B.tolist(), strict=True
+    ):
+        first = next((i for i, tok in enumerate(whole) if tok in (a, b)), None)
+        assert row == (whole if first is None else whole[: first + 1])  # same draws up to and including the stop
+        assert finished == (first is not None) and n == len(row)
+        if first is not None:
+            ends.add(row[-1])
+    assert ends == {a, b}
+    width = stopped.response_ids_B_T.shape[1]
+    for i, n in enumerate(stopped.lengths_B.tolist()):
+        assert stopped.response_ids_B_T[i, n:].eq(PAD).all() and stopped.logprobs_B_T[i, n:].eq(0).all()
+    assert width == max(stopped.lengths_B.tolist())
+
+
+@torch.no_grad()
+def _greedy_by_full_forward(model, prompt: list[int], steps: int, banned: tuple[int, ...]):
+    """Argmax of the model's full forward over the whole sequence so far, one token at a time (no cache, no
+    padding), and its log-prob among the allowed ids."""
+    seq, logprobs = list(prompt), []
+    for _ in range(steps):
+        logits_V = model(input_ids=torch.tensor([seq])).logits[0, -1].float()
+        logits_V[LIMIT:] = float("-inf")
+        logits_V[list(banned)] = float("-inf")
+        tok = int(logits_V.argmax())
+        logprobs.append(float(torch.log_softmax(logits_V, -1)[tok]))
+        seq.append(tok)
+    return seq[len(prompt) :], logprobs
+
+
+def test_greedy_sampling_is_the_argmax_of_the_full_forward_step_by_step():
+    model, prompts = _qwen3(seed=2), _prompts(6, seed=2)
+    banned = (11, 12)
+    greedy = sample(model, prompts, max_new_tokens=10, pad_id=PAD, vocab_limit=LIMIT, banned_ids=banned,
+                    temperature=0.0)  # fmt: skip
+    for i, prompt in enumerate(prompts):
+        tokens, logprobs = _greedy_by_full_forward(model, prompt, 10, banned)
+        assert greedy.response_ids_B_T[i].tolist() == tokens
+        torch.testing.assert_close(greedy.logprobs_B_T[i], torch.tensor(logprobs), atol=1e-4, rtol=1e-4)
+
+
+def test_a_rows_sample_does_not_depend_on_the_other_rows_of_its_batch():
+    model, prompts = _qwen3(seed=3), _prompts(10, seed=3)
+    uniforms = _uniforms(10, 16, seed=4)
+    options = dict(max_new_tokens=16, pad_id=PAD, vocab_limit=LIMIT, stop_ids=(1, 2), top_p=0.9)
+    whole = sample(model, prompts, **options, uniforms_B_T=uniforms).responses()
+    for rows in ([3], [7, 1], [9, 0, 4, 5]):
+        part = sample(model, [prompts[i] for i in rows], **options, uniforms_B_T=uniforms[rows]).responses()
+        assert part == [whole[i] for i in rows]
+    # with other prompts beside it (another padded width), the same row and draws give the same sample
+    others = _prompts(5, seed=9) + [prompts[3]]
+    mixed = sample(model, others, **options, uniforms_B_T=torch.cat([_uniforms(5, 16, seed=5), uniforms[[3]]]))
+    assert mixed.responses()[-1] == whole[3]
+
+
+def test_a_bfloat16_model_samples_with_float32_log_probs():
+    model, prompts = _qwen3(seed=4).to(torch.bfloat16), _prompts(8, seed=4)
+    roll = sample(model, prompts, max_new_tokens=12, pad_id=PAD, vocab_limit=LIMIT, generator=torch.Generator())
+    assert roll.logprobs_B_T.dtype == torch.float32 and roll.response_ids_B_T.device.type == "cpu"
+    assert int(roll.response_ids_B_T.max()) < LIMIT and bool(torch.isfinite(roll.logprobs_B_T).all())
+    greedy = sample(model, prompts[:1], max_new_tokens=1, pad_id=PAD, vocab_limit=LIMIT, temperature=0.0)
+    tokens, logprobs = _greedy_by_full_forward(model, prompts[0], 1, ())
+    assert greedy.response_ids_B_T[0].tolist() == tokens
+    assert abs(float(greedy.logprobs_B_T[0, 0]) - logprobs[0]) < 1e-2
+
+
+def test_all_done_keeps_decoding_until_every_process_is_done():
+    model, prompts = _qwen3(), _prompts(4)
+    calls: list[bool] = []
+    roll = sample(model, prompts, max_new_tokens=12, pad_id=PAD, vocab_limit=LIMIT, temperature=0.0,
+                  stop_ids=range(LIMIT), all_done=lambda mine: calls.append(mine) or len(calls) >= 5)  # fmt: skip
+    assert roll.lengths_B.tolist() == [1, 1, 1, 1]  # every id stops: each row is done after one token
+    assert calls == [True] * 5 and roll.response_ids_B_T.shape[1] == 5  # the others' rows kept it going
+    assert roll.response_ids_B_T[:, 1:].eq(PAD).all()
+
+
+def test_bad_arguments_are_clear_errors():
+    model, prompts = _qwen3(), _prompts(2)
+    with pytest.raises(ValueError, match="every id"):
+        sample(model, prompts, max_new_tokens=2, pad_id=PAD, vocab_limit=1, banned_ids=(0,))
+    with pytest.raises(ValueError, match="uniforms_B_T"):
+        sample(model, prompts, max_new_tokens=4, pad_id=PAD, uniforms_B_T=torch.rand(2, 3))
+    with pytest.raises(ValueError, match="empty prompt"):
+        sample(model, [[]], max_new_tokens=4, pad_id=PAD)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sampling_on_cuda_matches_cpu():
+    model, prompts = _qwen3(seed=5), _prompts(8, seed=5)
+    uniforms = _uniforms(8, 12)  # on CPU: sample moves them
+    options = dict(max_new_tokens=12, pad_id=PAD, vocab_limit=LIMIT, stop_ids=(1, 2), temperature=0.0)
+    on_cpu = sample(model, prompts, **options, uniforms_B_T=uniforms)
+    on_gpu = sample(model.to("cuda"), prompts, **options, uniforms_B_T=uniforms)
+    assert on_gpu.response_ids_B_T.device.type == "cpu" and on_gpu.lengths_B.device.type == "cpu"
+    assert torch.equal(on_gpu.response_ids_B_T, on_cpu.response_ids_B_T)
+    torch.testing.assert_close(on_gpu.logprobs_B_T, on_cpu.logprobs_B_T, atol=1e-3, rtol=1e-3)
