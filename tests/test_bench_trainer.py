@@ -15,6 +15,11 @@ def test_bench_trainer_quick_reports_every_measurement(toy_quick):
     for key in ("step_s_sync", "step_s_async", "wait_teacher_s_sync", "injected_latency_ms"):
         assert a[key] >= 0, key
     assert b["tokens_per_s_service"] > 0 and b["tokens_per_s_inprocess"] > 0
+    for shape in report["decoders"]["shapes"].values():
+        assert shape["tokens_per_s_fast"] > 0 and shape["tokens_per_s_library"] > 0
+    assert report["decoders"]["shapes"]["toy_student"]["rule_picks"] == "fast"
+    peak = report["peak_memory_mb"]
+    assert peak["unchunked"] > min(v for k, v in peak.items() if k.startswith("chunk_")) > 0
 
 
 def test_bench_trainer_bad_latency_is_a_clear_error():

@@ -139,7 +139,7 @@ def _cli(*args):
         (["--config", "configs/toy-tropd.yaml", "student=/no/such/dir"], "not found"),
         (["--config", "configs/toy-tropd.yaml", "teacher.api=vllm-openai"], "guidance.enabled=false"),
         (["--config", "configs/toy-tropd.yaml", "optim.lr=inf"], "optim.lr: Input should be a finite number"),
-        (["--config", "configs/toy-tropd.yaml", "tasks={math: .nan}"], "tasks.math"),
+        (["--config", "configs/toy-tropd.yaml", "data.toy={math: .nan}"], "data.toy.math"),
         (["--config", "configs/toy-tropd.yaml", "eval.tasks=[]"], "eval.tasks"),
         (["--config", "configs/toy-tropd.yaml", "=5"], "the key is empty"),
         (["--config", "configs"], "is a directory"),
@@ -170,8 +170,8 @@ def test_overrides_may_follow_options():
 
 
 def test_dotted_override_changes_one_entry_of_a_default_mapping():
-    config = load_config(None, ["tasks.math=0.5", "out=123"])
-    assert config.tasks == {"math": 0.5, "code": 0.3, "general": 0.1}
+    config = load_config(None, ["data.toy.math=0.5", "out=123"])
+    assert config.data.toy == {"math": 0.5, "code": 0.3, "general": 0.1}
     assert config.out == "123"  # a string key given a number-like value keeps it as text
 
 
@@ -261,7 +261,10 @@ def test_inprocess_teacher(toy_quick, tmp_path):
 @pytest.mark.parametrize("path", sorted(str(p) for p in Path("configs").glob("*.yaml")))
 def test_example_configs_load(path):
     config = load_config(path)
-    assert Path(path).stem == f"toy-{config.loss.method}"
+    if config.data.source == "toy":
+        assert Path(path).stem == f"toy-{config.loss.method}"
+    else:
+        assert config.data.train and config.device == "auto" and config.dtype == "bfloat16"
 
 
 def test_every_config_key_is_described():

@@ -43,7 +43,7 @@ def run_bench(toy_dir: str, engine: str, steps: int, latency_ms: float | None, p
         f"student={Path(toy_dir) / 'student'}", f"steps={steps}", "eval.before_after=false", "eval.every=0",
         f"threads={threads}",
         "tensorboard=false", "plot=false", "checkpoint_every=0", "guidance.enabled=false",
-        f"rollout.prompts_per_step={prompts}", "rollout.samples_per_prompt=1", "tasks={math: 0.7, code: 0.3}",
+        f"rollout.prompts_per_step={prompts}", "rollout.samples_per_prompt=1", "data.toy={math: 0.7, code: 0.3}",
     ]  # fmt: skip
     report: dict = {
         "settings": {"toy": toy_dir, "engine": engine, "steps": steps, "prompts_per_step": prompts, "threads": threads}
@@ -107,6 +107,22 @@ def format_report(r: dict) -> str:
     )
 
 
+def format_extra(r: dict) -> str:
+    """Sections (c) decoders and (d) peak memory of the report."""
+    d, m = r["decoders"], r["memory"]
+    ds = d["settings"]
+    lines = ["", f"(c) decoders ({ds['prompts']} prompts x {ds['new_tokens']} new tokens, {ds['threads']} thread(s), "
+             "CPU) | hand-written tok/s | library tok/s | rule picks"]  # fmt: skip
+    for name, x in d["shapes"].items():
+        lines.append(f"    {name:<12} ({x['params'] / 1e6:.2f}M) | {x['tokens_per_s_fast']:18.0f} | "
+                     f"{x['tokens_per_s_library']:13.0f} | {x['rule_picks']}")  # fmt: skip
+    settings = m["settings"]
+    lines += ["", f"(d) peak memory of one tropd step, vocabulary {settings.get('vocab_size')}, "
+              f"{settings.get('sequences')} x {settings.get('response_tokens')} response tokens (MB)"]  # fmt: skip
+    lines += [f"    {name:<14} | {mb:8.0f}" for name, mb in m["peak_memory_mb"].items()]
+    return "\n".join(lines)
+
+
 def main(args) -> int:
     if args.build:
         toy.build(args.toy, quick=args.quick, log=_stderr)
@@ -114,7 +130,14 @@ def main(args) -> int:
     prompts = 16 if args.quick else 64
     threads = args.threads or half_the_cores()
     report = run_bench(args.toy, args.engine, steps, args.latency_ms, prompts, threads, progress=_stderr)
-    print(json.dumps(report) if args.json else format_report(report))
+    _stderr("[bench] (c) the student's decoders: hand-written Llama decoder vs the library's cache path")
+    report["decoders"] = decoder_speed(args.quick, threads=max(threads, 1))
+    _stderr("[bench] (d) peak memory of a step at a 151,936-token vocabulary: whole-batch logits vs chunks")
+    from trainer.memory_bench import peak_memory
+
+    report["memory"] = peak_memory(args.quick)
+    report["peak_memory_mb"] = report["memory"]["peak_memory_mb"]
+    print(json.dumps(report) if args.json else format_report(report) + "\n" + format_extra(report))
     return 0
 
 
@@ -122,3 +145,74 @@ def _stderr(message: str) -> None:
     import sys
 
     print(message, file=sys.stderr)
+
+
+# (c) the student's decoders: sampling throughput of the hand-written Llama decoder and of the library's own
+# forward and cache, at the toy student's shape and at a 29M-parameter Llama (random weights: speed does not
+# depend on them), and which one `decoder_for`'s size rule picks. The rule in trainer/decode.py cites these.
+DECODER_SHAPES = {
+    "toy_student": toy.STUDENT,
+    "llama_29m": toy.ModelSpec(hidden=512, layers=8, heads=8, intermediate=1664),
+}
+
+
+def _toy_prompts(n: int) -> list[list[int]]:
+    """`n` toy prompts (8-16 tokens), the task families in turn."""
+    from trainer import tasks
+    from trainer.tokenizer import VOCAB
+
+    families = ("math", "code", "general")
+    per = [tasks.examples(f, "eval", -(-n // len(families))) for f in families]
+    return [VOCAB.prompt_ids(per[i % len(families)][i // len(families)].prompt) for i in range(n)]
+
+
+def _tokens_per_s(model, prompts: list[list[int]], new_tokens: int, prefer: str) -> float:
+    """Generated tokens per second of one `sample` call with decoder `prefer`; no stop ids, so every row runs
+    the whole budget."""
+    import time
+
+    import torch
+
+    from trainer.rollout import sample
+    from trainer.tokenizer import VOCAB
+
+    start = time.perf_counter()
+    sample(model, prompts, max_new_tokens=new_tokens, pad_id=VOCAB.pad_id, decoder=prefer,
+           generator=torch.Generator().manual_seed(0))  # fmt: skip
+    return len(prompts) * new_tokens / (time.perf_counter() - start)
+
+
+def decoder_speed(quick: bool, threads: int = 2) -> dict:
+    """tok/s of `LlamaDecoder` ("fast") and `LibraryDecoder` ("library") on CPU for each of DECODER_SHAPES, with
+    `threads` torch threads, and the decoder that `decoder_for(model)` picks. Quick: 16 prompts x 16 new tokens
+    (well under 20 s on 2 cores); else 64 prompts x 48 new tokens. Each is the best of 3 runs, the two decoders
+    in turn after a warm-up, so that a moment when other jobs hold the cores slows both alike and is dropped."""
+    import torch
+
+    from trainer.decode import decoder_for
+
+    prompts_n, new_tokens, reps = (16, 16, 3) if quick else (64, 48, 3)
+    prompts = _toy_prompts(prompts_n)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    shapes = {}
+    try:
+        for name, spec in DECODER_SHAPES.items():
+            model = toy.new_model(spec, seed=0).eval()
+            speed = {"fast": 0.0, "library": 0.0}
+            for prefer in speed:
+                _tokens_per_s(model, prompts, 4, prefer)
+            for _ in range(reps):
+                for prefer in speed:
+                    speed[prefer] = max(speed[prefer], _tokens_per_s(model, prompts, new_tokens, prefer))
+            shapes[name] = {
+                "hidden": spec.hidden, "layers": spec.layers, "intermediate": spec.intermediate,
+                "params": sum(p.numel() for p in model.parameters()),
+                "tokens_per_s_fast": speed["fast"], "tokens_per_s_library": speed["library"],
+                "faster": max(speed, key=speed.get),
+                "rule_picks": "fast" if type(decoder_for(model)).__name__ == "LlamaDecoder" else "library",
+            }  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+    settings = {"prompts": prompts_n, "new_tokens": new_tokens, "threads": threads, "device": "cpu", "best_of": reps}
+    return {"settings": settings, "shapes": shapes}

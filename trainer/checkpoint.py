@@ -16,24 +16,45 @@ import torch
 from tropd.errors import UserError, first_line
 
 PREFIX = "step-"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "tokenizer.model",
+)
 
 
 def save(
-    run_dir: Path, step: int, model, optimizer, scheduler, cursor: dict, state: dict, keep: int, tokenizer_from: Path
+    run_dir: Path,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    cursor: dict,
+    state: dict,
+    keep: int,
+    tokenizer_from: Path,
+    full_state: tuple[dict, dict] | None = None,
 ) -> Path:
+    """Write checkpoint `step`. `full_state` is (model state dict, optimizer state dict) gathered from sharded
+    ranks (FSDP); without it the model's and optimizer's own state dicts are saved."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:06d}"
     tmp = root / f".tmp-{PREFIX}{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp / "student", safe_serialization=True)
+    model_state, optimizer_state = full_state or (None, optimizer.state_dict())
+    model.save_pretrained(tmp / "student", safe_serialization=True, state_dict=model_state)
     for name in TOKENIZER_FILES:
         if (tokenizer_from / name).is_file():
             shutil.copy2(tokenizer_from / name, tmp / "student" / name)
     torch.save(
         {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "cursor": cursor,
             "python_random": random.getstate(),
@@ -66,7 +87,7 @@ def load_state(path: Path) -> tuple[dict, dict]:
     """(trainer state from trainer_state.pt, state.json); restores the global RNGs. A damaged checkpoint is a
     UserError that names it."""
     try:
-        blob = torch.load(path / "trainer_state.pt", weights_only=False)
+        blob = torch.load(path / "trainer_state.pt", weights_only=False, map_location="cpu")
         state = json.loads((path / "state.json").read_text())
         if not isinstance(blob, dict) or not isinstance(state, dict) or not isinstance(state.get("step"), int):
             raise ValueError("unexpected contents")

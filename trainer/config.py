@@ -77,6 +77,10 @@ class RolloutConfig(_Section):
     max_new_tokens: int = Field(40, ge=1, description="longest student response, in tokens")
     temperature: float = Field(1.0, gt=0, description="student sampling temperature")
     top_p: float = Field(1.0, gt=0, le=1, description="student nucleus-sampling threshold (1: off)")
+    micro_batch_sequences: int = Field(
+        0, ge=0, description="sequences per forward/backward (0: the whole batch); gradients accumulate, same result"
+    )
+    sample_batch_sequences: int = Field(0, ge=0, description="sequences sampled at once (0: the whole batch)")
 
 
 class OptimConfig(_Section):
@@ -89,14 +93,47 @@ class OptimConfig(_Section):
 
 class EvalConfig(_Section):
     every: int = Field(250, ge=0, description="evaluate every N steps (0: only before and after)")
-    n: int = Field(200, ge=1, description="greedy-accuracy prompts per task")
+    n: int = Field(200, ge=1, description="greedy-accuracy prompts per eval set (toy: per task)")
     kl_prompts: int = Field(64, ge=1, description="held-out prompts for the reverse-KL estimate")
     tasks: list[Literal["math", "code", "general"]] = Field(
         default_factory=lambda: ["math", "code", "general"],
         min_length=1,
-        description="tasks evaluated (accuracy and reverse KL)",
+        description="toy source: the tasks evaluated (accuracy and reverse KL), one eval set each",
     )
+    verifier: str = Field(
+        "auto",
+        description="accuracy on held-out prompts: auto (toy: the task verifiers; files: exact when records have an "
+        "answer, else none), none (reverse KL only), exact, math (math-verify), toy, or module:function",
+    )
+    max_new_tokens: int | None = Field(None, ge=1, description="longest eval response (default: rollout's)")
     before_after: bool = Field(True, description="evaluate before and after training")
+
+
+class DataConfig(_Section):
+    source: Literal["toy", "files"] = Field("toy", description="where prompts come from: the toy world or your files")
+    toy: dict[Literal["math", "code", "general"], float] = Field(
+        default_factory=lambda: {"math": 0.6, "code": 0.3, "general": 0.1}, description="toy source: task mix"
+    )
+    train: list[str] = Field(
+        default_factory=list,
+        description="files source: JSONL / JSON / Parquet files, or folders written by datasets' save_to_disk",
+    )
+    eval: list[str] = Field(
+        default_factory=list, description="files source: held-out prompt files (default: a share of train)"
+    )
+    eval_share: float = Field(
+        0.05, ge=0, lt=1, description="files source without `eval`: share of train records held out for eval"
+    )
+    prompt_field: str = Field(
+        "auto", min_length=1, description="auto: `messages` (a chat) if records have it, else `prompt` (plain text)"
+    )
+    answer_field: str = Field("answer", min_length=1, description="reference answer for the verifier (optional)")
+    chat_template: str = Field(
+        "auto",
+        min_length=1,
+        description="auto: the student tokenizer's chat template renders `messages`; or a .jinja file to use instead",
+    )
+    max_prompt_tokens: int = Field(1024, ge=1, description="longer prompts are skipped and counted, never truncated")
 
 
 class TrainConfig(_Section):
@@ -104,8 +141,21 @@ class TrainConfig(_Section):
     out: str = Field("runs/tropd", description="run directory")
     steps: int = Field(1000, ge=1, description="optimizer steps")
     seed: int = Field(0, ge=0, description="seeds sampling, data order and the trust rule's draws")
-    tasks: dict[Literal["math", "code", "general"], float] = Field(
-        default_factory=lambda: {"math": 0.6, "code": 0.3, "general": 0.1}, description="task mix of prompts"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: cuda when available (torchrun: cuda:LOCAL_RANK)"
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="bfloat16: autocast forward, float32 master weights and optimizer state"
+    )
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="under torchrun: DDP, or FSDP2 (fully_shard) for big students"
+    )
+    gradient_checkpointing: bool = Field(False, description="recompute the student's activations in backward")
+    loss_chunk_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="positions whose float32 logits are held at once (None: all when a batch's fit 256 MiB, else as "
+        "many as fit; 0: all, through the model's own forward)",
     )
     max_staleness: int = Field(0, ge=0, le=8, description="0: strictly on-policy; k: rollouts up to k steps old")
     checkpoint_every: int = Field(250, ge=0, description="0: only at the end")
@@ -116,9 +166,17 @@ class TrainConfig(_Section):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, tree):
+        if isinstance(tree, dict) and "tasks" in tree:
+            raise ValueError("`tasks` is now `data.toy` (e.g. data.toy={math: 0.6, code: 0.3, general: 0.1})")
+        return tree
 
     @model_validator(mode="after")
     def _check(self):
@@ -130,8 +188,11 @@ class TrainConfig(_Section):
                 "set guidance.enabled=false (tropd), or use loss.method opd/eopd/reopold, or gkd with "
                 "loss.on_policy_share=1"
             )
-        if not self.tasks or any(w < 0 for w in self.tasks.values()) or sum(self.tasks.values()) <= 0:
-            raise ValueError("tasks: give at least one task with a positive weight")
+        toy = self.data.toy
+        if self.data.source == "toy" and (not toy or any(w < 0 for w in toy.values()) or sum(toy.values()) <= 0):
+            raise ValueError("data.toy: give at least one task with a positive weight")
+        if self.data.source == "files" and not self.data.train:
+            raise ValueError("data.source files needs data.train (prompt files or folders)")
         return self
 
     def _needs_drafts(self) -> bool:

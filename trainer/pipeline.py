@@ -15,12 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer import tasks
 from trainer.config import TrainConfig
-from trainer.rollout import response_logprobs, sample
-from trainer.tokenizer import VOCAB
+from trainer.data import PromptSource
+from trainer.rollout import sample
 
-BANNED = (VOCAB.pad_id, VOCAB.bos_id, VOCAB.sep_id)
 NEEDS_TOP_K = {"tropd", "eopd", "gkd"}
 
 
@@ -94,12 +92,23 @@ class Rollouts:
     """Every rank draws the same global batch (prompts, uniforms, teacher drafts) and keeps its slice, so
     that `world` data-parallel ranks together see exactly what one process would."""
 
-    def __init__(self, config: TrainConfig, model, link, seed_offset: int = 0, rank: int = 0, world: int = 1):
-        self.config, self.model, self.link = config, model, link
+    def __init__(
+        self,
+        config: TrainConfig,
+        model,
+        link,
+        source: PromptSource,
+        old_logprobs=None,
+        rank: int = 0,
+        world: int = 1,
+        all_done=None,
+    ):
+        self.config, self.model, self.link, self.source = config, model, link, source
+        self.old_logprobs = old_logprobs  # (prompts, responses) -> log-probs B_T of the sampling student
+        self.all_done = all_done  # sharded ranks decode in lockstep (see `sample`)
         self.rank, self.world = rank, world
-        self.rng = random.Random(f"prompts/{config.seed + seed_offset}")
-        self.gen = torch.Generator().manual_seed(config.seed + seed_offset)
-        self.pools = {t: tasks.examples(t, "train", 20000, config.seed) for t in config.tasks}
+        self.rng = random.Random(f"prompts/{config.seed}")
+        self.gen = torch.Generator().manual_seed(config.seed)
         self.top_k = config.teacher.top_k if config.loss.method in NEEDS_TOP_K else 0
 
     # the data cursor: everything that decides which prompts and samples come next
@@ -110,13 +119,10 @@ class Rollouts:
         self.rng.setstate(state["rng"])
         self.gen.set_state(state["gen"])
 
-    def _prompts(self) -> tuple[list[str], list[list[int]]]:
-        names, weights = zip(*self.config.tasks.items(), strict=True)
+    def _prompts(self) -> list[list[int]]:
         r = self.config.rollout
-        chosen = self.rng.choices(names, weights, k=r.prompts_per_step)
-        exs = [self.rng.choice(self.pools[t]) for t in chosen]
-        repeated = [e for e in exs for _ in range(r.samples_per_prompt)]
-        return [e.task for e in repeated], [VOCAB.prompt_ids(e.prompt) for e in repeated]
+        drawn = self.source.draw(self.rng, r.prompts_per_step)
+        return [list(p.ids) for p in drawn for _ in range(r.samples_per_prompt)]
 
     def _mine(self, rows: list) -> list:
         n = len(rows) // self.world
@@ -124,7 +130,7 @@ class Rollouts:
 
     def make(self, step: int) -> Pending:
         cfg = self.config
-        _, prompts = self._prompts()
+        prompts = self._prompts()
         method = cfg.loss.method
         if method == "sft" or (method == "gkd" and self.rng.random() >= cfg.loss.on_policy_share):
             return self._teacher_written(step, prompts)
@@ -135,28 +141,30 @@ class Rollouts:
         starts = [p + x for p, x in zip(prompts, prefixes, strict=True)]
         was_training = self.model.training
         self.model.eval()
-        roll = sample(
-            self.model,
-            starts,
-            max_new_tokens=budget,
-            eos_id=VOCAB.eos_id,
-            pad_id=VOCAB.pad_id,
-            banned_ids=BANNED,
-            temperature=cfg.rollout.temperature,
-            top_p=cfg.rollout.top_p,
-            uniforms_B_T=uniforms,
-        )
-        continuations = roll.responses()
+        continuations = self._sample(starts, budget, uniforms)
         # a prefix plus its continuation never runs past the response budget
         responses = [(x + c)[: max(budget, len(x) + 1)] for x, c in zip(prefixes, continuations, strict=True)]
         batch = self._batch(step, "student", prompts, responses, [len(x) for x in prefixes])
         if cfg.max_staleness > 0:
-            with torch.no_grad():
-                batch.old_lp_B_T = response_logprobs(self.model, prompts, responses, VOCAB.pad_id)[0]
+            batch.old_lp_B_T = self.old_logprobs(prompts, responses)
         self.model.train(was_training)
         seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
         future = self.link.score(seqs, [len(p) for p in prompts], self.top_k)
         return Pending(batch, future, self.top_k)
+
+    def _sample(self, starts: list[list[int]], budget: int, uniforms_B_T: torch.Tensor) -> list[list[int]]:
+        """Student samples of `starts`, `rollout.sample_batch_sequences` rows at a time (0: all at once)."""
+        src, r = self.source, self.config.rollout
+        size = r.sample_batch_sequences or max(1, len(starts))
+        out: list[list[int]] = []
+        for i in range(0, len(starts), size):
+            roll = sample(
+                self.model, starts[i : i + size], max_new_tokens=budget, stop_ids=src.stop_ids, pad_id=src.pad_id,
+                banned_ids=src.banned_ids, vocab_limit=src.vocab_limit, temperature=r.temperature, top_p=r.top_p,
+                uniforms_B_T=uniforms_B_T[i : i + size], all_done=self.all_done,
+            )  # fmt: skip
+            out += roll.responses()
+        return out
 
     def _prefixes(self, step: int, prompts: list[list[int]]) -> list[list[int]]:
         share = prefix_share(self.config, step)
@@ -165,26 +173,31 @@ class Rollouts:
         if not chosen:
             return prefixes
         g = self.config.guidance
+        stops = self.source.stop_ids
         drafts = self.link.continue_(
-            [prompts[i] for i in chosen], g.prefix_tokens, temperature=1.0, seed=self._seed(step), top_k=0
-        ).result()
+            [prompts[i] for i in chosen], g.prefix_tokens, temperature=1.0, seed=self._seed(step), top_k=0,
+            stop_ids=list(stops),
+        ).result()  # fmt: skip
         for i, d in zip(chosen, drafts, strict=True):
             tokens = d.token_ids.tolist()
-            if VOCAB.eos_id in tokens:
-                tokens = tokens[: tokens.index(VOCAB.eos_id)]
+            ends = [j for j, t in enumerate(tokens) if t in stops]
+            if ends:  # a prefix holds no stop id: the student writes the rest
+                tokens = tokens[: ends[0]]
             prefixes[i] = tokens[: self.rng.randint(1, g.prefix_tokens)] if tokens else []
         return prefixes
 
     def _teacher_written(self, step: int, prompts: list[list[int]]) -> Pending:
         """Teacher drafts as the whole response (sft, and gkd's off-policy batches)."""
         k = self.top_k
+        stops = self.source.stop_ids
         drafts = self._mine(
             self.link.continue_(
-                prompts, self.config.rollout.max_new_tokens, temperature=1.0, seed=self._seed(step), top_k=k
+                prompts, self.config.rollout.max_new_tokens, temperature=1.0, seed=self._seed(step), top_k=k,
+                stop_ids=list(stops),
             ).result()
-        )
+        )  # fmt: skip
         prompts = self._mine(prompts)
-        responses = [d.token_ids.tolist() or [VOCAB.eos_id] for d in drafts]
+        responses = [d.token_ids.tolist() or [stops[0]] for d in drafts]
         batch = self._batch(step, "teacher", prompts, responses, [0] * len(prompts))
         fill_teacher(batch, drafts, k)
         return Pending(batch, None, k)
@@ -192,9 +205,8 @@ class Rollouts:
     def _seed(self, step: int) -> int:
         return (self.config.seed * 1_000_003 + step) % (2**31)
 
-    @staticmethod
-    def _batch(step, source, prompts, responses, prefix_lens) -> Batch:
-        ids = pad(responses, VOCAB.pad_id, torch.long)
+    def _batch(self, step, source, prompts, responses, prefix_lens) -> Batch:
+        ids = pad(responses, self.source.pad_id, torch.long)
         mask = pad([[True] * len(r) for r in responses], False, torch.bool)
         prefix = pad(
             [[j < n for j in range(len(r))] for r, n in zip(responses, prefix_lens, strict=True)], False, torch.bool

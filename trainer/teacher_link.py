@@ -18,7 +18,7 @@ from concurrent.futures import Future
 import httpx
 
 from services.teacher.client import TeacherClient, TeacherError
-from services.teacher.protocol import tokenizer_fingerprint
+from services.teacher.protocol import chat_template_fingerprint, tokenizer_fingerprint
 from trainer.config import TeacherConfig
 from tropd.errors import UserError
 
@@ -57,8 +57,9 @@ class TeacherLink:
     def _call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def check(self, student_dir: str, top_k: int) -> dict:
-        """Read the teacher's info; refuse a different tokenizer or a top-k it cannot give."""
+    def check(self, student_dir: str, top_k: int, student_vocab: int | None = None) -> dict:
+        """Read the teacher's info; refuse a different tokenizer or chat template, a vocabulary larger than the
+        student's (its top-k ids would index past the student's logits), or a top-k it cannot give."""
         try:
             info = self._call(self.client.info())
         except (TeacherError, OSError) as exc:
@@ -70,9 +71,21 @@ class TeacherLink:
                 f"the teacher's tokenizer differs from the student's: teacher {theirs[:16]}..., "
                 f"student {mine[:16]}... (tokenizer_sha256); distillation needs one shared vocabulary"
             )
+        template = info.get("chat_template_sha256")  # None: the teacher has none, or cannot tell (stock server)
+        if template is not None and template != chat_template_fingerprint(student_dir):
+            raise UserError(
+                "the teacher's chat template differs from the student's (chat_template_sha256): the teacher would "
+                "score prompts rendered in another format; give both the same tokenizer files"
+            )
+        vocab = info.get("vocab_size")
+        if student_vocab is not None and isinstance(vocab, int) and vocab > student_vocab:
+            raise UserError(f"the teacher's vocabulary ({vocab} ids) is larger than the student's ({student_vocab}): "
+                            "its top-k ids would fall outside the student's logits")  # fmt: skip
         max_top_k = info.get("max_top_k")
         if max_top_k is not None and top_k > max_top_k:
             raise UserError(f"teacher.top_k={top_k} but the teacher serves at most top-k {max_top_k}")
+        if isinstance(vocab, int) and top_k > vocab:
+            raise UserError(f"teacher.top_k={top_k} is larger than the teacher's vocabulary ({vocab} ids)")
         return info
 
     def score(self, sequences: list[list[int]], starts: list[int], top_k: int) -> Future:

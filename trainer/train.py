@@ -3,17 +3,18 @@
 for step in 1..steps:
     keep up to max_staleness + 1 batches sampled and sent to the teacher
     batch = oldest batch, with its teacher scores
-    loss = losses.<method>(student logits on the batch, teacher scores)   # skipped if non-finite
+    loss = losses.<method>(student scores on the batch, teacher scores)   # skipped if non-finite
     optimizer step; metrics; eval every K steps; checkpoint every C steps
+
+The student's scores come from `trainer.student.StudentStep`: chunks of positions through the output head, and
+micro-batches with gradient accumulation, so that a large vocabulary's logits never exist for the whole batch.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -21,21 +22,25 @@ from pathlib import Path
 import torch
 
 from services.teacher.client import TeacherError
-from trainer import checkpoint, losses, toy
+from trainer import checkpoint, losses
 from trainer.config import TrainConfig, dump_config
-from trainer.pipeline import Batch, Rollouts, k1_estimate
-from trainer.rollout import response_logprobs, sample
-from trainer.tasks import examples
+from trainer.data import PromptSource, load_source, model_vocab_size
+from trainer.evaluation import evaluate, pick_verifier
+from trainer.models import decoder_layers, load_student, quiet_transformers
+from trainer.parallel import DataParallel, resolve_device, torch_threads
+from trainer.pipeline import Batch, Rollouts
+from trainer.runlog import RunLog, flatten
+from trainer.student import LanguageModelView, ScoringModule, StudentStep
 from trainer.teacher_link import TeacherLink
-from trainer.tokenizer import VOCAB
-from tropd.errors import UserError, first_line
+from tropd.errors import UserError
 from tropd.modeldir import check_model_dir
 from tropd.paths import directory_path
 
-EVAL_SEED = 1234
+LOGITS_BUDGET_BYTES = 256 * 2**20  # float32 logits held at once when loss_chunk_tokens is not set
 
 
 def compute_loss(config: TrainConfig, batch: Batch, logits_B_T_V, step: int, uniform_B_T=None):
+    """The configured loss of `batch`; `logits_B_T_V` is the student's logits or its `StudentScores`."""
     c, ids, mask = config.loss, batch.ids_B_T, batch.mask_B_T
     t_lp, top_ids, top_lp, old = batch.teacher_lp_B_T, batch.teacher_top_ids_B_T_K, batch.teacher_top_lp_B_T_K, None
     if config.max_staleness > 0 and batch.source == "student":
@@ -79,142 +84,64 @@ def lr_lambda(config: TrainConfig):
     return factor
 
 
-@torch.no_grad()
-def evaluate(model, link: TeacherLink, config: TrainConfig) -> dict:
-    """Greedy accuracy per task, and the K1 reverse KL on student samples of held-out prompts."""
-    model.eval()
-    acc = {t: toy.accuracy(model, t, config.eval.n) for t in config.eval.tasks}
-    per_task = max(1, config.eval.kl_prompts // len(config.eval.tasks))
-    prompts = [VOCAB.prompt_ids(e.prompt) for t in config.eval.tasks for e in examples(t, "eval", per_task)]
-    roll = sample(
-        model, prompts, max_new_tokens=config.rollout.max_new_tokens, eos_id=VOCAB.eos_id, pad_id=VOCAB.pad_id,
-        banned_ids=(VOCAB.pad_id, VOCAB.bos_id, VOCAB.sep_id), generator=torch.Generator().manual_seed(EVAL_SEED),
-    )  # fmt: skip
-    responses = roll.responses()
-    s_lp, mask, _ = response_logprobs(model, prompts, responses, VOCAB.pad_id)
-    scored = link.score([p + r for p, r in zip(prompts, responses, strict=True)], [len(p) for p in prompts], 0)
-    t_lp = torch.zeros_like(s_lp)
-    for i, r in enumerate(scored.result()):
-        t_lp[i, : len(r.logprobs)] = torch.from_numpy(r.logprobs)
-    model.train()
-    return {"accuracy": acc, "reverse_kl": k1_estimate(s_lp, t_lp, mask)}
+def chunk_tokens(config: TrainConfig, vocab_size: int) -> int:
+    """Positions per chunk of the output head: `loss_chunk_tokens`, else 0 (all at once, through the model's own
+    forward) when a whole batch's float32 logits fit LOGITS_BUDGET_BYTES (the toy's 26 tokens), else as many
+    positions as fit it (Qwen's 151,936 tokens: 441)."""
+    if config.loss_chunk_tokens is not None:
+        return config.loss_chunk_tokens
+    r = config.rollout
+    longest = (
+        config.data.max_prompt_tokens + r.max_new_tokens if config.data.source == "files" else 64 + r.max_new_tokens
+    )
+    if r.prompts_per_step * r.samples_per_prompt * longest * vocab_size * 4 <= LOGITS_BUDGET_BYTES:
+        return 0
+    return max(1, LOGITS_BUDGET_BYTES // (4 * vocab_size))
 
 
-def _metrics_record(line: str) -> dict | None:
-    """A metrics.jsonl line as a record with an integer step, or None."""
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+class Student:
+    """The student model, its scoring module (wrapped for data parallelism) and how it runs a batch."""
+
+    def __init__(self, config: TrainConfig, path: Path, source: PromptSource, dp: DataParallel):
+        self.config, self.source, self.device = config, source, dp.device
+        self.model = load_student(path, dp.device, config.gradient_checkpointing).train()
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        self.chunk = chunk_tokens(config, vocab)
+        self.scorer = ScoringModule(self.model, self.chunk, model_logits=self.chunk == 0)
+        self.module = dp.wrap(self.scorer, decoder_layers(self.model))  # FSDP2 shards the scorer in place
+        # under FSDP every forward gathers shards: the sampler runs through the sharded root, in lockstep
+        self.sampler = LanguageModelView(self.module) if dp.sharded else self.model
+        self.autocast = torch.bfloat16 if config.dtype == "bfloat16" else None
+
+    def step(self, batch: Batch, top_ids_B_T_K, **wants) -> StudentStep:
+        return StudentStep(
+            self.module, batch.prompts, batch.responses, self.source.pad_id, top_ids_B_T_K,
+            micro_batch_sequences=self.config.rollout.micro_batch_sequences, device=self.device,
+            autocast_dtype=self.autocast, **wants,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def logprobs(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
+        """log p_S of each response token (B_T, CPU, 0 on padding), without gradient."""
+        run = StudentStep(
+            self.scorer, prompts, responses, self.source.pad_id, None,
+            micro_batch_sequences=self.config.rollout.micro_batch_sequences or len(prompts), device=self.device,
+            autocast_dtype=self.autocast,
+        )  # fmt: skip
+        return (run.scores().lp_B_T.detach() * run.mask_B_T).float().cpu()
 
 
-class RunLog:
-    """metrics.jsonl, TensorBoard, and the console."""
-
-    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int):
-        self.path = run_dir / "metrics.jsonl"
-        if resume_step and self.path.is_file():  # drop steps after the checkpoint: they will run again
-            kept = []
-            for number, line in enumerate(self.path.read_text().splitlines(), 1):
-                record = _metrics_record(line)
-                if record is None:
-                    if line.strip():
-                        print(f"[train] {self.path} line {number} is not a metrics record: dropped", file=sys.stderr)
-                elif record["step"] <= resume_step and not record.get("final"):
-                    kept.append(json.dumps(record))
-            self.path.write_text("".join(line + "\n" for line in kept))
-        elif not resume_step:
-            self.path.write_text("")
-        self.writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-
-    def write(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in _flatten(record).items():
-                if key != "step" and isinstance(value, int | float) and math.isfinite(value):
-                    self.writer.add_scalar(key, value, record["step"])
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+def _on(device: torch.device, t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(device, non_blocking=True)
 
 
-def _flatten(record: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in record.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}/"))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+def batch_on(batch: Batch, device: torch.device) -> Batch:
+    """The batch's tensors on `device` (a copy of the record; lists stay)."""
+    import dataclasses
 
-
-class DataParallel:
-    """torchrun: one process per rank, DDP over gloo (CPU) or NCCL (GPU); a no-op in a single process.
-
-    Each rank trains on its slice of the global batch; the loss is scaled so that DDP's gradient average
-    equals the gradient of the mean over all ranks' tokens, as one process with the global batch would get.
-    """
-
-    def __init__(self, config: TrainConfig):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = 0
-        if self.world > 1:
-            n = config.rollout.prompts_per_step * config.rollout.samples_per_prompt
-            if n % self.world:
-                raise UserError(f"prompts_per_step x samples_per_prompt = {n} must divide by the {self.world} ranks")
-            import torch.distributed as dist
-
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-            self.rank = dist.get_rank()
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def wrap(self, model):
-        if self.world == 1:
-            return model
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(model)
-
-    def total(self, value: float) -> float:
-        if self.world == 1:
-            return value
-        import torch.distributed as dist
-
-        t = torch.tensor([float(value)], dtype=torch.float64)
-        dist.all_reduce(t)
-        return float(t)
-
-    def all_ok(self, ok: bool) -> bool:
-        return self.total(0.0 if ok else 1.0) == 0.0
-
-    def uniforms(self, generator: torch.Generator, rows: int, width: int) -> torch.Tensor:
-        """This rank's U(0, 1) draws for a `rows` x `width` batch: every rank draws the whole global batch's
-        (all ranks' rows, at the widest rank's width) and keeps its slice, so that the stochastic trust rule
-        marks the same tokens as one process with the global batch would."""
-        if self.world == 1:
-            return torch.rand((rows, width), generator=generator)
-        import torch.distributed as dist
-
-        widest = torch.tensor([width], dtype=torch.int64)
-        dist.all_reduce(widest, op=dist.ReduceOp.MAX)
-        draws = torch.rand((rows * self.world, int(widest)), generator=generator)
-        return draws[self.rank * rows : (self.rank + 1) * rows, :width]
-
-    def close(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+    moved = {f.name: _on(device, getattr(batch, f.name)) for f in dataclasses.fields(batch)
+             if isinstance(getattr(batch, f.name), torch.Tensor)}  # fmt: skip
+    return dataclasses.replace(batch, **moved)
 
 
 def train(config: TrainConfig, resume: bool = False, log=print) -> dict | None:
@@ -238,29 +165,36 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict | None:
     if ckpt is not None and checkpoint.step_of(ckpt) > config.steps:
         raise UserError(f"--resume: the last checkpoint of {run_dir} is at step {checkpoint.step_of(ckpt)}, past "
                         f"steps={config.steps}: give steps >= {checkpoint.step_of(ckpt)}")  # fmt: skip
-    dp = DataParallel(config)
-    torch.set_num_threads(config.threads or max(1, min(os.cpu_count() or 1, 8) // dp.world))
+    source = load_source(config.data, student_dir, config.seed, log)  # a bad data file stops here, before any step
+    verifier = pick_verifier(config, source)
+    device = resolve_device(config.device)
+    global_batch = config.rollout.prompts_per_step * config.rollout.samples_per_prompt
+    dp = DataParallel(global_batch, device, config.parallel)
+    torch.set_num_threads(torch_threads(config.threads, dp.world))
     torch.manual_seed(config.seed)
-    toy.quiet_transformers()
+    quiet_transformers()
     if not dp.main:
         log = _silent
 
     link = TeacherLink(config.teacher)
     try:
-        info = link.check(str(student_dir), config.teacher.top_k)
+        info = link.check(str(student_dir), config.teacher.top_k, model_vocab_size(student_dir))
         if dp.main:  # a teacher refused above leaves no run directory behind
             run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(config, run_dir / "config.yaml")
-        model = _load_student(ckpt / "student" if ckpt else student_dir).train()
-        trained = dp.wrap(model)
+        student = Student(config, ckpt / "student" if ckpt else student_dir, source, dp)
+        model = student.model
+        log(f"[train] student on {device} ({config.dtype}), output head in chunks of {student.chunk} positions"
+            if student.chunk else f"[train] student on {device} ({config.dtype})")  # fmt: skip
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
-        rollouts = Rollouts(config, model, link, rank=dp.rank, world=dp.world)
+        rollouts = Rollouts(config, student.sampler, link, source, student.logprobs, rank=dp.rank, world=dp.world,
+                            all_done=dp.all_true if dp.sharded else None)  # fmt: skip
         loss_gen = torch.Generator().manual_seed(config.seed + 1)
         done, skipped, cursor = 0, 0, 0
         if ckpt is not None:
             blob, state = checkpoint.load_state(ckpt)  # a damaged checkpoint is a UserError naming it
-            optimizer.load_state_dict(blob["optimizer"])
+            dp.load_optimizer(student.module, optimizer, blob["optimizer"])
             scheduler.load_state_dict(blob["scheduler"])
             rollouts.load_state(blob["cursor"]["rollouts"])
             loss_gen.set_state(blob["cursor"]["loss_gen"])
@@ -268,9 +202,20 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict | None:
             log(f"[train] resuming {run_dir} from {ckpt.name} (step {done})")
         elif resume:
             log(f"[train] no checkpoint in {run_dir}: starting from step 0")
-        if dp.main and config.eval.before_after and (done == 0 or not (run_dir / "eval_before.json").is_file()):
+
+        def run_eval() -> dict | None:
+            """On rank 0; under FSDP on every rank (each forward is a collective), rank 0 keeping the result."""
+            if not (dp.main or dp.sharded):
+                return None
+            lockstep = dp.all_true if dp.sharded else None
+            return evaluate(student.sampler, link, source, config, verifier, student.logprobs, lockstep)
+
+        need_before = config.eval.before_after and (done == 0 or not (run_dir / "eval_before.json").is_file())
+        if not dp.all_true(not need_before):  # the same answer on every rank
             log("[train] evaluating the student before training")
-            (run_dir / "eval_before.json").write_text(json.dumps(evaluate(model, link, config)))
+            result = run_eval()
+            if dp.main:
+                (run_dir / "eval_before.json").write_text(json.dumps(result))
         runlog = RunLog(run_dir, config.tensorboard, done) if dp.main else None
         start_time = time.monotonic()
         inflight: deque = deque()
@@ -286,26 +231,30 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict | None:
                 next_sample += 1
                 cursor += config.rollout.prompts_per_step
             t_sampled = time.perf_counter()
-            batch = inflight.popleft().resolve()
+            batch = batch_on(inflight.popleft().resolve(), device)
             t_scored = time.perf_counter()
             model.train()
-            _, mask, logits = response_logprobs(trained, batch.prompts, batch.responses, VOCAB.pad_id)
+            mask = batch.mask_B_T
             record = {"step": step, "cursor": cursor - config.max_staleness * config.rollout.prompts_per_step}
             finite_teacher = batch.teacher_lp_B_T is None or bool(torch.isfinite(batch.teacher_lp_B_T[mask]).all())
             uniform = None
             if config.loss.method == "tropd" and config.loss.rule == "stochastic":  # drawn on every rank, every step
-                uniform = dp.uniforms(loss_gen, *mask.shape)
-            loss, metrics = compute_loss(config, batch, logits, step, uniform) if finite_teacher else (None, {})
+                uniform = dp.uniforms(loss_gen, *mask.shape).to(device)
+            top_ids = batch.teacher_top_ids_B_T_K if rollouts.top_k else None
+            run = student.step(batch, top_ids, entropy=config.loss.method == "reopold",
+                               argmax=config.loss.method == "sft")  # fmt: skip
+            scores = run.scores()
+            loss, metrics = compute_loss(config, batch, scores, step, uniform) if finite_teacher else (None, {})
             ok = loss is not None and bool(torch.isfinite(loss))
             grad_norm = math.nan
             optimizer.zero_grad(set_to_none=True)
             if dp.world > 1:  # every rank must run backward (DDP reduces there); a bad rank contributes zero
                 share = batch.tokens * dp.world / max(1.0, dp.total(batch.tokens))
-                loss = loss * share if ok else logits.sum() * 0.0
+                loss = loss * share if ok else None
                 ok = dp.all_ok(ok)
             if ok or dp.world > 1:
-                loss.backward()
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip))
+                run.backward(loss)
+                grad_norm = _norm(torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip))
                 ok = ok and math.isfinite(grad_norm)
             if ok:
                 optimizer.step()
@@ -332,27 +281,31 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict | None:
                     "tokens_per_s": batch.tokens / max(1e-9, t_done - t0),
                 }
             )
+            if device.type == "cuda":
+                record["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            if config.eval.every and step % config.eval.every == 0 and step < config.steps:
+                last_eval = record["eval"] = run_eval()
+            due = step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0)
+            full_state = dp.full_state(model, student.module, optimizer) if due else None  # FSDP: all ranks gather
             if not dp.main:
                 continue
-            if config.eval.every and step % config.eval.every == 0 and step < config.steps:
-                last_eval = evaluate(model, link, config)
-                record["eval"] = last_eval
             runlog.write(record)
             bar.set_postfix(_postfix(record, last_eval), refresh=False)
-            if step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
+            if due:
                 checkpoint.save(
                     run_dir, step, model, optimizer, scheduler,
                     {"rollouts": rollouts.state(), "loss_gen": loss_gen.get_state()},
-                    {"skipped_steps": skipped, "cursor": cursor}, config.keep_checkpoints, student_dir,
+                    {"skipped_steps": skipped, "cursor": cursor}, config.keep_checkpoints, student_dir, full_state,
                 )  # fmt: skip
         bar.close()
+        if config.eval.before_after:
+            log("[train] evaluating the student after training")
+        eval_after = run_eval() if config.eval.before_after else None
         if not dp.main:
             return None
-        eval_before = eval_after = None
+        eval_before = None
         if config.eval.before_after:
             eval_before = json.loads((run_dir / "eval_before.json").read_text())
-            log("[train] evaluating the student after training")
-            eval_after = evaluate(model, link, config)
             runlog.write({"step": config.steps, "eval": eval_after, "final": True})
         runlog.close()
         final_dir = run_dir / "student"
@@ -388,20 +341,12 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict | None:
 
 # settings a resumed run may change: how long it runs, where its teacher is reached, what it logs; every
 # other setting decides what the steps compute, and must stay as the run began
+# (devices, chunking and micro-batches change where and how, not what: tested equal)
 RESUME_FREE = ("steps", "out", "student", "threads", "checkpoint_every", "keep_checkpoints", "tensorboard", "plot",
                "eval.", "teacher.url", "teacher.api", "teacher.model", "teacher.engine", "teacher.api_key_env",
                "teacher.timeout_s", "teacher.retries", "teacher.max_concurrency", "teacher.request_sequences",
-               "teacher.client_id")  # fmt: skip
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and key != "tasks":
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
+               "teacher.client_id", "device", "parallel", "gradient_checkpointing", "loss_chunk_tokens",
+               "rollout.micro_batch_sequences", "rollout.sample_batch_sequences")  # fmt: skip
 
 
 def _check_resumed_settings(run_dir: Path, config: TrainConfig) -> None:
@@ -409,10 +354,10 @@ def _check_resumed_settings(run_dir: Path, config: TrainConfig) -> None:
     import yaml
 
     try:
-        before = _flat(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
+        before = flatten(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
     except (OSError, ValueError, AttributeError, yaml.YAMLError):
         return  # no readable record of the run's settings: nothing to compare with
-    now = _flat(config.model_dump(mode="json"))
+    now = flatten(config.model_dump(mode="json"))
     changed = [key for key in now if key in before and before[key] != now[key] and not key.startswith(RESUME_FREE)]
     if changed:
         shown = ", ".join(f"{key}: {before[key]!r} -> {now[key]!r}" for key in changed[:4])
@@ -431,11 +376,9 @@ def check_run_dir(run_dir: Path, student_dir: Path) -> None:
             raise UserError(f"out {str(run_dir)!r} holds {what} ({marker}), not a run: choose another directory")
 
 
-def _load_student(path: Path):
-    try:
-        return toy.load_model(path)
-    except Exception as exc:  # transformers and safetensors raise many kinds; each means "no loadable model here"
-        raise UserError(f"cannot load the student model from {path}: {first_line(exc)}") from None
+def _norm(value) -> float:
+    """A gradient norm as a float (FSDP2 returns a DTensor)."""
+    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
 
 
 def _silent(*_args) -> None:

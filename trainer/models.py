@@ -1,0 +1,47 @@
+"""Loading the student: any Hugging Face causal LM directory, float32 master weights, on the chosen device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tropd.errors import UserError, first_line
+
+
+def quiet_transformers() -> None:
+    """Keep transformers' per-file progress bars out of our progress output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def load_causal_lm(path: str | Path, device: torch.device | str = "cpu"):
+    """A causal LM from a model directory in float32 (the master weights; bf16 runs autocast), eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.to(device).eval()
+
+
+def load_student(path: str | Path, device: torch.device, gradient_checkpointing: bool = False):
+    try:
+        model = load_causal_lm(path, device)
+    except Exception as exc:  # transformers and safetensors raise many kinds; each means "no loadable model here"
+        raise UserError(f"cannot load the student model from {path}: {first_line(exc)}") from None
+    if gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise UserError(f"gradient_checkpointing: the student's architecture ({model.config.model_type}) does not "
+                            "support it")  # fmt: skip
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The student's transformer blocks (FSDP2 shards each on its own), or [] when they cannot be found."""
+    inner = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    return list(layers) if layers is not None else []

@@ -1,0 +1,152 @@
+"""Devices and data parallelism: where the student lives, and how torchrun's ranks share a batch.
+
+`resolve_device` picks the device (`device: auto` = CUDA when there is one; under torchrun each rank takes
+`cuda:LOCAL_RANK`). `DataParallel` is a no-op in one process; under torchrun it joins the process group (NCCL for a
+CUDA student, gloo for a CPU one) and wraps the student in DDP, or shards it with FSDP2 (`parallel: fsdp`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from tropd.errors import UserError
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError("device=cuda but torch sees no CUDA device: use device=cpu (or auto)")
+    index = int(os.environ.get("LOCAL_RANK", "0"))
+    if index >= torch.cuda.device_count():
+        raise UserError(f"LOCAL_RANK {index} but only {torch.cuda.device_count()} CUDA devices: start fewer processes")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def torch_threads(configured: int | None, world: int) -> int:
+    """The configured torch threads, else the machine's cores (at most 8) shared by the ranks on it."""
+    return configured or max(1, min(os.cpu_count() or 1, 8) // world)
+
+
+class DataParallel:
+    """torchrun: one process per rank, DDP or FSDP2 over gloo (CPU) or NCCL (GPU); a no-op in a single process.
+
+    Each rank trains on its slice of the global batch; the loss is scaled so that the gradient average over ranks
+    equals the gradient of the mean over all ranks' tokens, as one process with the global batch would get.
+    """
+
+    def __init__(self, global_batch: int, device: torch.device, parallel: str = "ddp"):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = 0
+        self.parallel = parallel
+        self.device = device
+        if self.world > 1:
+            if global_batch % self.world:
+                raise UserError(
+                    f"prompts_per_step x samples_per_prompt = {global_batch} must divide by the {self.world} ranks"
+                )
+            import torch.distributed as dist
+
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            self.rank = dist.get_rank()
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP2 under torchrun: every rank holds a shard, so every forward is a collective that all ranks run."""
+        return self.world > 1 and self.parallel == "fsdp"
+
+    def full_state(self, model, root, optimizer) -> tuple[dict, dict] | None:
+        """FSDP: the model's and the optimizer's full state dicts, gathered on CPU on rank 0 (every rank calls);
+        None when each rank holds whole weights."""
+        if not self.sharded:
+            return None
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(model, options=options)
+        seen: set[int] = set()
+        for name, param in model.named_parameters(remove_duplicate=False):  # tied weights are saved once, as usual
+            if id(param) in seen:
+                state.pop(name, None)
+            seen.add(id(param))
+        return state, get_optimizer_state_dict(root, optimizer, options=options)
+
+    def load_optimizer(self, root, optimizer, state: dict) -> None:
+        """Load a checkpoint's optimizer state: a full state dict, sharded again under FSDP."""
+        if not self.sharded:
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(root, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+    def all_true(self, flag: bool) -> bool:
+        """True when `flag` holds on every rank (a collective)."""
+        return self.total(0.0 if flag else 1.0) == 0.0
+
+    def wrap(self, module: torch.nn.Module, layers=()) -> torch.nn.Module:
+        """`module` ready for data-parallel training: DDP, or FSDP2 with each of `layers` sharded on its own."""
+        if self.world == 1:
+            return module
+        if self.parallel == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in layers:
+                fully_shard(layer)
+            return fully_shard(module)
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=ids)
+
+    def total(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self._comm_device)
+        dist.all_reduce(t)
+        return float(t)
+
+    def all_ok(self, ok: bool) -> bool:
+        return self.all_true(ok)
+
+    def uniforms(self, generator: torch.Generator, rows: int, width: int) -> torch.Tensor:
+        """This rank's U(0, 1) draws for a `rows` x `width` batch: every rank draws the whole global batch's
+        (all ranks' rows, at the widest rank's width) and keeps its slice, so that the stochastic trust rule
+        marks the same tokens as one process with the global batch would."""
+        if self.world == 1:
+            return torch.rand((rows, width), generator=generator)
+        import torch.distributed as dist
+
+        widest = torch.tensor([width], dtype=torch.int64, device=self._comm_device)
+        dist.all_reduce(widest, op=dist.ReduceOp.MAX)
+        draws = torch.rand((rows * self.world, int(widest)), generator=generator)
+        return draws[self.rank * rows : (self.rank + 1) * rows, :width]
+
+    @property
+    def _comm_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
