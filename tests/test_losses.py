@@ -383,6 +383,28 @@ def test_eopd_matches_reference(stale):
     torch.testing.assert_close(plain, losses.opd(b["logits"], b["ids"], b["teacher_lp"], b["mask"])[0])
 
 
+def test_trust_adaptive_never_trusts_acceptance_below_float32_or_zero():
+    # log P = t - s: three tokens whose P underflows to 0 in float32, one with p_T = 0, two near the teacher. The
+    # median of P would be 0 and trust every token; the median of log P over P > 0 trusts only the upper half.
+    s = torch.zeros(1, 6)
+    t = torch.tensor([[-300.0, -250.0, -200.0, -math.inf, -1.0, 0.0]])
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    got = losses.trust_mask(s, t, mask, rule="adaptive", quantile=0.5)
+    assert got.tolist() == [[False, False, True, False, True, True]]
+    none = losses.trust_mask(s, torch.full((1, 6), -math.inf), mask, rule="adaptive")
+    assert not none.any()  # no token the teacher can produce: none trusted
+
+
+def test_reopold_selects_exactly_the_share_of_tokens():
+    # 0.14 * 50 = 7.000000000000001 in floating point: 7 tokens, not 8
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 10, 7, generator=g)
+    ids = torch.randint(0, 7, (5, 10), generator=g)
+    mask = torch.ones(5, 10, dtype=torch.bool)
+    _, m = losses.reopold(logits, ids, torch.full((5, 10), -1.0), mask, token_share=0.14)
+    assert m["selected_share"] == pytest.approx(7 / 50)
+
+
 @pytest.mark.parametrize("alpha,share", [(0.5, 0.5), (0.2, 1.0), (1.0, 0.3)])
 def test_reopold_matches_reference(alpha, share):
     b = make_batch(11)

@@ -145,11 +145,13 @@ def trust_mask(
     P_t = min(1, exp(t_t - s_t)), the speculative-decoding acceptance probability of y_t.
     rule "threshold": P_t >= tau.  "stochastic": Bernoulli(P_t), i.e. u_t < P_t with u_t ~ U(0, 1) taken from
     `uniform_B_T` when given (data-parallel ranks pass their slice of the global batch's draws), else drawn
-    with `generator`.  "adaptive": P_t >= the `quantile` quantile of P over the batch's masked tokens.
+    with `generator`.  "adaptive": log P_t >= the `quantile` quantile of log P over the batch's masked tokens with
+    P_t > 0 (taken in log space, so that P below float32's range still ranks; P_t = 0 is never trusted).
     """
     if rule not in TRUST_RULES:
         raise ValueError(f"unknown trust rule {rule!r}; expected one of {TRUST_RULES}")
-    accept_B_T = torch.exp((teacher_lp_B_T.float() - student_lp_B_T.detach().float()).clamp(max=0.0))
+    log_accept_B_T = (teacher_lp_B_T.float() - student_lp_B_T.detach().float()).clamp(max=0.0)
+    accept_B_T = torch.exp(log_accept_B_T)
     if rule == "threshold":
         trusted_B_T = accept_B_T >= tau
     elif rule == "stochastic":
@@ -157,9 +159,13 @@ def trust_mask(
             uniform_B_T = torch.rand(accept_B_T.shape, generator=generator, device=accept_B_T.device)
         trusted_B_T = uniform_B_T < accept_B_T
     else:
-        if not mask_B_T.any():
+        # the quantile of log P over the tokens where P > 0: P itself underflows to 0 in float32 below ~1e-38 (the
+        # quantile would then be 0 and trust the worst outliers), and a token the teacher gives p_T = 0 is never
+        # trusted
+        possible_B_T = mask_B_T & (log_accept_B_T > float("-inf"))
+        if not possible_B_T.any():
             return torch.zeros_like(mask_B_T)
-        trusted_B_T = accept_B_T >= torch.quantile(accept_B_T[mask_B_T], quantile)
+        trusted_B_T = possible_B_T & (log_accept_B_T >= torch.quantile(log_accept_B_T[possible_B_T], quantile))
     return trusted_B_T & mask_B_T
 
 
@@ -366,7 +372,8 @@ def reopold(
     d_B_T = _k1_B_T(s_B_T, teacher_lp_B_T, mask_B_T)
     entropy_B_T = scores.need("entropy_B_T", "reopold").detach()
     with torch.no_grad():
-        n_selected = math.ceil(token_share * int(mask_B_T.sum()))
+        # rounded first: 0.14 * 50 is 7.000000000000001 in floating point, whose ceiling would be 8
+        n_selected = math.ceil(round(token_share * int(mask_B_T.sum()), 9))
         top_N = entropy_B_T.masked_fill(~mask_B_T, float("-inf")).flatten().topk(n_selected).indices
         selected_B_T = torch.zeros_like(mask_B_T).flatten().index_fill(0, top_N, True).view_as(mask_B_T) & mask_B_T
     floor = math.log1p(-alpha) if alpha < 1.0 else float("-inf")
