@@ -340,3 +340,46 @@ def test_demo_stops_its_teacher_when_it_is_terminated(toy_quick, tmp_path):
     assert "teacher stopped (exit status 0)" in rest
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/healthz", timeout=5)
+
+
+def test_resume_refuses_another_teacher_and_a_run_without_its_config(toy_quick, tmp_path):
+    run_dir = tmp_path / "run"
+    assert _cli(*_inprocess(toy_quick, run_dir)).returncode == 0
+    assert json.loads((run_dir / "teacher.json").read_text())["model"] == "teacher"
+    other = tmp_path / "other-teacher"
+    shutil.copytree(toy_quick / "teacher", other)
+    result = _cli(*_inprocess(toy_quick, run_dir, "steps=3", f"teacher.model={other}"), "--resume")
+    assert result.returncode == 2 and "--resume against another teacher (model: 'teacher' -> 'other-teacher')" in (
+        result.stderr
+    ), result.stderr[-2000:]
+    (run_dir / "config.yaml").unlink()
+    result = _cli(*_inprocess(toy_quick, run_dir, "steps=3"), "--resume")
+    assert result.returncode == 2 and "no readable config.yaml" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_a_teacher_refusal_mid_run_is_a_one_line_error_naming_the_checkpoint(toy_quick, tmp_path, monkeypatch):
+    """A 4xx after the start-up check (a rotated key, a teacher restarted with lower limits) stops the run with the
+    cause, the last checkpoint and --resume; the refusal is injected at the teacher link (a unit of the trainer)."""
+    from concurrent.futures import Future
+
+    from services.teacher.client import TeacherError
+    from trainer.teacher_link import TeacherLink
+
+    real_score, calls = TeacherLink.score, []
+
+    def score(self, sequences, starts, top_k):
+        calls.append(1)
+        if len(calls) < 4:  # eval before, steps 1 and 2
+            return real_score(self, sequences, starts, top_k)
+        refused = Future()
+        refused.set_exception(TeacherError("unauthorized: bad or missing API key", status=401, kind="unauthorized"))
+        return refused
+
+    monkeypatch.setattr(TeacherLink, "score", score)
+    cfg = load_config("configs/toy-tropd.yaml", _inprocess(toy_quick, tmp_path / "run", "steps=4", "max_staleness=0"))
+    with pytest.raises(UserError) as err:
+        train(cfg, log=lambda *_: None)
+    message = str(err.value)
+    assert "the teacher refused a request (HTTP 401: unauthorized" in message and "step-000002" in message
+    assert "--resume" in message and "\n" not in message

@@ -268,7 +268,7 @@ def run_demo(args) -> int:
     from services.teacher.launch import launch
     from trainer import toy
     from trainer.config import load_config
-    from trainer.train import check_run_dir
+    from trainer.rundir import check_run_dir
 
     if any(item.split("=", 1)[0].strip() == "out" for item in args.overrides):
         raise UserError("tropd demo: give the run directory with --out DIR, not out=DIR")

@@ -29,12 +29,12 @@ from trainer.evaluation import evaluate, pick_verifier
 from trainer.models import decoder_layers, load_student, quiet_transformers
 from trainer.parallel import DataParallel, resolve_device, torch_threads
 from trainer.pipeline import Batch, Rollouts
-from trainer.runlog import RunLog, flatten
+from trainer.rundir import TEACHER_KEYS, check_resumed_models, check_resumed_settings, check_run_dir
+from trainer.runlog import RunLog
 from trainer.student import LanguageModelView, ScoringModule, StudentStep
 from trainer.teacher_link import TeacherLink
-from tropd.errors import UserError
+from tropd.errors import UserError, first_line
 from tropd.modeldir import check_model_dir
-from tropd.paths import directory_path
 
 LOGITS_BUDGET_BYTES = 256 * 2**20  # float32 logits held at once when loss_chunk_tokens is not set
 
@@ -161,7 +161,7 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict | None:
         raise UserError(f"run directory {run_dir} holds a finished run without checkpoints: nothing to resume from "
                         "(starting again would overwrite it); choose another `out`")  # fmt: skip
     if ckpt is not None:
-        _check_resumed_settings(run_dir, config)
+        check_resumed_settings(run_dir, config)
     if ckpt is not None and checkpoint.step_of(ckpt) > config.steps:
         raise UserError(f"--resume: the last checkpoint of {run_dir} is at step {checkpoint.step_of(ckpt)}, past "
                         f"steps={config.steps}: give steps >= {checkpoint.step_of(ckpt)}")  # fmt: skip
@@ -179,9 +179,12 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict | None:
     link = TeacherLink(config.teacher)
     try:
         info = link.check(str(student_dir), config.teacher.top_k, model_vocab_size(student_dir))
+        if ckpt is not None:
+            check_resumed_models(run_dir, ckpt, student_dir, info)
         if dp.main:  # a teacher refused above leaves no run directory behind
             run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(config, run_dir / "config.yaml")
+            (run_dir / "teacher.json").write_text(json.dumps({k: info.get(k) for k in TEACHER_KEYS}, indent=2))
         student = Student(config, ckpt / "student" if ckpt else student_dir, source, dp)
         model = student.model
         log(f"[train] student on {device} ({config.dtype}), output head in chunks of {student.chunk} positions"
@@ -328,52 +331,17 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict | None:
             plot_run(run_dir)
         return summary
     except TeacherError as exc:
-        if exc.status is not None:  # a refused request is a bug here, not an outage
-            raise
-        # the teacher stayed away longer than the retries with back-off
         done = checkpoint.latest(run_dir)
         kept = f"the last checkpoint is {done.name}" if done else "no checkpoint was written yet"
+        if exc.status is not None:  # refused after the start-up check: a rotated key, a restarted teacher's limits
+            cause = f"the teacher refused a request (HTTP {exc.status}: {first_line(exc)})"
+            raise UserError(f"{cause}; {kept}: fix the cause (the API key, the teacher's limits) and continue the run "
+                            "with --resume") from None  # fmt: skip
+        # the teacher stayed away longer than the retries with back-off
         raise UserError(f"{exc}; {kept}: continue the run with --resume once the teacher is back") from None
     finally:
         link.close()
         dp.close()
-
-
-# settings a resumed run may change: how long it runs, where its teacher is reached, what it logs; every
-# other setting decides what the steps compute, and must stay as the run began
-# (devices, chunking and micro-batches change where and how, not what: tested equal)
-RESUME_FREE = ("steps", "out", "student", "threads", "checkpoint_every", "keep_checkpoints", "tensorboard", "plot",
-               "eval.", "teacher.url", "teacher.api", "teacher.model", "teacher.engine", "teacher.api_key_env",
-               "teacher.timeout_s", "teacher.retries", "teacher.max_concurrency", "teacher.request_sequences",
-               "teacher.client_id", "device", "parallel", "gradient_checkpointing", "loss_chunk_tokens",
-               "rollout.micro_batch_sequences", "rollout.sample_batch_sequences")  # fmt: skip
-
-
-def _check_resumed_settings(run_dir: Path, config: TrainConfig) -> None:
-    """Refuse to resume with settings that change what the steps compute (loss, data, optimizer, ...)."""
-    import yaml
-
-    try:
-        before = flatten(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
-    except (OSError, ValueError, AttributeError, yaml.YAMLError):
-        return  # no readable record of the run's settings: nothing to compare with
-    now = flatten(config.model_dump(mode="json"))
-    changed = [key for key in now if key in before and before[key] != now[key] and not key.startswith(RESUME_FREE)]
-    if changed:
-        shown = ", ".join(f"{key}: {before[key]!r} -> {now[key]!r}" for key in changed[:4])
-        raise UserError(f"--resume with settings that differ from the run's config.yaml ({shown}): resume with the "
-                        "run's settings, or start a new run in another `out`")  # fmt: skip
-
-
-def check_run_dir(run_dir: Path, student_dir: Path) -> None:
-    """Refuse an `out` that is a file, lies under a file, or holds a model or a toy world (the run would
-    write its `student/` over what is there)."""
-    directory_path(run_dir, "out")
-    if (run_dir / "student").resolve() == student_dir.resolve() or run_dir.resolve() == student_dir.resolve():
-        raise UserError(f"out {str(run_dir)!r} would overwrite the student it trains ({student_dir}): choose another")
-    for marker, what in (("build.json", "a toy world"), ("config.json", "a model")):
-        if (run_dir / marker).is_file():
-            raise UserError(f"out {str(run_dir)!r} holds {what} ({marker}), not a run: choose another directory")
 
 
 def _norm(value) -> float:

@@ -1,0 +1,71 @@
+"""Refusals about the run directory, before any work: an `out` that would overwrite something else, and a
+`--resume` whose settings, student tokenizer or teacher differ from the run's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from services.teacher.protocol import tokenizer_fingerprint
+from trainer.config import TrainConfig
+from trainer.runlog import flatten
+from tropd.errors import UserError
+from tropd.paths import directory_path
+
+# settings a resumed run may change: how long it runs, where its teacher is reached, what it logs; every
+# other setting decides what the steps compute, and must stay as the run began
+# (devices, chunking and micro-batches change where and how, not what: tested equal)
+# (`student` and `teacher.model` are paths: the tokenizer and the teacher behind them are compared by fingerprint)
+RESUME_FREE = ("steps", "out", "student", "threads", "checkpoint_every", "keep_checkpoints", "tensorboard", "plot",
+               "eval.", "teacher.url", "teacher.api", "teacher.model", "teacher.engine", "teacher.api_key_env",
+               "teacher.timeout_s", "teacher.retries", "teacher.max_concurrency", "teacher.request_sequences",
+               "teacher.client_id", "device", "parallel", "gradient_checkpointing", "loss_chunk_tokens",
+               "rollout.micro_batch_sequences", "rollout.sample_batch_sequences")  # fmt: skip
+
+
+TEACHER_KEYS = ("model", "engine", "dtype", "tokenizer_sha256", "chat_template_sha256", "vocab_size")
+
+
+def check_resumed_models(run_dir: Path, ckpt: Path, student_dir: Path, info: dict) -> None:
+    """Refuse to resume against another teacher (its model name or tokenizer, from teacher.json) or with a student
+    directory whose tokenizer is not the checkpoint's."""
+    if tokenizer_fingerprint(student_dir) != tokenizer_fingerprint(ckpt / "student"):
+        raise UserError(f"--resume: the tokenizer of student {student_dir} differs from the one the run trained with "
+                        f"({ckpt / 'student'}): resume with the run's student")  # fmt: skip
+    try:
+        before = json.loads((run_dir / "teacher.json").read_text())
+    except (OSError, ValueError):
+        return  # runs made before teacher.json existed
+    for key in ("model", "tokenizer_sha256", "chat_template_sha256"):
+        if before.get(key) is not None and info.get(key) is not None and before[key] != info[key]:
+            raise UserError(f"--resume against another teacher ({key}: {str(before[key])[:24]!r} -> "
+                            f"{str(info[key])[:24]!r}): the steps would compute something else; resume against the "
+                            "run's teacher, or start a new run in another `out`")  # fmt: skip
+
+
+def check_resumed_settings(run_dir: Path, config: TrainConfig) -> None:
+    """Refuse to resume with settings that change what the steps compute (loss, data, optimizer, ...)."""
+    import yaml
+
+    try:
+        before = flatten(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        raise UserError(f"--resume: {run_dir} has checkpoints but no readable config.yaml, so its settings cannot be "
+                        "checked: start a new run in another `out`") from None  # fmt: skip
+    now = flatten(config.model_dump(mode="json"))
+    changed = [key for key in now if key in before and before[key] != now[key] and not key.startswith(RESUME_FREE)]
+    if changed:
+        shown = ", ".join(f"{key}: {before[key]!r} -> {now[key]!r}" for key in changed[:4])
+        raise UserError(f"--resume with settings that differ from the run's config.yaml ({shown}): resume with the "
+                        "run's settings, or start a new run in another `out`")  # fmt: skip
+
+
+def check_run_dir(run_dir: Path, student_dir: Path) -> None:
+    """Refuse an `out` that is a file, lies under a file, or holds a model or a toy world (the run would
+    write its `student/` over what is there)."""
+    directory_path(run_dir, "out")
+    if (run_dir / "student").resolve() == student_dir.resolve() or run_dir.resolve() == student_dir.resolve():
+        raise UserError(f"out {str(run_dir)!r} would overwrite the student it trains ({student_dir}): choose another")
+    for marker, what in (("build.json", "a toy world"), ("config.json", "a model")):
+        if (run_dir / marker).is_file():
+            raise UserError(f"out {str(run_dir)!r} holds {what} ({marker}), not a run: choose another directory")
