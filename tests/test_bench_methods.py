@@ -83,3 +83,15 @@ def test_unknown_method_is_a_one_line_error():
     command = [sys.executable, "-m", "tropd", "bench", "methods", "--quick", "--methods", "opd,nope"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "unknown nope" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_quick_run_never_defaults_to_the_published_report():
+    from trainer.cli import methods_out
+    from tropd.cli import build_parser
+
+    def out(*argv):
+        return methods_out(build_parser().parse_args(["bench", "methods", *argv]))
+
+    assert out() == "docs/results"
+    assert out("--quick") == "runs/methods-quick"
+    assert out("--quick", "--out", "x") == "x"

@@ -162,8 +162,9 @@ def add_bench_methods(sub) -> None:
         "plots to --out, and the report to <out>.md beside it (docs/results.md). The teacher runs in the "
         "trainer's process. Full run: hours on 2 CPU cores; --quick: minutes.",
     )
-    bench.add_argument("--out", default="docs/results", help="folder of the results, runs and plots; the "
-                       "report is <out>.md beside it (default: docs/results, report docs/results.md)")  # fmt: skip
+    bench.add_argument("--out", help="folder of the results, runs and plots; the report is <out>.md beside it "
+                       "(default: docs/results, report docs/results.md; with --quick runs/methods-quick, so that a "
+                       "smoke run never replaces the published report)")  # fmt: skip
     bench.add_argument("--toy", help="an existing toy world (default: artifacts/toy, built if missing; "
                        "artifacts/toy-quick with --quick)")  # fmt: skip
     bench.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="teacher engine (hf)")
@@ -190,9 +191,16 @@ def _names(text: str) -> list[str]:
     return names
 
 
+def methods_out(args) -> str:
+    """The report folder: --out, else the published one (docs/results) for a full run and runs/methods-quick for
+    --quick."""
+    return args.out or ("runs/methods-quick" if args.quick else "docs/results")
+
+
 def run_bench_methods(args) -> int:
     from trainer.methods_bench import main
 
+    args.out = methods_out(args)
     return main(args)
 
 
