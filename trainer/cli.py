@@ -92,7 +92,11 @@ def add_train(sub) -> None:
         "a running teacher service (default), a stock vLLM OpenAI server (teacher.api=vllm-openai), or the teacher "
         "model in this process (teacher.api=inprocess teacher.model=DIR). The config is a YAML file (see "
         "configs/) with key=value overrides, e.g. "
-        "`tropd train --config configs/toy-tropd.yaml steps=50 loss.outlier=mask teacher.url=http://host:8000`.",
+        "`tropd train --config configs/toy-tropd.yaml steps=50 loss.outlier=mask teacher.url=http://host:8000`. "
+        "Prompts come from the toy world (data.source=toy) or your own files (data.source=files "
+        "data.train=[prompts.jsonl]: chats in `messages` or text in `prompt`); the student is any Hugging Face "
+        "causal LM directory (student=DIR), on CUDA when there is one (device, dtype=bfloat16, parallel=ddp|fsdp "
+        "under torchrun). README's 'Your own models' and configs/qwen3-8b-to-0.6b.yaml show a real setup.",
     )
     train.add_argument("--config", help="YAML config file (default: built-in defaults)")
     train.add_argument("--resume", action="store_true", help="continue the run in `out` from its last checkpoint")
