@@ -103,3 +103,14 @@ def test_student_drills_are_single_steps_worked_in_the_teachers_style():
         code = [p for p in prompts if " " in p]
         assert abs(sum(p.count("+") + p.count("*") == 1 for p in math) / len(math) - share) < 0.06
         assert abs(sum(len(p.split()) == 3 for p in code) / len(code) - share) < 0.06
+
+
+def test_a_build_of_the_other_kind_never_replaces_a_world_in_place(toy_quick, capsys):
+    from tropd.cli import main
+
+    before = (toy_quick / "build.json").read_text()
+    assert main(["toy", "build", "--out", str(toy_quick)]) == 2  # a full build over the quick world
+    err = capsys.readouterr().err
+    assert "holds a quick toy world: a full build would replace it" in err and "--force" in err, err
+    assert main(["toy", "build", "--quick", "--out", str(toy_quick)]) == 0  # the same kind: cached
+    assert (toy_quick / "build.json").read_text() == before

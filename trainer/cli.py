@@ -34,8 +34,11 @@ def add_toy(sub) -> None:
         "drilled in the teacher's style, so that the two disagree. "
         "Deterministic for a seed; a second run with the same settings is instant.",
     )
-    build.add_argument("--out", default="artifacts/toy", help="output directory (default: artifacts/toy)")
+    build.add_argument("--out", help="output directory (default: artifacts/toy; artifacts/toy-quick with --quick)")
     build.add_argument("--quick", action="store_true", help="a tiny build for tests (under a minute on 2 cores)")
+    build.add_argument(
+        "--force", action="store_true", help="replace a world of the other kind (quick or full) in --out"
+    )
     build.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default: 0)")
     build.set_defaults(run=run_toy_build)
 
@@ -57,7 +60,8 @@ def add_toy(sub) -> None:
 def run_toy_build(args) -> int:
     from trainer import toy
 
-    toy.build(args.out, seed=args.seed, quick=args.quick)
+    out = args.out or ("artifacts/toy-quick" if args.quick else "artifacts/toy")
+    toy.build(out, seed=args.seed, quick=args.quick, force=args.force)
     return 0
 
 

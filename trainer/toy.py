@@ -238,16 +238,25 @@ def foreign_files(out: Path) -> list[str]:
                   if p.name not in OWN_FILES and p.name != "lost+found" and not p.name.startswith("."))  # fmt: skip
 
 
-def build(out: str | Path = "artifacts/toy", seed: int = 0, quick: bool = False, log=print) -> dict:
+def build(
+    out: str | Path = "artifacts/toy", seed: int = 0, quick: bool = False, log=print, force: bool = False
+) -> dict:
     """Make (or reuse) the toy teacher and student under `out`; returns the build record.
 
-    A model whose own settings (architecture, recipe, seed) did not change since the last build is kept."""
+    A model whose own settings (architecture, recipe, seed) did not change since the last build is kept. A build of
+    the other kind (quick over full, full over quick) is refused unless `force`: it would replace the world in place
+    (a quick build over artifacts/toy made `make demo` run on the quick world)."""
     out = directory_path(out, "toy world directory")
     foreign = foreign_files(out)
     if foreign:
         raise UserError(f"{out} holds files a toy build did not make ({', '.join(foreign[:4])}): a build would "
                         "replace its teacher/ and student/; choose a new or empty directory")  # fmt: skip
     old = read_record(out)
+    was_quick = (old or {}).get("settings", {}).get("quick") if isinstance(old, dict) else None
+    if was_quick is not None and bool(was_quick) != quick and not force:
+        have, want = ("a quick", "full") if was_quick else ("a full", "quick")
+        raise UserError(f"{out} holds {have} toy world: a {want} build would replace it; give another directory "
+                        f"(e.g. artifacts/toy{'-quick' if quick else ''}), or --force to replace it")  # fmt: skip
     if _is_current(old, out, seed, quick):
         log(f"[toy] cached: {out} (seed {seed}{', quick' if quick else ''})")
         return old
