@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from trainer import tasks
+from trainer.models import load_causal_lm, quiet_transformers
 from trainer.rollout import response_logprobs, sample
 from trainer.tasks import stack
 from trainer.tokenizer import VOCAB
@@ -67,12 +68,6 @@ def set_threads() -> None:
     quiet_transformers()
 
 
-def quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
 def new_model(spec: ModelSpec, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -95,14 +90,8 @@ def new_model(spec: ModelSpec, seed: int):
 
 
 def load_model(path: str | Path):
-    """A causal LM from a model directory, float32, eval mode; a clear error when it is not one."""
-    from transformers import AutoModelForCausalLM
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return model.eval()
+    """A causal LM from a model directory, float32, eval mode, on CPU (trainer.models.load_causal_lm)."""
+    return load_causal_lm(path)
 
 
 def drill(ex: tasks.Example, rng: random.Random) -> tuple[str, str]:
