@@ -162,7 +162,12 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept in the run directory")
     tensorboard: bool = Field(True, description="write TensorBoard logs beside metrics.jsonl")
     plot: bool = Field(True, description="write curves.png at the end")
-    threads: int | None = Field(None, ge=1, description="torch threads (default: all cores)")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads (default: the usable cores by affinity and cgroup CPU limit, at most 8, "
+        "shared by the ranks on the machine)",
+    )
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)

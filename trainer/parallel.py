@@ -26,11 +26,6 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device("cuda", index)
 
 
-def torch_threads(configured: int | None, world: int) -> int:
-    """The configured torch threads, else the machine's cores (at most 8) shared by the ranks on it."""
-    return configured or max(1, min(os.cpu_count() or 1, 8) // world)
-
-
 class DataParallel:
     """torchrun: one process per rank, DDP or FSDP2 over gloo (CPU) or NCCL (GPU); a no-op in a single process.
 
@@ -40,6 +35,8 @@ class DataParallel:
 
     def __init__(self, global_batch: int, device: torch.device, parallel: str = "ddp"):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        # ranks on this machine, which share its cores
+        self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world)))
         self.rank = 0
         self.parallel = parallel
         self.device = device

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -25,6 +24,7 @@ from trainer.rollout import response_logprobs, sample
 from trainer.tasks import stack
 from trainer.tokenizer import VOCAB
 from tropd.errors import UserError
+from tropd.machine import torch_threads
 from tropd.paths import directory_path
 
 BUILD_VERSION = 1
@@ -64,7 +64,7 @@ RECIPES = {
 
 def set_threads() -> None:
     """Use the machine's cores, and keep transformers' per-file progress bars out of our progress output."""
-    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
+    torch.set_num_threads(torch_threads())
     quiet_transformers()
 
 

@@ -27,13 +27,14 @@ from trainer.config import TrainConfig, dump_config
 from trainer.data import PromptSource, load_source, model_vocab_size
 from trainer.evaluation import evaluate, pick_verifier
 from trainer.models import decoder_layers, load_student, quiet_transformers
-from trainer.parallel import DataParallel, resolve_device, torch_threads
+from trainer.parallel import DataParallel, resolve_device
 from trainer.pipeline import Batch, Rollouts
 from trainer.rundir import TEACHER_KEYS, check_resumed_models, check_resumed_settings, check_run_dir
 from trainer.runlog import RunLog
 from trainer.student import LanguageModelView, ScoringModule, StudentStep
 from trainer.teacher_link import TeacherLink
 from tropd.errors import UserError, first_line
+from tropd.machine import torch_threads
 from tropd.modeldir import check_model_dir
 
 LOGITS_BUDGET_BYTES = 256 * 2**20  # float32 logits held at once when loss_chunk_tokens is not set
@@ -170,7 +171,7 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict | None:
     device = resolve_device(config.device)
     global_batch = config.rollout.prompts_per_step * config.rollout.samples_per_prompt
     dp = DataParallel(global_batch, device, config.parallel)
-    torch.set_num_threads(torch_threads(config.threads, dp.world))
+    torch.set_num_threads(torch_threads(config.threads, share=dp.local_world))
     torch.manual_seed(config.seed)
     quiet_transformers()
     if not dp.main:

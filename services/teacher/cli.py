@@ -10,6 +10,7 @@ import signal
 import sys
 
 from tropd.errors import UserError
+from tropd.machine import torch_threads
 
 
 def add_teacher(sub) -> None:
@@ -80,8 +81,8 @@ def add_teacher(sub) -> None:
     serve.add_argument(
         "--threads",
         type=positive_int,
-        help="torch threads (default: torch's choice, the machine's cores); vLLM's CPU backend may bind its own "
-        "(VLLM_CPU_OMP_THREADS_BIND)",
+        help="torch threads (default: the cores this process may use, by its affinity and its cgroup CPU limit); "
+        "vLLM's CPU backend may bind its own (VLLM_CPU_OMP_THREADS_BIND)",
     )
     serve.add_argument(
         "--log-level", choices=("debug", "info", "warning", "error"), default="info", help="log detail (info)"
@@ -224,10 +225,9 @@ def run_serve(args) -> int:
     options = {"max_model_len": args.max_model_len, "tensor_parallel_size": args.tensor_parallel_size}
     if args.gpu_memory_utilization is not None:
         options["gpu_memory_utilization"] = args.gpu_memory_utilization
-    if args.threads is not None:
-        import torch
+    import torch
 
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(torch_threads(args.threads, cap=1 << 16))
     engine_name = args.engine
     log.info(json.dumps({"event": "loading", "model": args.model, "engine": engine_name}))
     if engine_name in ("auto", "vllm"):

@@ -18,11 +18,13 @@ from pathlib import Path
 
 import httpx
 
+from tropd.machine import torch_threads
+
 
 def half_the_cores() -> int:
     """Torch threads for each of a teacher and a trainer sharing one machine: half the cores each, at least one,
     so that neither slows the other by taking every core."""
-    return max(1, (os.cpu_count() or 2) // 2)
+    return torch_threads(share=2, cap=1 << 16)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
