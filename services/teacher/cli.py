@@ -26,7 +26,11 @@ def add_teacher(sub) -> None:
     )
     serve.add_argument("--model", required=True, help="teacher model directory (Hugging Face layout)")
     serve.add_argument(
-        "--engine", choices=("vllm", "hf", "auto"), default="auto", help="vllm, hf (transformers) or auto (default)"
+        "--engine",
+        choices=("vllm", "hf", "auto"),
+        default="auto",
+        help="vllm, hf (transformers) or auto (default: vllm when it is installed and starts here, else hf, "
+        "with a warning saying why)",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     serve.add_argument("--port", type=_port, default=8000, help="port (default: 8000; 0 picks a free one)")
@@ -230,15 +234,19 @@ def run_serve(args) -> int:
     torch.set_num_threads(torch_threads(args.threads, cap=1 << 16))
     engine_name = args.engine
     log.info(json.dumps({"event": "loading", "model": args.model, "engine": engine_name}))
-    if engine_name in ("auto", "vllm"):
+    if engine_name == "vllm":
         from services.teacher.engines import vllm_available
 
-        if engine_name == "vllm" and not vllm_available():
+        if not vllm_available():
             raise UserError("--engine vllm: vLLM is not installed here (use --engine hf, or install vllm)")
-    if engine_name == "hf" or (engine_name == "auto" and not _vllm_ok()):
-        engine = load_engine("hf", args.model, dtype=args.dtype)
-    else:
-        engine = load_engine("vllm", args.model, dtype=args.dtype, max_top_k=args.max_top_k, **options)
+    engine = load_engine(
+        engine_name,
+        args.model,
+        dtype=args.dtype,
+        max_top_k=args.max_top_k,
+        warn=lambda line: log.warning(json.dumps({"event": "engine_fallback", "warning": line})),
+        **options,
+    )
     if args.max_model_len is not None and engine.name == "hf":
         engine.info.max_model_len = min(engine.info.max_model_len, args.max_model_len)
     app = create_app(engine, settings)
@@ -272,9 +280,3 @@ def run_serve(args) -> int:
     signal.signal(signal.SIGTERM, lambda *_: None)
     server.run()
     return 0
-
-
-def _vllm_ok() -> bool:
-    from services.teacher.engines import vllm_available
-
-    return vllm_available()

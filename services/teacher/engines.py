@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 from services.teacher.protocol import ContinueResult as Continued
 from services.teacher.protocol import ScoreResult as Scored
 from services.teacher.protocol import chat_template_fingerprint, tokenizer_fingerprint
+from tropd.errors import UserError, first_line
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -98,17 +100,41 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def load_engine(name: str, model_dir: str, *, dtype: str = "float32", max_top_k: int = 20, **vllm_options):
-    """`name` is `vllm`, `hf` or `auto` (vllm when it imports, else hf)."""
+def load_engine(
+    name: str,
+    model_dir: str,
+    *,
+    dtype: str = "float32",
+    max_top_k: int = 20,
+    warn: Callable[[str], None] = print,
+    **vllm_options,
+):
+    """`name` is `vllm`, `hf` or `auto`: vLLM when it is installed and starts here, else hf, with one line to
+    `warn` saying why (a vLLM build for another CPU or CUDA, a model architecture it lacks...)."""
     if name == "auto":
-        name = "vllm" if vllm_available() else "hf"
+        if not vllm_available():
+            return HFEngine(model_dir, dtype=dtype)
+        try:
+            return _vllm_engine(model_dir, dtype=dtype, max_top_k=max_top_k, **vllm_options)
+        except Exception as error:  # noqa: BLE001 - whatever stops vLLM, the reference engine can still serve
+            warn(f"vLLM cannot start here ({type(error).__name__}: {first_line(error)}); using the hf engine")
+            return HFEngine(model_dir, dtype=dtype)
     if name == "vllm":
-        from services.teacher.engine_vllm import VLLMEngine
-
-        return VLLMEngine(model_dir, dtype=dtype, max_top_k=max_top_k, **vllm_options)
+        try:
+            return _vllm_engine(model_dir, dtype=dtype, max_top_k=max_top_k, **vllm_options)
+        except Exception as error:  # noqa: BLE001 - vLLM's own log above says more; the user needs the way out
+            raise UserError(
+                f"vLLM cannot start here ({type(error).__name__}: {first_line(error)}): use --engine hf (or auto)"
+            ) from error
     if name == "hf":
         return HFEngine(model_dir, dtype=dtype)
     raise ValueError(f"unknown engine {name!r}: choose vllm, hf or auto")
+
+
+def _vllm_engine(model_dir: str, **options):
+    from services.teacher.engine_vllm import VLLMEngine
+
+    return VLLMEngine(model_dir, **options)
 
 
 class HFEngine:
