@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -12,7 +13,10 @@ import pytest
 
 from services.teacher.client import TeacherError
 from services.teacher.openai_client import VLLMOpenAIClient, stock_vllm
+from trainer.config import TeacherConfig
+from trainer.teacher_link import TeacherLink
 from trainer.tokenizer import VOCAB
+from tropd.errors import UserError
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(240)]
 
@@ -23,6 +27,14 @@ def server(toy_quick, tmp_path_factory):
     with stock_vllm(str(toy_quick / "teacher"), log, max_top_k=20, timeout=200) as stock:
         yield stock
     assert stock.process.returncode is not None  # stopped, with its process group
+
+
+@pytest.fixture(scope="module")
+def tokenizing_server(toy_quick, tmp_path_factory):
+    """The stock server with its tokenizer loaded, as the trainer's start-up probe needs it."""
+    log = tmp_path_factory.mktemp("logs") / "stock-vllm-tokenizer.log"
+    with stock_vllm(str(toy_quick / "teacher"), log, max_top_k=20, timeout=200, tokenizer=True) as stock:
+        yield stock
 
 
 def sequences(n: int, seed: int = 0) -> list[list[int]]:
@@ -95,7 +107,29 @@ def test_continue_is_not_offered(server):
         asyncio.run(go())
 
 
-def test_trainer_runs_against_the_stock_server(server, toy_quick, tmp_path):
+def checked_link(url: str, student: Path, **options) -> TeacherLink:
+    link = TeacherLink(TeacherConfig(api="vllm-openai", url=url, retries=0, **options))
+    try:
+        link.check(str(student), top_k=5)
+    finally:
+        link.close()
+    return link
+
+
+def test_a_stock_server_that_cannot_tokenize_is_refused_unless_the_user_opts_out(server, toy_quick):
+    with pytest.raises(UserError, match="cannot tokenize .*teacher.skip_tokenizer_check=true"):
+        checked_link(server.url, toy_quick / "student")
+    link = checked_link(server.url, toy_quick / "student", skip_tokenizer_check=True)
+    assert link.client.vocab_size == VOCAB.size  # ids past the student's tokenizer never reach the server
+
+
+def test_a_stock_server_with_another_tokenizer_is_refused(tokenizing_server, toy_quick, realworld):
+    assert checked_link(tokenizing_server.url, toy_quick / "student").client.vocab_size == VOCAB.size
+    with pytest.raises(UserError, match="tokenizes a probe text differently"):
+        checked_link(tokenizing_server.url, realworld / "student")
+
+
+def test_trainer_runs_against_the_stock_server(tokenizing_server, toy_quick, tmp_path):
     """`teacher.api: vllm-openai`: a short TrOPD run (no guidance: the stock server offers no drafts)."""
     import json
 
@@ -105,7 +139,8 @@ def test_trainer_runs_against_the_stock_server(server, toy_quick, tmp_path):
     out = tmp_path / "run"
     config = load_config(
         None,
-        [f"student={toy_quick / 'student'}", f"out={out}", "teacher.api=vllm-openai", f"teacher.url={server.url}",
+        [f"student={toy_quick / 'student'}", f"out={out}", "teacher.api=vllm-openai",
+         f"teacher.url={tokenizing_server.url}",
          "guidance.enabled=false", "steps=4", "rollout.prompts_per_step=4", "rollout.max_new_tokens=24",
          "eval.before_after=false", "eval.every=0", "tensorboard=false", "plot=false", "checkpoint_every=0"],
     )  # fmt: skip

@@ -38,6 +38,11 @@ class TeacherConfig(_Section):
     max_concurrency: int = Field(4, ge=1, description="scoring requests in flight at once")
     request_sequences: int = Field(64, ge=1, description="sequences per scoring request")
     client_id: str | None = Field(None, description="sent as X-TrOPD-Client (default: hostname-pid)")
+    skip_tokenizer_check: bool = Field(
+        False,
+        description="vllm-openai: accept a stock server that cannot tokenize (--skip-tokenizer-init), whose "
+        "tokenizer the start-up probe cannot compare with the student's",
+    )
 
 
 class LossConfig(_Section):

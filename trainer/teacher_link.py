@@ -22,6 +22,10 @@ from services.teacher.protocol import chat_template_fingerprint, tokenizer_finge
 from trainer.config import TeacherConfig
 from tropd.errors import UserError
 
+# text a tokenizer mismatch shows in: digits, punctuation, accents, other scripts, markup, whitespace runs
+PROBE_TEXT = "Probe: 12+345=357; x_1 <b>café</b> naïve 東京 Ωμέγα  tab\tend.\n"
+PROBE_CHAT = [{"role": "user", "content": "What is 17 * 23?"}]
+
 
 class TeacherLink:
     def __init__(self, config: TeacherConfig):
@@ -77,6 +81,8 @@ class TeacherLink:
                 "the teacher's chat template differs from the student's (chat_template_sha256): the teacher would "
                 "score prompts rendered in another format; give both the same tokenizer files"
             )
+        if info.get("engine") == "vllm-openai":
+            self._probe_stock_tokenizer(student_dir)
         vocab = info.get("vocab_size")
         if student_vocab is not None and isinstance(vocab, int) and vocab > student_vocab:
             raise UserError(f"the teacher's vocabulary ({vocab} ids) is larger than the student's ({student_vocab}): "
@@ -87,6 +93,37 @@ class TeacherLink:
         if isinstance(vocab, int) and top_k > vocab:
             raise UserError(f"teacher.top_k={top_k} is larger than the teacher's vocabulary ({vocab} ids)")
         return info
+
+    def _probe_stock_tokenizer(self, student_dir: str) -> None:
+        """A stock vLLM server reports no tokenizer fingerprint: compare behaviour instead. Its ids of a probe text
+        (and of a probe chat, when the student has a chat template) must equal the student tokenizer's; the client
+        then refuses ids past the student's tokenizer before they reach the server."""
+        from trainer.data import load_tokenizer
+
+        tokenizer = load_tokenizer(student_dir)
+        self.client.vocab_size = self.client.vocab_size or len(tokenizer)
+        if self.config.skip_tokenizer_check:
+            return
+        if self._call(self.client.tokenize("")) is None:  # any tokenizer encodes the empty text
+            raise UserError(
+                f"the stock vLLM server at {self.config.url} cannot tokenize (started with --skip-tokenizer-init?), "
+                "so the trainer cannot check that it shares the student's tokenizer: start it with its tokenizer, "
+                "or set teacher.skip_tokenizer_check=true if you know they match"
+            )
+        for text, mine in probe_texts(tokenizer):
+            if self._call(self.client.tokenize(text)) != mine:  # None: its tokenizer failed on the student's text
+                raise UserError(
+                    f"the stock vLLM server at {self.config.url} tokenizes a probe text differently from the "
+                    "student's tokenizer: distillation needs one shared vocabulary"
+                )
+        if tokenizer.chat_template:
+            mine = tokenizer.apply_chat_template(PROBE_CHAT, add_generation_prompt=True, tokenize=True)
+            mine = mine["input_ids"] if isinstance(mine, dict) else list(mine)
+            if self._call(self.client.tokenize(messages=PROBE_CHAT)) != mine:
+                raise UserError(
+                    f"the stock vLLM server at {self.config.url} renders a probe chat differently from the student's "
+                    "chat template (or has none): the teacher would score prompts in another format"
+                )
 
     def score(self, sequences: list[list[int]], starts: list[int], top_k: int) -> Future:
         return asyncio.run_coroutine_threadsafe(self._score(sequences, starts, top_k), self._loop)
@@ -120,6 +157,20 @@ class TeacherLink:
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5)
+
+
+def probe_texts(tokenizer, spread: int = 256) -> list[tuple[str, list[int]]]:
+    """Texts and the student tokenizer's ids of them: the decoded spread of its vocabulary (ids evenly spaced,
+    special tokens skipped: any tokenizer can encode its own output), and PROBE_TEXT where it can encode that."""
+    ids = list(range(0, len(tokenizer), max(1, len(tokenizer) // spread)))
+    texts = [tokenizer.decode(ids, skip_special_tokens=True), PROBE_TEXT]
+    probes = []
+    for text in texts:
+        try:
+            probes.append((text, tokenizer(text, add_special_tokens=False)["input_ids"]))
+        except Exception:  # noqa: BLE001, S112 - a word-level vocabulary without the probe's characters
+            continue
+    return probes
 
 
 def _check_url(url: str) -> None:

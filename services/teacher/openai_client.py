@@ -101,6 +101,23 @@ class VLLMOpenAIClient(TeacherClient):
             "protocol": None,
         }
 
+    async def tokenize(self, text: str | None = None, messages: list[dict] | None = None) -> list[int] | None:
+        """The server's token ids of `text` (no special tokens added) or of `messages` rendered by its chat template
+        with the generation prompt, through vLLM's `/tokenize`; None when the server cannot tokenize (started with
+        `--skip-tokenizer-init`, or without a chat template for `messages`)."""
+        if self.model is None:
+            self.model = (await self.info())["model"]
+        body: dict = {"model": self.model}
+        if messages is None:
+            body |= {"prompt": text, "add_special_tokens": False}
+        else:
+            body |= {"messages": messages, "add_generation_prompt": True, "add_special_tokens": False}
+        try:
+            tokens = (await self._request("POST", "/tokenize", json=body)).json().get("tokens")
+        except (TeacherError, ValueError):
+            return None
+        return [int(t) for t in tokens] if isinstance(tokens, list) else None
+
     async def score(
         self, sequences: Sequence[Sequence[int]], start: int | Sequence[int] = 1, top_k: int = 0
     ) -> list[ScoreResult]:
