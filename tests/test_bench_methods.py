@@ -6,10 +6,12 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from trainer.methods_bench import ARMS, SWEEP_ARMS, overrides, run_key, settings
+from trainer.methods_bench import ARMS, SWEEP_ARMS, lr_grid, overrides, run_key, settings
+from trainer.methods_report import tuning_table, verdict
 
 
 @pytest.mark.timeout(900)
@@ -62,8 +64,6 @@ def test_quick_run_reports_every_method(toy_quick, tmp_path):
 
 
 def test_run_key_names_what_decides_a_run_and_not_where_it_is_written():
-    from pathlib import Path
-
     s = settings(False, None, None)
     toy = Path("artifacts/toy")
 
@@ -95,3 +95,80 @@ def test_a_quick_run_never_defaults_to_the_published_report():
     assert out() == "docs/results"
     assert out("--quick") == "runs/methods-quick"
     assert out("--quick", "--out", "x") == "x"
+
+
+@pytest.mark.timeout(600)
+def test_tune_runs_every_method_at_three_rates_and_reports_them(toy_quick, tmp_path):
+    out = tmp_path / "results"
+    command = [sys.executable, "-m", "tropd", "bench", "methods", "--quick", "--tune", "--json", "--toy",
+               str(toy_quick), "--out", str(out), "--methods", "opd,tropd", "--steps", "2", "--no-sweep"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=580)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # 2 methods x 3 rates on seed 0, then 1 seed (--quick) at the best rate: the tuning run itself, not trained again
+    assert "tuning: 6 runs in the report, 6 distinct, 6 to train" in result.stderr
+    assert "2 runs in the report, 2 distinct, 0 to train" in result.stderr
+    tables = json.loads(result.stdout)
+    grid = lr_grid(3e-3)
+    assert grid == [3e-3, 1e-3, 9e-3]
+    assert [(r["arm"], r["lrs"]) for r in tables["tuning_table"]] == [("opd", grid), ("tropd", grid)]
+    for tuned, row in zip(tables["tuning_table"], tables["table"], strict=True):
+        assert row["arm"] == tuned["arm"] and row["lr"] == tuned["best_lr"]  # the table is at each one's best rate
+        best = tuned["runs"][f"{tuned['best_lr']:g}"]
+        assert all(best["math"] + best["code"] >= c["math"] + c["code"] for c in tuned["runs"].values())
+    text = (tmp_path / "results.md").read_text()
+    assert "## Learning-rate tuning" in text and "| method | lr 0.001 | lr 0.003 | lr 0.009 | best lr |" in text
+    for r in tables["tuning_table"]:
+        assert f"| {r['arm']} | {r['best_lr']:g} |" in text.split("## Methods")[1]  # the methods table's lr
+    assert "Every method is compared at its own best learning rate (tuned on seed 0): opd " in text
+    assert "OPD still collapses at its best rate" in text or "OPD does not collapse at its best rate" in text
+
+
+def _row(arm, math_mean, code_mean, collapsed=0, sd=0.02, lr=0.003):
+    return {"arm": arm, "seeds": 3, "lr": lr, "collapsed": collapsed, "final_math": {"mean": math_mean, "sd": sd},
+            "final_code": {"mean": code_mean, "sd": sd}}  # fmt: skip
+
+
+def _tuned(arm, best, lrs=(0.003, 0.001, 0.009)):
+    return {"arm": arm, "lrs": list(lrs), "best_lr": best, "runs": {}}
+
+
+def test_verdict_prose_follows_the_numbers():
+    tuning = [_tuned("tropd", 0.003), _tuned("opd", 0.001)]
+    collapsed = verdict([_row("tropd", 0.5, 0.7), _row("opd", 0.0, 0.0, collapsed=3, lr=0.001)], tuning)
+    assert "OPD still collapses at its best rate, 0.001: 3/3 runs collapsed." in collapsed
+    assert any("tropd vs opd (baseline): math wins (+50.0 points" in line for line in collapsed)
+    # the best rate of opd is the grid's lowest: the report says a wider grid might do better
+    assert any("edge of the grid for opd" in line for line in collapsed)
+
+    stable = verdict([_row("tropd", 0.5, 0.7), _row("opd", 0.3, 0.7, lr=0.001)], tuning)
+    assert ("OPD does not collapse at its best rate, 0.001 (0/3 runs collapsed); TrOPD still wins on math "
+            "(it does tie on code).") in stable  # fmt: skip
+    level = verdict([_row("tropd", 0.5, 0.6), _row("opd", 0.6, 0.6, lr=0.001)], tuning)
+    assert any("TrOPD wins on neither math nor code there (it does lose on math and tie on code)" in x for x in level)
+    assert not any("still wins" in line for line in level)
+    untuned = verdict([_row("tropd", 0.5, 0.7), _row("opd", 0.0, 0.0, collapsed=3)], None, 0.003)
+    assert "Every method ran at the default learning rate 0.003, not tuned (`--tune` tunes each)." in untuned
+    assert not any("best rate" in line for line in untuned)
+
+
+def test_tuning_picks_the_highest_final_math_plus_code_and_the_default_on_ties():
+    def run(arm, lr, math_acc, code_acc):
+        return {"arm": arm, "lr": lr, "collapsed": False, "final": {"accuracy": {"math": math_acc, "code": code_acc}}}
+
+    lrs = lr_grid(0.003)
+    runs = [run("a", 0.003, 0.2, 0.2), run("a", 0.001, 0.1, 0.4), run("a", 0.009, 0.3, 0.0),
+            run("b", 0.003, 0.2, 0.2), run("b", 0.001, 0.2, 0.2), run("b", 0.009, 0.1, 0.1)]  # fmt: skip
+    rows = {r["arm"]: r for r in tuning_table(runs, lrs)}
+    assert rows["a"]["best_lr"] == 0.001 and rows["b"]["best_lr"] == 0.003
+    assert rows["a"]["runs"]["0.001"] == {"math": 0.1, "code": 0.4, "collapsed": False}
+
+
+def test_the_default_rate_keeps_the_untuned_run_key():
+    s = {**settings(True, None, None), "lr": 3e-3}
+    toy = Path("artifacts/toy-quick")
+
+    def key(lr):
+        return run_key("opd", overrides(s, toy / "student", toy / "teacher", "hf", Path("a"), 0, lr), None)
+
+    assert key(3e-3) == key(None)  # a tuning run at the default rate is the untuned run: reused, not trained again
+    assert len({key(None), key(1e-3), key(9e-3)}) == 3

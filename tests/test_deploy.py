@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shlex
@@ -83,6 +84,28 @@ def test_compose_trainers_scale_behind_a_healthy_teacher():
     devices = SERVICES["teacher-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
     assert "teacher-gpu:8000" in SERVICES["trainer-gpu"]["command"][-1]
+    # both teachers reach remote trainers the same way: a published port, on loopback unless told otherwise
+    for name, port in (("teacher", 8000), ("teacher-gpu", 8001)):
+        assert SERVICES[name]["ports"] == [f"${{TROPD_TEACHER_BIND:-127.0.0.1}}:{port}:8000"]
+    # the images run as a non-root user, for whom an added capability would do nothing: none is added
+    assert all("cap_add" not in service for service in SERVICES.values())
+
+
+def test_compose_builds_each_image_once():
+    """Parallel builds of one tag by several services fail (`image ... already exists`): one service builds
+    each image, the others use it and never try to pull it (it exists only locally)."""
+    builders: dict[str, list[str]] = {}
+    for name, service in SERVICES.items():
+        if "build" in service:
+            builders.setdefault(service["image"], []).append(name)
+    assert builders == {
+        "tropd-trainer:0.1.0": ["toy-build"],
+        "tropd-teacher-cpu:0.1.0": ["teacher"],
+        "tropd-teacher:0.1.0": ["teacher-gpu"],
+    }
+    for name, service in SERVICES.items():
+        if "build" not in service:
+            assert service["image"] in builders and service["pull_policy"] == "never", name
 
 
 def interpolate(text: str, env: dict) -> str:
@@ -101,8 +124,9 @@ def interpolate(text: str, env: dict) -> str:
 
 
 def image_env(service: dict) -> dict:
-    """The ENV instructions of the Dockerfile that builds the service's image."""
-    text = (ROOT / service["build"]["dockerfile"]).read_text().replace("\\\n", " ")
+    """The ENV instructions of the Dockerfile that builds the service's image (in the service that builds it)."""
+    build = next(s["build"] for s in SERVICES.values() if s["image"] == service["image"] and "build" in s)
+    text = (ROOT / build["dockerfile"]).read_text().replace("\\\n", " ")
     env = {}
     for line in text.splitlines():
         if line.startswith("ENV "):
@@ -153,7 +177,11 @@ class Host:
         env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(self.tmp / "home"), "LANG": "C.UTF-8"}
         env.update(image_env(service))
         env.update(env_files(service))
-        env.update({k: interpolate(str(v), self.host_env) for k, v in service.get("environment", {}).items()})
+        for key, value in service.get("environment", {}).items():
+            if value is not None:
+                env[key] = interpolate(str(value), self.host_env)
+            elif key in self.host_env:  # a name without a value: passed on from the host when set there
+                env[key] = self.host_env[key]
         return {**env, **extra}
 
     def start(self, name: str, log: str, **extra: str) -> subprocess.Popen:
@@ -226,7 +254,38 @@ def test_compose_teacher_serves_two_trainers(toy_quick, tmp_path):
     assert code == 0, (tmp_path / "teacher.log").read_text()[-3000:]
 
 
+def test_compose_models_fetches_once(toy_quick, tmp_path):
+    """The `models` one-shot, as written, with directories as its sources: fills the `models` volume, and a
+    second run finds it done."""
+    host = Host(tmp_path, toy_quick, {"TROPD_TEACHER_SOURCE": str(toy_quick / "teacher"),
+                                      "TROPD_STUDENT_SOURCE": str(toy_quick / "student")})  # fmt: skip
+    (tmp_path / "home").mkdir()
+    for run in (1, 2):
+        process = host.start("models", f"models-{run}.log")
+        log = (tmp_path / f"models-{run}.log").read_text
+        assert process.wait(timeout=120) == 0, log()
+    assert log().count("already fetched") == 2
+    for role in ("teacher", "student"):
+        fetched = host.volumes["models"] / role
+        assert (fetched / "model.safetensors").read_bytes() == (toy_quick / role / "model.safetensors").read_bytes()
+    assert "models:/models:ro" in SERVICES["teacher-gpu"]["volumes"]  # TROPD_TEACHER_MODEL=/models/teacher
+
+
 # ---- Kubernetes ---------------------------------------------------------------------------------------
+
+CLUSTER_SCOPED = {"Namespace", "PersistentVolume", "StorageClass", "ClusterRole", "ClusterRoleBinding",
+                  "CustomResourceDefinition", "PriorityClass", "IngressClass", "RuntimeClass"}  # fmt: skip
+USER_KEY = "a-key-of-the-users-own"
+
+
+def k8s_copy(tmp: Path, key: bool = True) -> Path:
+    """deploy/k8s copied, with (or without) the gpu overlay's user-supplied key file."""
+    shutil.copytree(ROOT / "deploy" / "k8s", tmp / "k8s")
+    key_file = tmp / "k8s" / "overlays" / "gpu" / "teacher-key.env"  # one the user may have made here
+    key_file.unlink(missing_ok=True)
+    if key:
+        key_file.write_text(f"TROPD_API_KEY={USER_KEY}\n")
+    return tmp / "k8s"
 
 
 def render(directory: Path) -> list[dict]:
@@ -236,8 +295,9 @@ def render(directory: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def rendered() -> dict[str, list[dict]]:
-    return {overlay: render(ROOT / "deploy" / "k8s" / overlay) for overlay in OVERLAYS}
+def rendered(tmp_path_factory) -> dict[str, list[dict]]:
+    k8s = k8s_copy(tmp_path_factory.mktemp("k8s"))
+    return {overlay: render(k8s / overlay) for overlay in OVERLAYS}
 
 
 def find(docs: list[dict], kind: str, name: str) -> dict:
@@ -299,7 +359,25 @@ def test_kustomize_overlay_wires_teacher_and_trainers(rendered, overlay, tmp_pat
     assert config.teacher.url == f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
     secret = find(docs, "Secret", "tropd-teacher-key")
     key_ref = next(e["valueFrom"]["secretKeyRef"] for e in teacher["env"] if e["name"] == "TROPD_API_KEY")
-    assert key_ref["name"] == secret["metadata"]["name"]
+    assert key_ref["name"] == secret["metadata"]["name"] == "tropd-teacher-key"  # a fixed name: see below
+    # the trainers read the key from the Secret mounted as a file (read again on a 401: rotation, no restart)
+    trainer = trainer_pod["spec"]["containers"][0]
+    assert "TROPD_API_KEY" not in [e["name"] for e in trainer.get("env", [])] and config.teacher.api_key_env is None
+    volume = next(v for v in trainer_pod["spec"]["volumes"] if "secret" in v)
+    assert volume["secret"]["secretName"] == "tropd-teacher-key" and "subPath" not in str(trainer["volumeMounts"])
+    mount = next(m for m in trainer["volumeMounts"] if m["name"] == volume["name"])
+    item = volume["secret"]["items"][0]
+    assert item["key"] == "TROPD_API_KEY" and config.teacher.api_key_file == f"{mount['mountPath']}/{item['path']}"
+    # the model paths come from one ConfigMap: what the teacher serves and the trainers train
+    sources = find(docs, "ConfigMap", "tropd-model-sources")
+    env = {e["name"]: e["valueFrom"]["configMapKeyRef"] for e in teacher["env"] + trainer["env"] if "valueFrom" in e
+           and "configMapKeyRef" in e["valueFrom"]}  # fmt: skip
+    assert env["TEACHER_DIR"] == {"name": sources["metadata"]["name"], "key": "TEACHER_DIR"}
+    assert env["STUDENT_DIR"] == {"name": sources["metadata"]["name"], "key": "STUDENT_DIR"}
+    assert "$(TEACHER_DIR)" in teacher["command"] and "student=${STUDENT_DIR}" in trainer["command"][-1]
+    models = next(c for c in teacher_pod["spec"]["initContainers"] if c["name"] == "models")
+    assert {"configMapRef": {"name": sources["metadata"]["name"]}} in models["envFrom"]
+    assert any(m["mountPath"] == "/models" and not m.get("readOnly") for m in models["volumeMounts"])
     claims = [
         v["persistentVolumeClaim"]["claimName"] for v in trainer_pod["spec"]["volumes"] if "persistentVolumeClaim" in v
     ]
@@ -308,7 +386,7 @@ def test_kustomize_overlay_wires_teacher_and_trainers(rendered, overlay, tmp_pat
 
 def test_gpu_overlay_sizes_follow_its_options(tmp_path):
     """GPUs per teacher and trainer nodes, set once in options.yaml, reach every field that must agree."""
-    shutil.copytree(ROOT / "deploy" / "k8s", tmp_path / "k8s")
+    k8s_copy(tmp_path)
     options = tmp_path / "k8s" / "overlays" / "gpu" / "options.yaml"
     text = options.read_text().replace('tensorParallelSize: "1"', 'tensorParallelSize: "4"')
     options.write_text(text.replace('trainerNodes: "2"', 'trainerNodes: "4"'))
@@ -325,6 +403,99 @@ def test_gpu_overlay_sizes_follow_its_options(tmp_path):
     ddp = find(docs, "Service", "tropd-trainer-ddp")
     assert ddp["spec"]["clusterIP"] == "None" and job["spec"]["template"]["spec"]["subdomain"] == "tropd-trainer-ddp"
     assert all(d["metadata"]["name"] != "tropd-gpu-options" for d in docs)  # local config, not applied
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_namespaced_object_has_the_namespace(rendered, overlay):
+    """An object without a namespace lands in whatever namespace the user's context points at (the rendezvous
+    Service that an overlay adds, say), where the pods that need it cannot find it."""
+    missing = [f"{d['kind']} {d['metadata']['name']}" for d in rendered[overlay]
+               if d["kind"] not in CLUSTER_SCOPED and d["metadata"].get("namespace") != "tropd"]  # fmt: skip
+    assert not missing, f"{overlay}: no namespace tropd on {', '.join(missing)}"
+    assert find(rendered[overlay], "Namespace", "tropd")
+
+
+def test_gpu_overlay_refuses_to_render_without_a_key_of_the_users_own(rendered, tmp_path):
+    result = subprocess.run([tool("kubectl"), "kustomize", str(k8s_copy(tmp_path, key=False) / "overlays" / "gpu")],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode != 0 and "teacher-key.env" in result.stderr
+    secret = find(rendered["overlays/gpu"], "Secret", "tropd-teacher-key")
+    assert base64.b64decode(secret["data"]["TROPD_API_KEY"]).decode() == USER_KEY  # not the demo key
+    assert (ROOT / "deploy" / "k8s" / "overlays" / "gpu" / "teacher-key.env.example").is_file()
+    ignored = subprocess.run(["git", "check-ignore", "-q", "deploy/k8s/overlays/gpu/teacher-key.env"], cwd=ROOT)
+    assert ignored.returncode == 0, "git must ignore the gpu overlay's key file"
+
+
+def test_gpu_overlay_runs_the_real_model_example(rendered, tmp_path):
+    """Models from the hub (configs/qwen3-8b-to-0.6b.yaml's pair), a teacher on a GPU, two trainer pods on
+    GPUs; the trainer config is the example's, with the cluster's paths."""
+    docs = rendered["overlays/gpu"]
+    sources = find(docs, "ConfigMap", "tropd-model-sources")["data"]
+    assert sources["TEACHER_SOURCE"] == "hf://Qwen/Qwen3-8B" and sources["STUDENT_SOURCE"] == "hf://Qwen/Qwen3-0.6B"
+    assert sources["TEACHER_DIR"] == "/models/teacher" and sources["STUDENT_DIR"] == "/models/student"
+    config_map = find(docs, "ConfigMap", "tropd-trainer-config")
+    (tmp_path / "trainer.yaml").write_text(config_map["data"]["trainer.yaml"])
+    config = load_config(str(tmp_path / "trainer.yaml"), [f"student={sources['STUDENT_DIR']}", "out=/runs/x"])
+    example = load_config(str(ROOT / "configs" / "qwen3-8b-to-0.6b.yaml"))
+    for section in ("loss", "guidance", "rollout", "optim"):
+        assert getattr(config, section) == getattr(example, section), section
+    assert (config.dtype, config.steps, config.teacher.top_k) == (example.dtype, example.steps, example.teacher.top_k)
+    assert all(path.startswith(sources["DATA_DIR"] + "/") for path in config.data.train + config.data.eval)
+    teacher = find(docs, "Deployment", "tropd-teacher")["spec"]["template"]["spec"]["containers"][0]
+    assert teacher["command"][teacher["command"].index("--dtype") + 1] == "bfloat16"
+    trainer_pods = find(docs, "Job", "tropd-trainer")["spec"]
+    trainer = trainer_pods["template"]["spec"]["containers"][0]
+    assert trainer["resources"]["limits"]["nvidia.com/gpu"] == "1" and trainer_pods["parallelism"] == 2
+    assert trainer["image"] == teacher["image"] == "tropd-teacher:0.1.0"  # CUDA torch
+
+
+def test_models_init_container_fetches_what_its_configmap_names(rendered, toy_quick, tmp_path):
+    """The base's `models` init container, run as written (its shell command, its ConfigMap as environment),
+    with directories as sources: it fills the volume, and a restarted pod finds it done."""
+    docs = rendered["base"]
+    pod = find(docs, "Deployment", "tropd-teacher")["spec"]["template"]["spec"]
+    models = next(c for c in pod["initContainers"] if c["name"] == "models")
+    volume = tmp_path / "models"
+    sources = find(docs, "ConfigMap", "tropd-model-sources")["data"]
+    env = {key: value.replace("/models", str(volume)) for key, value in sources.items()}
+    env |= {"TEACHER_SOURCE": str(toy_quick / "teacher"), "STUDENT_SOURCE": str(toy_quick / "student")}
+    env |= {e["name"]: e["value"] for e in models["env"]} | {"HOME": str(tmp_path), "PATH": f"{BIN}:/usr/bin:/bin"}
+    for _ in range(2):
+        result = subprocess.run(models["command"], env=env, capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert result.returncode == 0, result.stderr
+    assert result.stdout.count("already fetched") == 2
+    assert sorted(p.name for p in volume.iterdir()) == ["student", "teacher"]  # no DATA_SOURCE: no data
+    # the base's own sources are the directories themselves: models copied in by hand are only checked
+    assert sources["TEACHER_SOURCE"] == sources["TEACHER_DIR"] and sources["STUDENT_SOURCE"] == sources["STUDENT_DIR"]
+
+
+def test_cpu_demo_fits_a_two_cpu_local_cluster(rendered):
+    """A 2-CPU kind or minikube node keeps about 1 CPU for its own pods (API server, etcd, DNS, ...): the demo's
+    pods must request less than the rest, and fit 6 GiB of memory."""
+    cpu = memory = 0.0
+    for doc in rendered["overlays/cpu-demo"]:
+        if doc["kind"] not in ("Deployment", "Job"):
+            continue
+        pods = doc["spec"].get("replicas", doc["spec"].get("parallelism", 1))
+        spec = doc["spec"]["template"]["spec"]
+
+        def requests(containers, key):
+            return [quantity(c["resources"]["requests"][key]) for c in containers]
+
+        # the scheduler reserves the largest of the init containers and the sum of the containers
+        cpu += pods * max(requests(spec.get("initContainers", []), "cpu") + [sum(requests(spec["containers"], "cpu"))])
+        memory += pods * max(requests(spec.get("initContainers", []), "memory")
+                             + [sum(requests(spec["containers"], "memory"))])  # fmt: skip
+    assert cpu <= 1.0 and memory <= 4 * 2**30, (cpu, memory / 2**30)
+
+
+def quantity(text: str) -> float:
+    """A Kubernetes quantity (`250m`, `2`, `1Gi`, `512Mi`) as a number."""
+    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * factor
+    return float(text)
 
 
 # ---- Dockerfiles --------------------------------------------------------------------------------------

@@ -241,7 +241,7 @@ def test_topk_forward_kl_gradient_step_lowers_it_and_zero_at_teacher():
 # ---------------------------------------------------------------- tropd
 
 
-def ref_tropd(b, prefix, tau, outlier, clip_c, lambda_out, lambda_prefix, old):
+def ref_tropd(b, prefix, tau, outlier, clip_c, lambda_out, lambda_prefix, old, prefix_loss="topk_fkl"):
     L = leaf64(b["logits"])
     pos = positions(b["mask"])
     ref, kinds = L.new_zeros(()), {"trusted": 0, "outlier": 0, "prefix": 0}
@@ -251,7 +251,10 @@ def ref_tropd(b, prefix, tau, outlier, clip_c, lambda_out, lambda_prefix, old):
         o = None if old is None else old[p].double()
         if prefix is not None and prefix[p]:
             kinds["prefix"] += 1
-            ref = ref + lambda_prefix * ref_fkl(L[p], b["top_ids"][p], b["top_lp"][p])
+            if prefix_loss == "sampled_fkl":  # one-sample estimate of KL(p_T || p_S) on the teacher's token
+                ref = ref + lambda_prefix * (b["teacher_lp"][p].double() - s)
+            else:
+                ref = ref + lambda_prefix * ref_fkl(L[p], b["top_ids"][p], b["top_lp"][p])
         elif min(1.0, math.exp(d)) >= tau:
             kinds["trusted"] += 1
             ref = ref + ref_pg(s, d, o, 0.2)
@@ -295,6 +298,65 @@ def test_tropd_matches_reference(outlier, with_prefix, stale):
     assert m["fkl_outlier"] > 0
     assert (m["prefix_term"] > 0) == with_prefix
     assert (m["outlier_term"] == 0) == (outlier == "mask")
+
+
+@pytest.mark.parametrize("outlier", ["mask", "topk_fkl"])
+@pytest.mark.parametrize("stale", [False, True])
+def test_tropd_sampled_prefix_loss_matches_reference(outlier, stale):
+    b = make_batch(17, B=3, T=8)
+    prefix = (torch.arange(8) < 3).expand(3, 8)
+    old = b["old_lp"] if stale else None
+    loss, m = losses.tropd(
+        b["logits"], b["ids"], b["teacher_lp"], b["top_ids"], b["top_lp"], b["mask"], prefix_mask_B_T=prefix,
+        tau=0.3, outlier=outlier, lambda_prefix=0.001, prefix_loss="sampled_fkl", old_lp_B_T=old,
+    )  # fmt: skip
+    loss.backward()
+    ref, L, kinds = ref_tropd(b, prefix, 0.3, outlier, 2.0, 1.0, 0.001, old, prefix_loss="sampled_fkl")
+    assert kinds["prefix"] > 0 and kinds["outlier"] > 0
+    check(loss, b["logits"].grad, ref, L)
+    assert m["loss"] == pytest.approx(m["opd_term"] + m["outlier_term"] + m["prefix_term"], abs=1e-6)
+    # on the prefix, the gradient is that of lambda_prefix * cross-entropy on the teacher's tokens
+    only_prefix = torch.ones_like(b["mask"])
+    args = (b["logits"], b["ids"], b["teacher_lp"], b["top_ids"], b["top_lp"], b["mask"])
+    sampled, _ = losses.tropd(*args, prefix_mask_B_T=only_prefix, prefix_loss="sampled_fkl", lambda_prefix=0.5)
+    (g_sampled,) = torch.autograd.grad(sampled, b["logits"])
+    (g_ce,) = torch.autograd.grad(0.5 * losses.sft(*args[:2], b["mask"])[0], b["logits"])
+    torch.testing.assert_close(g_sampled, g_ce)
+    with pytest.raises(ValueError, match="nope"):
+        losses.tropd(*args, prefix_loss="nope")
+
+
+def test_sampled_prefix_loss_is_an_unbiased_forward_kl_estimate():
+    # teacher samples y ~ p_T at one position; the mean of t - s over them is KL(p_T || p_S)
+    g = torch.Generator().manual_seed(2)
+    z, w = torch.randn(5, generator=g), 2 * torch.randn(5, generator=g)
+    ids = torch.multinomial(torch.softmax(w, -1), 200_000, replacement=True, generator=g).view(-1, 1)
+    lt, mask = torch.log_softmax(w, -1), torch.ones(len(ids), 1, dtype=torch.bool)
+    top_lp, top_ids = lt.topk(2)
+    loss, _ = losses.tropd(
+        z.expand(len(ids), 1, -1), ids, lt[ids], top_ids.expand(len(ids), 1, -1), top_lp.expand(len(ids), 1, -1),
+        mask, prefix_mask_B_T=mask, prefix_loss="sampled_fkl",
+    )  # fmt: skip
+    ls = torch.log_softmax(z.double(), -1)
+    assert loss.item() == pytest.approx((lt.double().exp() * (lt.double() - ls)).sum().item(), abs=0.01)
+
+
+def test_guidance_schedules_match_their_formulas():
+    from trainer.config import load_config
+    from trainer.pipeline import prefix_length, prefix_share
+
+    share = load_config(None, ["guidance.prompt_share=0.6", "guidance.prefix_tokens=16", "guidance.decay_steps=40"])
+    length = load_config(None, ["guidance.schedule=length", "guidance.prompt_share=0.6", "guidance.prefix_tokens=16",
+                                "guidance.decay_steps=40"])  # fmt: skip
+    for step in range(0, 50):
+        assert prefix_share(share, step) == pytest.approx(0.6 * max(0.0, 1 - step / 40))
+        assert prefix_length(share, step) == 16
+        cosine = 16 * (1 + math.cos(math.pi * min(1.0, step / 40))) / 2  # float64
+        assert prefix_length(length, step) == round(cosine)
+        assert prefix_share(length, step) == (0.6 if round(cosine) > 0 else 0.0)
+    assert prefix_length(length, 0) == 16 and prefix_length(length, 40) == 0 and prefix_share(length, 40) == 0
+    off = load_config(None, ["guidance.schedule=length", "loss.method=opd"])
+    assert prefix_share(off, 0) == 0.0  # guidance is tropd's only
 
 
 def test_tropd_mask_outliers_get_no_gradient_and_teacher_zero_prob_is_safe():
@@ -405,39 +467,88 @@ def test_reopold_selects_exactly_the_share_of_tokens():
     assert m["selected_share"] == pytest.approx(7 / 50)
 
 
-@pytest.mark.parametrize("alpha,share", [(0.5, 0.5), (0.2, 1.0), (1.0, 0.3)])
-def test_reopold_matches_reference(alpha, share):
+@pytest.mark.parametrize("lam,share", [(0.2, 0.5), (0.05, 1.0), (0.4, 0.3)])
+@pytest.mark.parametrize("stale", [False, True])
+def test_reopold_matches_reference(lam, share, stale):
     b = make_batch(11)
-    b["teacher_lp"][0, 0] = -math.inf  # the teacher rejects a high-entropy token: reward log(1 - alpha), finite
-    loss, m = losses.reopold(b["logits"], b["ids"], b["teacher_lp"], b["mask"], alpha=alpha, token_share=share)
+    b["teacher_lp"][0, 0] = -math.inf  # the teacher rejects a token: its reward is the floor, finite
+    old = b["old_lp"] if stale else None
+    loss, m = losses.reopold(
+        b["logits"], b["ids"], b["teacher_lp"], b["mask"], floor_lambda=lam, token_share=share, old_lp_B_T=old
+    )
     loss.backward()
     L = leaf64(b["logits"])
     pos = positions(b["mask"])
     entropy = {p: -(torch.softmax(L[p].detach(), -1) * torch.log_softmax(L[p].detach(), -1)).sum().item() for p in pos}
     chosen = sorted(pos, key=lambda p: -entropy[p])[: math.ceil(share * len(pos))]
-    assert ((0, 0) in chosen) == (alpha < 1)  # alpha = 1 is unbounded OPD: keep the -inf token out of it
-    ref = L.new_zeros(())
+    floor = math.log(lam / (1 - lam))
+    ref, rewards = L.new_zeros(()), []
     for p in chosen:
         s = torch.log_softmax(L[p], -1)[b["ids"][p]]
-        d = b["teacher_lp"][p].item() - s.item()
-        ref = ref + ref_pg(s, math.log(alpha * math.exp(d) + 1 - alpha), None, 0.2)
-    check(loss, b["logits"].grad, ref / len(pos), L)
+        reward = max(b["teacher_lp"][p].item() - s.item(), floor)
+        rewards.append(reward)
+        ref = ref + ref_pg(s, reward, None if old is None else old[p].double(), 0.2)
+    check(loss, b["logits"].grad, ref / len(chosen), L)  # a mean over the selected tokens
     assert m["selected_share"] == pytest.approx(len(chosen) / len(pos))
-    if alpha < 1:
-        assert m["reward_mean"] >= math.log(1 - alpha) - 1e-6
+    assert m["reward_mean"] == pytest.approx(sum(rewards) / len(rewards), abs=1e-5)
+    assert m["floored_share"] == pytest.approx(sum(r == floor for r in rewards) / len(rewards))
+    assert min(rewards) == floor  # some selected token is floored (at least the rejected one when chosen)
 
 
 def test_reopold_refine_is_opd_and_bad_args_raise():
     b = make_batch(12)
     refine, _ = losses.reopold(b["logits"], b["ids"], b["teacher_lp"], b["mask"], refine=True)
     torch.testing.assert_close(refine, losses.opd(b["logits"], b["ids"], b["teacher_lp"], b["mask"])[0])
-    with pytest.raises(ValueError):
-        losses.reopold(b["logits"], b["ids"], b["teacher_lp"], b["mask"], alpha=0.0)
+    for bad in (dict(floor_lambda=0.0), dict(floor_lambda=1.0), dict(token_share=1.5)):
+        with pytest.raises(ValueError):
+            losses.reopold(b["logits"], b["ids"], b["teacher_lp"], b["mask"], **bad)
 
 
 def test_reopold_monte_carlo_gradient_lowers_reverse_kl():
     z, w, ids, teacher_lp, mask = categorical(seed=1)
-    loss, _ = losses.reopold(z.expand(len(ids), 1, -1), ids, teacher_lp, mask, alpha=0.5, token_share=1.0)
+    loss, _ = losses.reopold(z.expand(len(ids), 1, -1), ids, teacher_lp, mask, token_share=1.0)
+    loss.backward()
+    kl, exact = exact_reverse_kl_grad(z, w)
+    assert torch.nn.functional.cosine_similarity(z.grad, exact, dim=0) > 0.5
+    assert reverse_kl(z.detach() - 0.1 * z.grad, w) < kl
+
+
+# ---------------------------------------------------------------- topd
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.5, 1.0])
+@pytest.mark.parametrize("stale", [False, True])
+def test_topd_matches_reference(alpha, stale):
+    b = make_batch(18)
+    b["teacher_lp"][1, 0] = -math.inf  # a token the teacher rejects: reward log(1 - alpha), finite for alpha < 1
+    old = b["old_lp"] if stale else None
+    if alpha == 1.0:
+        b["teacher_lp"][1, 0] = -3.0  # alpha = 1 is OPD: unbounded
+    loss, m = losses.topd(b["logits"], b["ids"], b["teacher_lp"], b["mask"], alpha=alpha, old_lp_B_T=old)
+    loss.backward()
+    L = leaf64(b["logits"])
+    pos = positions(b["mask"])
+    ref, rewards = L.new_zeros(()), []
+    for p in pos:
+        s = torch.log_softmax(L[p], -1)[b["ids"][p]]
+        behaviour = s.item() if old is None else old[p].item()  # the log-ratio against the sampling student
+        p_t = math.exp(b["teacher_lp"][p].item())
+        reward = math.log(alpha * p_t / math.exp(behaviour) + 1 - alpha)
+        rewards.append(reward)
+        ref = ref + ref_pg(s, reward, None if old is None else old[p].double(), 0.2)
+    check(loss, b["logits"].grad, ref / len(pos), L)
+    assert m["reward_mean"] == pytest.approx(sum(rewards) / len(rewards), abs=1e-5)
+    if alpha < 1:
+        assert min(rewards) >= math.log(1 - alpha) - 1e-9
+    elif old is None:  # a = 1 is OPD (stale, the reward is taken against the sampling student, OPD's against s)
+        torch.testing.assert_close(loss, losses.opd(b["logits"], b["ids"], b["teacher_lp"], b["mask"])[0])
+    with pytest.raises(ValueError):
+        losses.topd(b["logits"], b["ids"], b["teacher_lp"], b["mask"], alpha=0.0)
+
+
+def test_topd_monte_carlo_gradient_lowers_reverse_kl():
+    z, w, ids, teacher_lp, mask = categorical(seed=3)
+    loss, _ = losses.topd(z.expand(len(ids), 1, -1), ids, teacher_lp, mask, alpha=0.2)
     loss.backward()
     kl, exact = exact_reverse_kl_grad(z, w)
     assert torch.nn.functional.cosine_similarity(z.grad, exact, dim=0) > 0.5
@@ -518,7 +629,9 @@ def all_losses(b, mask):
         yield losses.tropd(*args, *tops, mask, prefix_mask_B_T=torch.ones_like(mask), outlier=outlier)
         yield losses.tropd(*args, *tops, mask, rule="adaptive", outlier=outlier, old_lp_B_T=b["old_lp"])
     yield losses.eopd(*args, *tops, mask, entropy_threshold=0.0, old_lp_B_T=b["old_lp"])
-    yield losses.reopold(*args, mask)
+    yield losses.reopold(*args, mask, old_lp_B_T=b["old_lp"])
+    yield losses.topd(*args, mask, old_lp_B_T=b["old_lp"])
+    yield losses.tropd(*args, *tops, mask, prefix_mask_B_T=torch.ones_like(mask), prefix_loss="sampled_fkl")
     yield losses.gkd(b["logits"], *tops, mask)
     yield losses.sft(b["logits"], b["ids"], mask)
 

@@ -64,7 +64,27 @@ def methods(b: dict) -> dict:
     out = {
         "opd": (lambda s, ids: losses.opd(s, ids, t_lp, mask, old_lp_B_T=b["old_lp"], discount=0.5), {}),
         "eopd": (lambda s, ids: losses.eopd(s, ids, t_lp, *tops, mask, entropy_threshold=1.2), {"top": True}),
-        "reopold": (lambda s, ids: losses.reopold(s, ids, t_lp, mask, alpha=0.5, token_share=0.5), {"entropy": True}),
+        "reopold": (
+            lambda s, ids: losses.reopold(
+                s, ids, t_lp, mask, floor_lambda=0.2, token_share=0.5, old_lp_B_T=b["old_lp"]
+            ),
+            {"entropy": True},
+        ),  # fmt: skip
+        "topd": (lambda s, ids: losses.topd(s, ids, t_lp, mask, alpha=0.2, old_lp_B_T=b["old_lp"]), {}),
+        "tropd-sampled-prefix": (
+            lambda s, ids: losses.tropd(
+                s,
+                ids,
+                t_lp,
+                *tops,
+                mask,
+                prefix_mask_B_T=b["prefix"],
+                prefix_loss="sampled_fkl",
+                lambda_prefix=0.001,
+                uniform_B_T=b["uniform"],
+            ),
+            {"top": True},
+        ),  # fmt: skip
         "gkd": (lambda s, ids: losses.gkd(s, *tops, mask, beta=0.5), {"top": True}),
         "sft": (lambda s, ids: losses.sft(s, ids, mask), {"argmax": True}),
     }

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from safetensors.torch import load_file
 
 from tests.helpers import free_port, teacher
+from trainer import checkpoint
 from trainer.config import TrainConfig, load_config
 from trainer.train import train
 from tropd.errors import UserError
@@ -79,9 +80,53 @@ def test_resume_gives_the_same_weights(toy_quick, service, tmp_path):
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
+class Stopped(Exception):
+    """The run stops right after a checkpoint, as a killed trainer would."""
+
+
+def test_resume_with_batches_sampled_ahead_gives_the_same_weights(toy_quick, service, tmp_path, monkeypatch):
+    # max_staleness=1: at the step-3 checkpoint, batch 4 is already sampled (by the weights of step 2) and sent to
+    # the teacher; the checkpoint keeps it, so the resumed run trains on the very batch the uninterrupted one did
+    common = ["steps=6", "checkpoint_every=3", "max_staleness=1", "loss.rule=stochastic", "guidance.decay_steps=4"]
+    train(config(toy_quick, service, tmp_path / "a", *common), log=lambda _: None)
+    save = checkpoint.save
+
+    def save_then_stop(run_dir, step, *args, **kwargs):
+        path = save(run_dir, step, *args, **kwargs)
+        if step == 3:
+            raise Stopped
+        return path
+
+    monkeypatch.setattr(checkpoint, "save", save_then_stop)
+    with pytest.raises(Stopped):
+        train(config(toy_quick, service, tmp_path / "b", *common), log=lambda _: None)
+    monkeypatch.setattr(checkpoint, "save", save)
+    ahead = torch.load(tmp_path / "b" / "checkpoints" / "step-000003" / "trainer_state.pt", weights_only=False)
+    assert [batch["step"] for batch in ahead["cursor"]["inflight"][0]] == [4]
+    train(config(toy_quick, service, tmp_path / "b", *common), resume=True, log=lambda _: None)
+    a = load_file(tmp_path / "a" / "student" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "student" / "model.safetensors")
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key
+    records = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
 @pytest.mark.parametrize(
     "method",
-    ["opd", "eopd", "reopold", "gkd", "sft", "tropd-mask", "tropd-clip", "tropd-adaptive", "tropd-stale"],
+    [
+        "opd",
+        "eopd",
+        "reopold",
+        "topd",
+        "gkd",
+        "sft",
+        "tropd-mask",
+        "tropd-clip",
+        "tropd-adaptive",
+        "tropd-stale",
+        "tropd-guidance-paper",
+    ],
 )
 def test_every_method_runs(toy_quick, service, tmp_path, method):
     extra = {
@@ -90,6 +135,11 @@ def test_every_method_runs(toy_quick, service, tmp_path, method):
         "tropd-adaptive": ["loss.rule=adaptive", "guidance.enabled=false"],
         "tropd-stale": ["max_staleness=1"],
         "reopold": ["loss.method=reopold", "loss.refine_after=1"],
+        "tropd-guidance-paper": [
+            "guidance.schedule=length",
+            "guidance.prefix_loss=sampled_fkl",
+            "loss.lambda_prefix=0.001",
+        ],
         "gkd": ["loss.method=gkd", "loss.on_policy_share=0.5"],
     }.get(method, [f"loss.method={method}"])
     summary = train(config(toy_quick, service, tmp_path / "run", "steps=3", *extra), log=lambda _: None)
@@ -143,6 +193,10 @@ def _cli(*args):
         (["--config", "configs/toy-tropd.yaml", "eval.tasks=[]"], "eval.tasks"),
         (["--config", "configs/toy-tropd.yaml", "=5"], "the key is empty"),
         (["--config", "configs"], "is a directory"),
+        # the proximal-teacher reward this project once called reopold is TOP-D's: an old config is pointed there
+        (["--config", "configs/toy-reopold.yaml", "loss.alpha=0.5"], "use loss.method=topd"),
+        (["--config", "configs/toy-tropd.yaml", "guidance.schedule=cosine"], "guidance.schedule"),
+        (["--config", "configs/toy-tropd.yaml", "guidance.prefix_loss=kl"], "guidance.prefix_loss"),
     ],
 )
 def test_bad_config_is_a_one_line_error(args, needle):

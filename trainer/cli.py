@@ -92,9 +92,9 @@ def add_train(sub) -> None:
     train = sub.add_parser(
         "train",
         help="train a student against a teacher (a service, a stock vLLM server, or in-process)",
-        description="Train the student with TrOPD or a baseline (opd, eopd, reopold, gkd, sft) against a teacher: "
-        "a running teacher service (default), a stock vLLM OpenAI server (teacher.api=vllm-openai), or the teacher "
-        "model in this process (teacher.api=inprocess teacher.model=DIR). The config is a YAML file (see "
+        description="Train the student with TrOPD or a baseline (opd, eopd, reopold, topd, gkd, sft) against a "
+        "teacher: a running teacher service (default), a stock vLLM OpenAI server (teacher.api=vllm-openai), or the "
+        "teacher model in this process (teacher.api=inprocess teacher.model=DIR). The config is a YAML file (see "
         "configs/) with key=value overrides, e.g. "
         "`tropd train --config configs/toy-tropd.yaml steps=50 loss.outlier=mask teacher.url=http://host:8000`. "
         "Prompts come from the toy world (data.source=toy) or your own files (data.source=files "
@@ -165,7 +165,7 @@ def add_bench_methods(sub) -> None:
         "methods",
         help="TrOPD, its ablations and the baselines on the toy world; writes a markdown report and plots",
         description="Train the mismatched toy student with every method (opd, tropd and its ablations, eopd, "
-        "reopold, gkd, sft) under the same rollout budget, for several seeds, then opd and tropd from students "
+        "reopold, topd, gkd, sft) under the same rollout budget, for several seeds, then opd and tropd from students "
         "at several distances from the teacher (the mismatch sweep). Writes results.json and PNG "
         "plots to --out, and the report to <out>.md beside it (docs/results.md). The teacher runs in the "
         "trainer's process. Full run: hours on 2 CPU cores; --quick: minutes.",
@@ -188,6 +188,9 @@ def add_bench_methods(sub) -> None:
                        "(results.json or results.partial.json) whose method, seed, student, budget and toy world "
                        "match, and train only the rest; the key holds settings, not code: after a change to the "
                        "trainer, run without it")  # fmt: skip
+    bench.add_argument("--tune", action="store_true", help="first train each method at the default learning rate "
+                       "and 3x up and down on seed 0, then its seeds at its best rate (final math + code accuracy); "
+                       "the report shows the tuning table and compares methods at their own best rates")  # fmt: skip
     bench.add_argument("--json", action="store_true", help="print the tables as one JSON object")
     bench.set_defaults(run=run_bench_methods)
 

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from tropd.errors import UserError
 
+TOPD_ALPHA = 0.2  # TOP-D's reported weight of the teacher in its proximal teacher (0.1 or 0.2)
+
 
 class _Section(BaseModel):
     # inf is refused like nan (an infinite lr or clip is never meant); `out=123` stays the string "123"
@@ -30,6 +32,9 @@ class TeacherConfig(_Section):
     model: str | None = Field(None, description="inprocess: the teacher model directory")
     engine: Literal["hf", "vllm"] = Field("hf", description="inprocess: the engine that loads `model`")
     api_key_env: str | None = Field(None, description="environment variable holding the bearer key")
+    api_key_file: str | None = Field(
+        None, description="file holding the bearer key (a mounted Secret), read again on a 401 (a rotated key)"
+    )
     top_k: int = Field(8, ge=0, le=1024, description="teacher top-k for forward-KL terms")
     timeout_s: float = Field(120.0, gt=0, description="seconds one request may take before it is retried")
     retries: int = Field(
@@ -44,9 +49,15 @@ class TeacherConfig(_Section):
         "tokenizer the start-up probe cannot compare with the student's",
     )
 
+    @model_validator(mode="after")
+    def _one_key(self):
+        if self.api_key_env and self.api_key_file:
+            raise ValueError("api_key_env and api_key_file are both set: give one of them")
+        return self
+
 
 class LossConfig(_Section):
-    method: Literal["opd", "tropd", "eopd", "reopold", "gkd", "sft"] = Field(
+    method: Literal["opd", "tropd", "eopd", "reopold", "topd", "gkd", "sft"] = Field(
         "tropd", description="the loss: TrOPD or one of the baselines (DESIGN's formulas)"
     )
     rule: Literal["threshold", "stochastic", "adaptive"] = Field("stochastic", description="trust rule")
@@ -62,18 +73,34 @@ class LossConfig(_Section):
     ratio_eps: float = Field(0.2, gt=0, le=1, description="importance-ratio clip for stale rollouts")
     entropy_threshold: float = Field(1.0, ge=0, description="eopd: teacher entropy above which FKL is added")
     lambda_fkl: float = Field(1.0, ge=0, description="eopd: weight of the forward-KL term")
-    alpha: float = Field(0.5, gt=0, le=1, description="reopold: mixture weight of the reward")
+    floor_lambda: float = Field(
+        0.2, gt=0, lt=1, description="reopold: reward floor log(floor_lambda / (1 - floor_lambda)) (0.2: log 0.25)"
+    )
     token_share: float = Field(0.5, gt=0, le=1, description="reopold: share of highest-entropy tokens trained")
-    refine_after: int | None = Field(None, ge=0, description="reopold: step at which the refine stage (OPD) starts")
+    refine_after: int | None = Field(
+        None, ge=0, description="reopold: last step of the explore stage; plain OPD after it (None: half of steps)"
+    )
+    alpha: float = Field(
+        TOPD_ALPHA, gt=0, le=1, description="topd: weight a of the proximal teacher a p_T + (1 - a) p_S"
+    )
     beta: float = Field(0.5, ge=0, le=1, description="gkd: generalized JSD weight")
     on_policy_share: float = Field(0.5, ge=0, le=1, description="gkd: share of student-generated batches")
 
 
 class GuidanceConfig(_Section):
     enabled: bool = Field(True, description="off-policy guidance by teacher-written prefixes (tropd only)")
+    schedule: Literal["share", "length"] = Field(
+        "share",
+        description="share: the share of prompts with a prefix decays linearly to zero (prefix length drawn in "
+        "1..prefix_tokens); length: every prompt_share of prompts gets a prefix whose length, prefix_tokens at step 0, "
+        "is annealed to zero on a cosine",
+    )
+    prefix_loss: Literal["topk_fkl", "sampled_fkl"] = Field(
+        "topk_fkl", description="loss on prefix tokens: top-k forward KL, or the sampled-token estimate t - s"
+    )
     prompt_share: float = Field(0.5, ge=0, le=1, description="share of prompts with a teacher prefix at step 0")
     prefix_tokens: int = Field(8, ge=1, description="most teacher-draft tokens used as a prefix")
-    decay_steps: int = Field(300, ge=1, description="steps over which the prefix share decays to zero")
+    decay_steps: int = Field(300, ge=1, description="steps over which the share (or the length) decays to zero")
 
 
 class RolloutConfig(_Section):
@@ -186,6 +213,13 @@ class TrainConfig(_Section):
     def _moved(cls, tree):
         if isinstance(tree, dict) and "tasks" in tree:
             raise ValueError("`tasks` is now `data.toy` (e.g. data.toy={math: 0.6, code: 0.3, general: 0.1})")
+        loss = tree.get("loss") if isinstance(tree, dict) else None
+        # alpha at its default is every written config's (config.yaml holds all keys): only another value is old
+        if isinstance(loss, dict) and loss.get("method") == "reopold" and loss.get("alpha", TOPD_ALPHA) != TOPD_ALPHA:
+            raise ValueError(
+                "loss.alpha with method reopold was the proximal-teacher reward log(a*exp(d) + 1 - a), which is "
+                "TOP-D's: use loss.method=topd (loss.alpha) for it; REOPOLD's own reward floor is loss.floor_lambda"
+            )
         return tree
 
     @model_validator(mode="after")
@@ -195,7 +229,7 @@ class TrainConfig(_Section):
         if self.teacher.api == "vllm-openai" and self._needs_drafts():
             raise ValueError(
                 "teacher.api vllm-openai scores only; teacher drafts need the tropd service's /v1/continue: "
-                "set guidance.enabled=false (tropd), or use loss.method opd/eopd/reopold, or gkd with "
+                "set guidance.enabled=false (tropd), or use loss.method opd/eopd/reopold/topd, or gkd with "
                 "loss.on_policy_share=1"
             )
         toy = self.data.toy

@@ -20,6 +20,7 @@ import torch
 Metrics = dict[str, float]
 TRUST_RULES = ("threshold", "stochastic", "adaptive")
 OUTLIERS = ("mask", "clip", "topk_fkl")
+PREFIX_LOSSES = ("topk_fkl", "sampled_fkl")
 LOG_FLOOR = math.log(1e-10)  # the teacher's log-prob floor in the reverse-KL limit of `gkd`
 
 
@@ -237,6 +238,7 @@ def tropd(
     clip_c: float = 2.0,
     lambda_out: float = 1.0,
     lambda_prefix: float = 1.0,
+    prefix_loss: str = "topk_fkl",
     old_lp_B_T: torch.Tensor | None = None,
     ratio_eps: float = 0.2,
     generator: torch.Generator | None = None,
@@ -244,7 +246,10 @@ def tropd(
 ) -> tuple[torch.Tensor, Metrics]:
     """Trust Region On-Policy Distillation.
 
-    Prefix tokens (teacher-written, prefix_mask): lambda_prefix * FKL_t (topk_forward_kl).
+    Prefix tokens (teacher-written, prefix_mask): lambda_prefix * F_t, where F_t is, by `prefix_loss`,
+      "topk_fkl":    FKL_t (topk_forward_kl, a true KL over the teacher's top-k plus tail), or
+      "sampled_fkl": t_t - s_t, the one-sample estimate of KL(p_T || p_S) on the teacher's own token (unbiased, noisy,
+                     can be negative); its gradient is that of the cross-entropy -s_t on the teacher's token.
     The student's own tokens are split by trust_mask(s, t, rule, tau, quantile):
       trusted:  -A_t s_t with A_t = d_t (the OPD term; the clipped surrogate of `opd` when old_lp_B_T is given);
       outliers: outlier="mask": 0;  "clip": the OPD term with A_t = max(d_t, -clip_c);  "topk_fkl": lambda_out * FKL_t.
@@ -255,6 +260,8 @@ def tropd(
     """
     if outlier not in OUTLIERS:
         raise ValueError(f"unknown outlier treatment {outlier!r}; expected one of {OUTLIERS}")
+    if prefix_loss not in PREFIX_LOSSES:
+        raise ValueError(f"unknown prefix loss {prefix_loss!r}; expected one of {PREFIX_LOSSES}")
     scores = _scores(student, ids_B_T, teacher_top_ids_B_T_K)
     s_B_T = scores.need("lp_B_T", "tropd")
     d_B_T = _k1_B_T(s_B_T, teacher_lp_B_T, mask_B_T)
@@ -265,7 +272,8 @@ def tropd(
         uniform_B_T=uniform_B_T,
     )  # fmt: skip
     outlier_B_T = onpolicy_B_T & ~trusted_B_T
-    fkl_B_T = _fkl_at(scores, teacher_top_lp_B_T_K, prefix_B_T | outlier_B_T, "tropd")
+    sampled = prefix_loss == "sampled_fkl"
+    fkl_B_T = _fkl_at(scores, teacher_top_lp_B_T_K, outlier_B_T if sampled else prefix_B_T | outlier_B_T, "tropd")
 
     opd_B_T = _pg_B_T(s_B_T, torch.where(trusted_B_T, d_B_T, 0.0), mask_B_T, old_lp_B_T, ratio_eps)
     if outlier == "mask":
@@ -275,7 +283,8 @@ def tropd(
         outlier_loss_B_T = _pg_B_T(s_B_T, clipped_B_T, mask_B_T, old_lp_B_T, ratio_eps)
     else:
         outlier_loss_B_T = torch.where(outlier_B_T, lambda_out * fkl_B_T, 0.0)
-    prefix_loss_B_T = torch.where(prefix_B_T, lambda_prefix * fkl_B_T, 0.0)
+    prefix_fkl_B_T = torch.where(prefix_B_T, teacher_lp_B_T.float() - s_B_T, 0.0) if sampled else fkl_B_T
+    prefix_loss_B_T = torch.where(prefix_B_T, lambda_prefix * prefix_fkl_B_T, 0.0)
 
     opd_term = _mean(opd_B_T, mask_B_T)
     outlier_term = _mean(outlier_loss_B_T, mask_B_T)
@@ -341,51 +350,106 @@ def eopd(
     return loss, metrics
 
 
+def _selected_by_entropy(entropy_B_T: torch.Tensor, mask_B_T: torch.Tensor, share: float) -> torch.Tensor:
+    """The ceil(share * n) of the n masked tokens with the highest entropy (bool B_T)."""
+    with torch.no_grad():
+        # rounded first: 0.14 * 50 is 7.000000000000001 in floating point, whose ceiling would be 8
+        n_selected = math.ceil(round(share * int(mask_B_T.sum()), 9))
+        top_N = entropy_B_T.masked_fill(~mask_B_T, float("-inf")).flatten().topk(n_selected).indices
+        return torch.zeros_like(mask_B_T).flatten().index_fill(0, top_N, True).view_as(mask_B_T) & mask_B_T
+
+
 def reopold(
     student: torch.Tensor | StudentScores,
     ids_B_T: torch.Tensor,
     teacher_lp_B_T: torch.Tensor,
     mask_B_T: torch.Tensor,
     *,
-    alpha: float = 0.5,
+    floor_lambda: float = 0.2,
     token_share: float = 0.5,
     refine: bool = False,
     old_lp_B_T: torch.Tensor | None = None,
     ratio_eps: float = 0.2,
 ) -> tuple[torch.Tensor, Metrics]:
-    """REOPOLD-style OPD with a bounded reward on high-entropy tokens (explore stage), plain OPD when refine=True.
+    """REOPOLD (arXiv 2603.11137): OPD's log-ratio reward, floored, on the student's highest-entropy tokens (explore
+    stage); plain OPD (`opd`, every token, no floor) in the refine stage, refine=True.
 
-    r_t = log(alpha exp(d_t) + 1 - alpha) >= log(1 - alpha): a token the teacher rejects costs at most -log(1-alpha)
-    instead of an unbounded d_t; r_t is increasing in d_t, so the expected gradient still lowers KL(p_S || p_T).
-    Only the ceil(token_share * n) masked tokens of the batch with the highest student entropy
-    H_S,t = -sum_v p_S(v) log p_S(v) (detached) are trained:  loss = mean_t(-[t selected] r_t s_t), the mean over
-    all masked tokens (the clipped surrogate of `opd` when old_lp_B_T is given).
-    This is a documented reading of REOPOLD (arXiv 2603.11137); its exact formula is not public.
-    Metrics: loss, k1, reward_mean (over selected tokens), selected_share, student_entropy (mean H_S).
+    R_t = max(d_t, log(lambda / (1 - lambda)))     mixture-based reward clipping (lambda = 0.2: floor log 0.25 = -1.39)
+    M_t = [H_S,t is among the ceil(token_share * n) highest of the batch's n masked tokens],
+          H_S,t = -sum_v p_S(v) log p_S(v) (the student's entropy, detached)
+    loss = sum_t M_t (-R_t s_t) / max(1, sum_t M_t)   (a mean over the selected tokens; the clipped surrogate of `opd`
+    when old_lp_B_T is given)
+    A token the teacher rejects costs at most -floor, and R_t = d_t above the floor, so the student still moves toward
+    the teacher where the teacher's signal is not extreme.
+    Readings (the paper's text was read through third-party summaries of its equations): the floor (its Eq. 7), the
+    top-share entropy mask (Eq. 8) and the normalisation by the selected tokens (Eq. 4) are as summarised; the
+    defaults lambda = 0.2 and token_share = 0.5 are the values its sensitivity figures favour. What each stage does is
+    our reading: one summary has the explore stage mask the tokens whose reward is floored and the refine stage use
+    the entropy mask; we follow the reading of the explore stage as the relaxed objective and the refine stage as plain
+    OPD. The step of the switch is not stated (the trainer's default: half of the steps).
+    Metrics: loss, k1, reward_mean and floored_share (over selected tokens), selected_share, student_entropy.
     """
-    if not 0.0 < alpha <= 1.0 or not 0.0 <= token_share <= 1.0:
-        raise ValueError(f"need 0 < alpha <= 1 and 0 <= token_share <= 1, got alpha={alpha}, token_share={token_share}")
+    if not 0.0 < floor_lambda < 1.0 or not 0.0 <= token_share <= 1.0:
+        raise ValueError(
+            f"need 0 < floor_lambda < 1 and 0 <= token_share <= 1, got floor_lambda={floor_lambda}, "
+            f"token_share={token_share}"
+        )
     if refine:
         return opd(student, ids_B_T, teacher_lp_B_T, mask_B_T, old_lp_B_T=old_lp_B_T, ratio_eps=ratio_eps)
     scores = _scores(student, ids_B_T, entropy=True)
     s_B_T = scores.need("lp_B_T", "reopold")
     d_B_T = _k1_B_T(s_B_T, teacher_lp_B_T, mask_B_T)
     entropy_B_T = scores.need("entropy_B_T", "reopold").detach()
-    with torch.no_grad():
-        # rounded first: 0.14 * 50 is 7.000000000000001 in floating point, whose ceiling would be 8
-        n_selected = math.ceil(round(token_share * int(mask_B_T.sum()), 9))
-        top_N = entropy_B_T.masked_fill(~mask_B_T, float("-inf")).flatten().topk(n_selected).indices
-        selected_B_T = torch.zeros_like(mask_B_T).flatten().index_fill(0, top_N, True).view_as(mask_B_T) & mask_B_T
-    floor = math.log1p(-alpha) if alpha < 1.0 else float("-inf")
-    reward_B_T = torch.logaddexp(d_B_T + math.log(alpha), torch.full_like(d_B_T, floor))
+    selected_B_T = _selected_by_entropy(entropy_B_T, mask_B_T, token_share)
+    floor = math.log(floor_lambda / (1.0 - floor_lambda))
+    reward_B_T = d_B_T.clamp(min=floor)
     adv_B_T = torch.where(selected_B_T, reward_B_T, 0.0)
-    loss = _mean(_pg_B_T(s_B_T, adv_B_T, mask_B_T, old_lp_B_T, ratio_eps), mask_B_T)
+    loss = _mean(_pg_B_T(s_B_T, adv_B_T, mask_B_T, old_lp_B_T, ratio_eps), selected_B_T)
     metrics = {
         "loss": loss.item(),
         "k1": -_mean(d_B_T, mask_B_T).item(),
         "reward_mean": _mean(reward_B_T, selected_B_T).item(),
+        "floored_share": _mean((d_B_T < floor).float(), selected_B_T).item(),
         "selected_share": (selected_B_T.sum() / mask_B_T.sum().clamp(min=1)).item(),
         "student_entropy": _mean(entropy_B_T, mask_B_T).item(),
+    }
+    return loss, metrics
+
+
+def topd(
+    student: torch.Tensor | StudentScores,
+    ids_B_T: torch.Tensor,
+    teacher_lp_B_T: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    *,
+    alpha: float = 0.2,
+    old_lp_B_T: torch.Tensor | None = None,
+    ratio_eps: float = 0.2,
+) -> tuple[torch.Tensor, Metrics]:
+    """TOP-D (arXiv 2607.04751): OPD against a proximal teacher a p_T + (1 - a) p_S.
+
+    r_t = log((a p_T(y_t) + (1 - a) p_S(y_t)) / p_S(y_t)) = log(a exp(d_t) + 1 - a) >= log(1 - a),
+    with d_t = t_t - s_t^old, the log-ratio against the sampling student (s^old = s when on-policy).
+    loss = mean_t(-r_t s_t) (the clipped surrogate of `opd` when old_lp_B_T is given). r_t is increasing in d_t, so
+    the expected gradient still lowers KL(p_S || p_T); a = 1 is `opd`. The weight a is constant over training, as
+    TOP-D reports it (0.1 or 0.2; 0.1 to 0.3 alike in its ablation): the proximal teacher moves toward p_T because
+    p_S does. Not reproduced (documented reading): its token-level return (r_t plus the mean of the later rewards)
+    normalised over each prompt's group of samples, and its several PPO mini-batch updates per batch.
+    Metrics: loss, k1, reward_mean.
+    """
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"need 0 < alpha <= 1, got alpha={alpha}")
+    s_B_T = _scores(student, ids_B_T).need("lp_B_T", "topd")
+    d_B_T = _k1_B_T(s_B_T, teacher_lp_B_T, mask_B_T)
+    sampled_B_T = d_B_T if old_lp_B_T is None else _k1_B_T(old_lp_B_T.float(), teacher_lp_B_T, mask_B_T)
+    floor = math.log1p(-alpha) if alpha < 1.0 else float("-inf")
+    reward_B_T = torch.logaddexp(sampled_B_T + math.log(alpha), torch.full_like(sampled_B_T, floor))
+    reward_B_T = torch.where(mask_B_T, reward_B_T, 0.0)
+    loss = _mean(_pg_B_T(s_B_T, reward_B_T, mask_B_T, old_lp_B_T, ratio_eps), mask_B_T)
+    metrics = {
+        "loss": loss.item(),
+        "k1": -_mean(d_B_T, mask_B_T).item(),
+        "reward_mean": _mean(reward_B_T, mask_B_T).item(),
     }
     return loss, metrics
 

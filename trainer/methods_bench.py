@@ -23,7 +23,6 @@ cores.
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
 import math
@@ -36,6 +35,15 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from trainer.methods_report import (
+    EVAL_TASKS,
+    SWEEP_ARMS,
+    markdown,
+    report_path,
+    sweep_table,
+    table,
+    tuning_table,
+)
 from tropd.machine import usable_cores
 
 ARMS: dict[str, list[str]] = {
@@ -46,16 +54,22 @@ ARMS: dict[str, list[str]] = {
     "tropd-outlier-clip": ["loss.outlier=clip"],
     "tropd-rule-threshold": ["loss.rule=threshold"],
     "tropd-rule-adaptive": ["loss.rule=adaptive"],
+    # the guidance as the TrOPD paper is reported to run it: cosine-annealed prefix length, sampled-token FKL, 0.001
+    "tropd-guidance-paper": [
+        "guidance.schedule=length",
+        "guidance.prefix_loss=sampled_fkl",
+        "loss.lambda_prefix=0.001",
+    ],  # fmt: skip
     "eopd": ["loss.method=eopd"],
-    "reopold": ["loss.method=reopold"],
+    # the floor named, so that no report's run of the earlier `reopold` (now `topd`) is reused under this name
+    "reopold": ["loss.method=reopold", "loss.floor_lambda=0.2"],
+    "topd": ["loss.method=topd"],
     "gkd": ["loss.method=gkd"],
     "sft": ["loss.method=sft"],
 }
-SWEEP_ARMS = ("opd", "tropd")
 # Students for the mismatch sweep: the toy student, then that student after N steps of SFT on teacher-style
 # answers (nearer the teacher).
 SWEEP_SFT_STEPS = {"full": (0, 100), "quick": (0, 10)}
-EVAL_TASKS = ("math", "code")
 
 
 def settings(quick: bool, steps: int | None, seeds: int | None) -> dict:
@@ -68,14 +82,21 @@ def settings(quick: bool, steps: int | None, seeds: int | None) -> dict:
             "prompts_per_step": 64, "samples_per_prompt": 1, "max_new_tokens": 40}  # fmt: skip
 
 
-def overrides(s: dict, student: Path, teacher: Path, engine: str, out: Path, seed: int) -> list[str]:
+def lr_grid(default: float) -> list[float]:
+    """The learning rates `--tune` tries: the default first (it wins ties), then 3x down and 3x up."""
+    return [default, round(default / 3, 12), round(default * 3, 12)]
+
+
+def overrides(s: dict, student: Path, teacher: Path, engine: str, out: Path, seed: int,
+              lr: float | None = None) -> list[str]:  # fmt: skip
+    """The run's settings; `optim.lr` only when it is not the default, so that an untuned run keeps its key."""
     return [
         f"student={student}", f"out={out}", f"seed={seed}", f"steps={s['steps']}", "teacher.api=inprocess",
         f"teacher.model={teacher}", f"teacher.engine={engine}", f"eval.every={s['eval_every']}",
         f"eval.n={s['eval_n']}", f"eval.kl_prompts={s['kl_prompts']}", f"eval.tasks=[{','.join(EVAL_TASKS)}]",
         f"rollout.prompts_per_step={s['prompts_per_step']}", f"rollout.samples_per_prompt={s['samples_per_prompt']}",
         f"rollout.max_new_tokens={s['max_new_tokens']}", "tensorboard=false", "plot=false", "checkpoint_every=0",
-        "keep_checkpoints=1",
+        "keep_checkpoints=1", *([f"optim.lr={lr!r}"] if lr is not None and lr != s.get("lr") else []),
     ]  # fmt: skip
 
 
@@ -158,21 +179,17 @@ def sweep_students(toy_dir: Path, build: dict | None, work: Path, sft_steps: tup
     return out
 
 
-def _toy_models(build: dict | None) -> str:
-    """The toy models a report was made with, e.g. ` (teacher 128x4, student 96x3, student drills 0.8)`."""
-    if not isinstance(build, dict) or not all(isinstance(build.get(r), dict) for r in ("teacher", "student")):
-        return ""
-    shapes = [f"{role} {build[role].get('hidden')}x{build[role].get('layers')}" for role in ("teacher", "student")]
-    drills = ((build.get("recipe") or {}).get("student") or {}).get("drills", 0.0)
-    return f" ({', '.join(shapes)}, student drills {drills})"
-
-
 def run_bench(toy_dir: str, out: str, engine: str, quick: bool, steps: int | None, seeds: int | None,
-              arms: list[str] | None, sweep: bool, jobs: int = 1, resume: bool = False, log=print) -> dict:  # fmt: skip
+              arms: list[str] | None, sweep: bool, jobs: int = 1, resume: bool = False, tune: bool = False,
+              log=print) -> dict:  # fmt: skip
+    """Train the report's runs (those not reused) and write results.json, the plots and the markdown report. With
+    `tune`, first every method at each rate of `lr_grid` on seed 0, then its seeds at its best rate."""
     from trainer import toy
+    from trainer.config import TrainConfig
+    from trainer.plot import plot_methods
 
     toy_dir, out = Path(toy_dir), Path(out)
-    s = settings(quick, steps, seeds)
+    s = {**settings(quick, steps, seeds), "lr": TrainConfig().optim.lr}
     chosen = arms or list(ARMS)
     work = out / "runs"
     work.mkdir(parents=True, exist_ok=True)
@@ -180,54 +197,73 @@ def run_bench(toy_dir: str, out: str, engine: str, quick: bool, steps: int | Non
     build = json.loads((toy_dir / "build.json").read_text()).get("settings")
     report: dict = {
         "command": "tropd bench methods " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "methods"] else "",
-        "settings": {**s, "toy": str(toy_dir), "engine": engine, "quick": quick, "jobs": jobs},
+        "settings": {**s, "toy": str(toy_dir), "engine": engine, "quick": quick, "jobs": jobs, "tune": tune},
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": usable_cores()},
         "toy_build": build,
+        "tuning": [],
         "runs": [],
         "sweep": [],
     }
-    # every run of the report: (section, arm, seed, student); then train those not already done
-    plan = [("runs", arm, seed, toy_dir / "student") for arm in chosen for seed in range(s["seeds"])]
-    if sweep:
-        students = sweep_students(toy_dir, build, work, SWEEP_SFT_STEPS["quick" if quick else "full"], 0, log)
-        plan += [("sweep", arm, seed, st) for st in students for arm in SWEEP_ARMS for seed in range(s["seeds"])]
     earlier = _earlier_runs(out, log)
     done = dict(earlier) if resume else {}
-    todo: dict[str, tuple[str, int, list[str]]] = {}
-    keys = []
-    for section, arm, seed, student in plan:
-        name = f"{arm}-s{seed}" if section == "runs" else f"sweep-{student.name}-{arm}-s{seed}"
-        base = overrides(s, student, teacher, engine, work / name, seed)
-        key = run_key(arm, base, build)
-        keys.append(key)
-        if key not in done and key not in todo:
-            todo[key] = (arm, seed, base)
-    log(f"[bench] {len(plan)} runs in the report, {len(set(keys))} distinct, {len(todo)} to train"
-        + (f", {jobs} at a time" if jobs > 1 else ""))  # fmt: skip
+    plan: list[tuple] = []  # every run of the report: (section, arm, seed, student, lr)
+    keys: list[str] = []
+    trained = 0
 
-    def finished(key: str, result: dict) -> None:
-        done[key] = {**result, "key": key}
+    def train_plan(phase: list[tuple], label: str) -> None:
+        nonlocal trained
+        todo: dict[str, tuple[str, int, list[str]]] = {}
+        phase_keys = []
+        for section, arm, seed, student, lr in phase:
+            name = f"{arm}-s{seed}" if section == "runs" else f"sweep-{student.name}-{arm}-s{seed}"
+            name = f"tune-{arm}-lr{lr:g}" if section == "tuning" else name
+            base = overrides(s, student, teacher, engine, work / name, seed, lr)
+            key = run_key(arm, base, build)
+            phase_keys.append(key)
+            if key not in done and key not in todo:
+                todo[key] = (arm, seed, base)
+        plan.extend(phase)
+        keys.extend(phase_keys)
+        log(f"[bench] {label}{len(phase)} runs in the report, {len(set(phase_keys))} distinct, {len(todo)} to train"
+            + (f", {jobs} at a time" if jobs > 1 else ""))  # fmt: skip
+
+        def finished(key: str, result: dict) -> None:
+            done[key] = {**result, "key": key}
+            _fill(report, plan, keys, done, earlier)
+            _save_partial(report, out)
+            log(f"[bench] ({len(done.keys() & set(keys))}/{len(set(keys))}) {result['arm']}, seed {result['seed']}: "
+                f"{_line(result)}")  # fmt: skip
+
+        if jobs == 1:
+            for key, (arm, seed, base) in todo.items():
+                log(f"[bench] training {arm}, seed {seed}")
+                finished(key, run_one(arm, ARMS[arm], base))
+        elif todo:
+            _run_parallel(todo, jobs, finished, log)
+        trained += len(todo)
         _fill(report, plan, keys, done, earlier)
-        _save_partial(report, out)
-        log(f"[bench] ({len(done.keys() & set(keys))}/{len(set(keys))}) {result['arm']}, seed {result['seed']}: "
-            f"{_line(result)}")  # fmt: skip
 
     t0 = time.monotonic()
-    if jobs == 1:
-        for key, (arm, seed, base) in todo.items():
-            log(f"[bench] training {arm}, seed {seed}")
-            finished(key, run_one(arm, ARMS[arm], base))
-    elif todo:
-        _run_parallel(todo, jobs, finished, log)
-    _fill(report, plan, keys, done, earlier)
+    best = dict.fromkeys(chosen, s["lr"])
+    if tune:
+        lrs = lr_grid(s["lr"])
+        train_plan([("tuning", arm, 0, toy_dir / "student", lr) for arm in chosen for lr in lrs], "tuning: ")
+        report["tuning_table"] = tuning_table(report["tuning"], lrs)
+        best = {r["arm"]: r["best_lr"] for r in report["tuning_table"]}
+    phase = [("runs", arm, seed, toy_dir / "student", best[arm]) for arm in chosen for seed in range(s["seeds"])]
+    if sweep:
+        students = sweep_students(toy_dir, build, work, SWEEP_SFT_STEPS["quick" if quick else "full"], 0, log)
+        phase += [("sweep", arm, seed, st, best.get(arm, s["lr"])) for st in students for arm in SWEEP_ARMS
+                  for seed in range(s["seeds"])]  # fmt: skip
+    train_plan(phase, "")
     report["wall_time_s"] = round(time.monotonic() - t0, 1)
-    report["trained_now"] = len(todo)
+    report["trained_now"] = trained
     report["train_time_s"] = round(sum(done[k]["wall_time_s"] for k in set(keys)), 1)
     report["table"] = table(report["runs"])
     report["sweep_table"] = sweep_table(report["sweep"])
     (out / "results.json").write_text(json.dumps(report, indent=2))
     (out / "results.partial.json").unlink(missing_ok=True)
-    plots(report, out)
+    plot_methods(report, out)
     report_path(out).write_text(markdown(report, images=out.resolve().name))
     toy.quiet_transformers()
     return report
@@ -235,11 +271,11 @@ def run_bench(toy_dir: str, out: str, engine: str, quick: bool, steps: int | Non
 
 def _fill(report: dict, plan: list, keys: list[str], done: dict, earlier: dict) -> None:
     """The report's sections, in plan order, from the finished runs; and the earlier reports' other runs."""
-    report["runs"], report["sweep"] = [], []
-    for (section, _arm, _seed, student), key in zip(plan, keys, strict=True):
+    report["tuning"], report["runs"], report["sweep"] = [], [], []
+    for (section, _arm, _seed, student, lr), key in zip(plan, keys, strict=True):
         if key in done:
-            run = {k: v for k, v in done[key].items() if k != "student"}
-            report[section].append(run if section == "runs" else {**run, "student": student.name})
+            run = {**{k: v for k, v in done[key].items() if k != "student"}, "lr": lr}
+            report[section].append({**run, "student": student.name} if section == "sweep" else run)
     mine = set(keys)
     report["other_runs"] = [r for k, r in earlier.items() if k not in mine]
 
@@ -256,7 +292,8 @@ def _earlier_runs(out: Path, log) -> dict:
         except ValueError as e:
             log(f"[bench] warning: {path} is not readable JSON ({e}); its runs are not reused")
             continue
-        for r in [*earlier.get("runs", []), *earlier.get("sweep", []), *earlier.get("other_runs", [])]:
+        sections = ("tuning", "runs", "sweep", "other_runs")
+        for r in [run for section in sections for run in earlier.get(section, [])]:
             if isinstance(r, dict) and isinstance(r.get("key"), str):
                 done[r["key"]] = r  # a sweep run keeps its student's name: a run carried along says whose it is
     return done
@@ -297,211 +334,6 @@ def _line(r: dict) -> str:
     )
 
 
-def _stats(values: list[float]) -> dict:
-    return {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
-
-
-def table(runs: list[dict]) -> list[dict]:
-    """One row per arm: means and standard deviations over seeds."""
-    rows = []
-    for arm in dict.fromkeys(r["arm"] for r in runs):
-        mine = [r for r in runs if r["arm"] == arm]
-        row = {"arm": arm, "seeds": len(mine)}
-        for t in EVAL_TASKS:
-            row[f"init_{t}"] = _stats([r["init"]["accuracy"][t] for r in mine])
-            row[f"final_{t}"] = _stats([r["final"]["accuracy"][t] for r in mine])
-            row[f"best_{t}"] = _stats([r["best_accuracy"][t] for r in mine])
-        row["init_kl"] = _stats([r["init"]["reverse_kl"] for r in mine])
-        row["final_kl"] = _stats([r["final"]["reverse_kl"] for r in mine])
-        row["collapsed"] = sum(r["collapsed"] for r in mine)
-        row["grad_spikes"] = sum(r["grad_spikes"] for r in mine)
-        row["response_tokens"] = statistics.mean(r["response_tokens"] for r in mine)
-        row["wall_time_s"] = statistics.mean(r["wall_time_s"] for r in mine)
-        rows.append(row)
-    return rows
-
-
-def sweep_table(runs: list[dict]) -> list[dict]:
-    rows = []
-    for student in dict.fromkeys(r["student"] for r in runs):
-        for arm in SWEEP_ARMS:
-            mine = [r for r in runs if r["student"] == student and r["arm"] == arm]
-            if not mine:
-                continue
-            rows.append(
-                {
-                    "student": student,
-                    "arm": arm,
-                    "init_kl": _stats([r["init"]["reverse_kl"] for r in mine]),
-                    "final_kl": _stats([r["final"]["reverse_kl"] for r in mine]),
-                    **{
-                        f"gain_{t}": _stats([r["final"]["accuracy"][t] - r["init"]["accuracy"][t] for r in mine])
-                        for t in EVAL_TASKS
-                    },  # fmt: skip
-                    "collapsed": sum(r["collapsed"] for r in mine),
-                    "seeds": len(mine),
-                }
-            )
-    return rows
-
-
-def _pm(stat: dict, scale: float = 100.0, digits: int = 1) -> str:
-    return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['sd']:.{digits}f}"
-
-
-def report_path(out: str | Path) -> Path:
-    """The markdown report of an `--out` folder: `<out>.md` beside it (docs/results -> docs/results.md)."""
-    out = Path(out).resolve()
-    return out.parent / f"{out.name}.md"
-
-
-def markdown(report: dict, images: str) -> str:
-    s = report["settings"]
-    lines = [
-        "# Results: TrOPD and the baselines on the toy world",
-        "",
-        "Written by `tropd bench methods`; every number below comes from that command's runs "
-        f"(`{images}/results.json` holds them all, per seed).",
-        "",
-        f"- Command: `{report['command'] or 'tropd bench methods'}`",
-        f"- Machine: {report['machine']['platform']}, {report['machine']['cpus']} CPU cores, Python "
-        f"{report['machine']['python']}; {_times(report)}",
-        f"- Toy world: `{s['toy']}`{_toy_models(report.get('toy_build'))}; teacher engine `{s['engine']}` in the "
-        "trainer's process",
-        f"- Budget per run: {s['steps']} steps x {s['prompts_per_step']} prompts x {s['samples_per_prompt']} "
-        f"sample(s), up to {s['max_new_tokens']} tokens each; seeds 0..{s['seeds'] - 1}; eval every "
-        f"{s['eval_every']} steps on {s['eval_n']} held-out prompts per task (greedy), reverse KL on "
-        f"{s['kl_prompts']} held-out prompts",
-        "- Collapse (defined before the runs): non-finite loss or gradient on more than 10% of steps, or mean "
-        "accuracy over math and code more than 5 points below the init at each of the last two evals",
-        "- Grad-norm spike: a step whose gradient norm is above 10 x the run's median",
-        "",
-        "## Methods (mean ± sd over seeds; accuracy in %)",
-        "",
-        "| method | math init | math final | math best | code init | code final | code best | reverse KL init "
-        "-> final | collapsed | grad spikes | tokens/run | wall s/run |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in report["table"]:
-        lines.append(
-            f"| {r['arm']} | {_pm(r['init_math'])} | {_pm(r['final_math'])} | {_pm(r['best_math'])} | "
-            f"{_pm(r['init_code'])} | {_pm(r['final_code'])} | {_pm(r['best_code'])} | "
-            f"{_pm(r['init_kl'], 1, 2)} -> {_pm(r['final_kl'], 1, 2)} | {r['collapsed']}/{r['seeds']} | "
-            f"{r['grad_spikes']} | {r['response_tokens']:.0f} | {r['wall_time_s']:.0f} |"
-        )
-    lines += ["", f"![accuracy curves]({images}/accuracy.png)", "", f"![reverse KL curves]({images}/reverse_kl.png)",
-              ""]  # fmt: skip
-    lines += verdict(report["table"])
-    if report["sweep_table"]:
-        lines += [
-            "",
-            "## Mismatch sweep (opd vs tropd from students at several distances from the teacher)",
-            "",
-            "| student | method | reverse KL at init | final reverse KL | math gain (points) | code gain (points) "
-            "| collapsed |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for r in report["sweep_table"]:
-            lines.append(
-                f"| {r['student']} | {r['arm']} | {_pm(r['init_kl'], 1, 2)} | {_pm(r['final_kl'], 1, 2)} | "
-                f"{_pm(r['gain_math'])} | {_pm(r['gain_code'])} | {r['collapsed']}/{r['seeds']} |"
-            )
-        lines += ["", f"![mismatch sweep]({images}/sweep.png)", ""]
-    return "\n".join(lines) + "\n"
-
-
-def _times(report: dict) -> str:
-    """How the cores were shared, from what each run recorded, and the time the report took."""
-    runs = list({r.get("key", id(r)): r for r in [*report["runs"], *report["sweep"]]}.values())
-    counts = collections.Counter(r.get("threads") for r in runs)
-    known = ", ".join(f"{n} ({c} run{'s' * (c > 1)})" for n, c in sorted((n, c) for n, c in counts.items() if n))
-    unknown = counts.get(None, 0)
-    threads = "torch threads per run: " + ", ".join(
-        ([known] if known else []) + ([f"not recorded ({unknown} runs)"] if unknown else [])
-    )
-    jobs, now = report["settings"].get("jobs", 1), report.get("trained_now", len(runs))
-    train = report.get("train_time_s", report["wall_time_s"]) / 60
-    return f"{threads}; training time summed over the runs {train:.0f} min; the last invocation trained {now} " + (
-        f"of them ({jobs} at a time; the rest reused from earlier reports) in {report['wall_time_s'] / 60:.1f} min"
-    )
-
-
-def verdict(rows: list[dict]) -> list[str]:
-    """Plain statements computed from the table: where TrOPD wins, ties or loses, and what its parts do."""
-    by = {r["arm"]: r for r in rows}
-    if "tropd" not in by:
-        return []
-    me = by["tropd"]
-    out = ["## What the numbers say (computed from the table)", ""]
-
-    def compare(other: dict, task: str) -> str:
-        a, b = me[f"final_{task}"], other[f"final_{task}"]
-        gap, noise = a["mean"] - b["mean"], max(a["sd"], b["sd"], 0.01)
-        word = "wins" if gap > noise else "loses" if gap < -noise else "ties"
-        return f"{word} ({100 * gap:+.1f} points, sd up to {100 * noise:.1f})"
-
-    for arm, r in by.items():
-        if arm == "tropd":
-            continue
-        role = "ablation" if arm.startswith("tropd-") else "baseline"
-        out.append(
-            f"- tropd vs {arm} ({role}): math {compare(r, 'math')}; code {compare(r, 'code')}; "
-            f"collapsed runs {me['collapsed']}/{me['seeds']} vs {r['collapsed']}/{r['seeds']}"
-        )
-    out.append("")
-    out.append(
-        "A 'win' or 'loss' here means the difference of the means exceeds the larger standard deviation over seeds; "
-        "otherwise it is a tie. For an ablation, a tropd win means the part it removes or replaces helps."
-    )
-    return out
-
-
-def plots(report: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = report["runs"]
-    arms = list(dict.fromkeys(r["arm"] for r in runs))
-    palette = plt.get_cmap("tab20")  # eleven arms: the ten strong colours first, then the light ones
-    for key, name, ylabel in (("accuracy", "accuracy.png", "greedy accuracy"), ("reverse_kl", "reverse_kl.png", "")):
-        tasks = EVAL_TASKS if key == "accuracy" else ("",)
-        fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
-        for ax, task in zip(axes[0], tasks, strict=True):
-            for color, arm in enumerate(arms):
-                curves = [r["curve"] for r in runs if r["arm"] == arm]
-                steps = [p["step"] for p in curves[0]]
-                values = [
-                    statistics.mean((c[i]["accuracy"][task] if task else c[i]["reverse_kl"]) for c in curves)
-                    for i in range(len(steps))
-                ]
-                ax.plot(steps, values, marker="o", ms=3, label=arm, lw=2.2 if arm in ("tropd", "opd") else 1.0,
-                        color=palette((2 * color) % 20 + (2 * color) // 20 % 2))  # fmt: skip
-            ax.set_title(f"{task} accuracy" if task else "reverse KL to the teacher (student samples)")
-            ax.set_xlabel("step")
-            ax.set_ylabel(ylabel or "nats per token")
-            ax.grid(alpha=0.3)
-        axes[0][-1].legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-    if report["sweep_table"]:
-        fig, ax = plt.subplots(figsize=(6, 4.2))
-        for arm in SWEEP_ARMS:
-            rows = [r for r in report["sweep_table"] if r["arm"] == arm]
-            xs = [r["init_kl"]["mean"] for r in rows]
-            ys = [100 * r["gain_math"]["mean"] for r in rows]
-            ax.errorbar(xs, ys, yerr=[100 * r["gain_math"]["sd"] for r in rows], marker="o", capsize=3, label=arm)
-        ax.set_xlabel("reverse KL to the teacher at init (nats per token)")
-        ax.set_ylabel("math accuracy gain (points)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "sweep.png", dpi=110)
-        plt.close(fig)
-
-
 def main(args) -> int:
     from trainer import toy
     from tropd.errors import UserError
@@ -523,9 +355,11 @@ def main(args) -> int:
         toy_dir = "artifacts/toy-quick" if args.quick else "artifacts/toy"
         toy.build(toy_dir, quick=args.quick, log=_stderr)
     report = run_bench(toy_dir, args.out, args.engine, args.quick, args.steps, args.seeds, args.methods,
-                       not args.no_sweep, jobs=args.jobs, resume=args.resume, log=_stderr)  # fmt: skip
+                       not args.no_sweep, jobs=args.jobs, resume=args.resume, tune=args.tune,
+                       log=_stderr)  # fmt: skip
     if args.json:
-        print(json.dumps({"table": report["table"], "sweep_table": report["sweep_table"]}))
+        tables = {"table": report["table"], "sweep_table": report["sweep_table"]}
+        print(json.dumps({**tables, **({"tuning_table": report["tuning_table"]} if "tuning_table" in report else {})}))
     else:
         print(report_path(args.out).read_text())
     return 0

@@ -116,6 +116,16 @@ class DataParallel:
         dist.all_reduce(t)
         return float(t)
 
+    def gather(self, obj) -> list | None:
+        """Every rank's `obj` (picklable), in rank order, on rank 0; None on the others (a collective)."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
     def all_ok(self, ok: bool) -> bool:
         return self.all_true(ok)
 

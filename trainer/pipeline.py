@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -53,7 +53,20 @@ class Pending:
     def resolve(self) -> Batch:
         if self.scores is not None:
             fill_teacher(self.batch, self.scores.result(), self.top_k)
+            self.scores = None
         return self.batch
+
+    def saved(self) -> dict:
+        """The batch with its teacher scores, as plain CPU data for a checkpoint (waits for the scores)."""
+        batch = self.resolve()
+        return {
+            name: value.cpu() if isinstance(value, torch.Tensor) else value
+            for name, value in ((f.name, getattr(batch, f.name)) for f in fields(batch))
+        }
+
+    @classmethod
+    def restored(cls, saved: dict, top_k: int) -> Pending:
+        return cls(Batch(**saved), None, top_k)
 
 
 def pad(rows: list[list], value, dtype) -> torch.Tensor:
@@ -81,11 +94,24 @@ def fill_teacher(batch: Batch, results, top_k: int) -> None:
 
 
 def prefix_share(config: TrainConfig, step: int) -> float:
-    """Share of prompts that get a teacher prefix: linear decay to zero over `decay_steps`."""
+    """Share of prompts that get a teacher prefix. Schedule `share`: prompt_share * max(0, 1 - step / decay_steps);
+    `length`: prompt_share while the maximum prefix length (`prefix_length`) is above zero, then 0."""
     g = config.guidance
     if config.loss.method != "tropd" or not g.enabled:
         return 0.0
+    if g.schedule == "length":
+        return g.prompt_share if prefix_length(config, step) > 0 else 0.0
     return g.prompt_share * max(0.0, 1.0 - step / g.decay_steps)
+
+
+def prefix_length(config: TrainConfig, step: int) -> int:
+    """Most teacher-draft tokens in a prefix at `step`. Schedule `length`: the cosine anneal
+    round(prefix_tokens * (1 + cos(pi * min(1, step / decay_steps))) / 2), prefix_tokens at step 0 and 0 from
+    decay_steps on; `share`: prefix_tokens (each prefix then takes a length drawn in 1..prefix_tokens)."""
+    g = config.guidance
+    if g.schedule == "share":
+        return g.prefix_tokens
+    return round(g.prefix_tokens * (1 + math.cos(math.pi * min(1.0, step / g.decay_steps))) / 2)
 
 
 class Rollouts:
@@ -172,10 +198,11 @@ class Rollouts:
         prefixes: list[list[int]] = [[] for _ in prompts]
         if not chosen:
             return prefixes
-        g = self.config.guidance
+        longest = prefix_length(self.config, step)
+        by_length = self.config.guidance.schedule == "length"
         stops = self.source.stop_ids
         drafts = self.link.continue_(
-            [prompts[i] for i in chosen], g.prefix_tokens, temperature=1.0, seed=self._seed(step), top_k=0,
+            [prompts[i] for i in chosen], longest, temperature=1.0, seed=self._seed(step), top_k=0,
             stop_ids=list(stops),
         ).result()  # fmt: skip
         for i, d in zip(chosen, drafts, strict=True):
@@ -183,7 +210,7 @@ class Rollouts:
             ends = [j for j, t in enumerate(tokens) if t in stops]
             if ends:  # a prefix holds no stop id: the student writes the rest
                 tokens = tokens[: ends[0]]
-            prefixes[i] = tokens[: self.rng.randint(1, g.prefix_tokens)] if tokens else []
+            prefixes[i] = tokens[: longest if by_length else self.rng.randint(1, longest)] if tokens else []
         return prefixes
 
     def _teacher_written(self, step: int, prompts: list[list[int]]) -> Pending:

@@ -17,7 +17,7 @@ from concurrent.futures import Future
 
 import httpx
 
-from services.teacher.client import TeacherClient, TeacherError
+from services.teacher.client import TeacherClient, TeacherError, read_key_file
 from services.teacher.protocol import chat_template_fingerprint, tokenizer_fingerprint
 from trainer.config import TeacherConfig
 from tropd.errors import UserError
@@ -35,6 +35,11 @@ class TeacherLink:
             api_key = os.environ.get(config.api_key_env)
             if not api_key:
                 raise UserError(f"teacher.api_key_env {config.api_key_env}: that environment variable is not set")
+        if config.api_key_file:
+            try:
+                api_key = read_key_file(config.api_key_file)
+            except TeacherError as exc:
+                raise UserError(f"teacher.api_key_file: {exc}") from None
         if config.api != "inprocess":
             _check_url(config.url)
         self._loop = asyncio.new_event_loop()
@@ -43,6 +48,8 @@ class TeacherLink:
         kwargs = dict(api_key=api_key, timeout=config.timeout_s, retries=config.retries)
         if config.api == "tropd":
             kwargs["client_id"] = config.client_id or f"{socket.gethostname()}-{os.getpid()}"
+            if config.api_key_file:  # read again on a 401 (a rotated key)
+                kwargs.update(api_key=None, api_key_file=config.api_key_file)
         self.client = self._call(self._make_client(config, kwargs))
         self._limit = asyncio.Semaphore(config.max_concurrency)
         self.latencies: list[float] = []  # seconds per scoring call, drained by the trainer's metrics

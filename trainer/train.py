@@ -28,7 +28,7 @@ from trainer.data import PromptSource, load_source, model_vocab_size
 from trainer.evaluation import evaluate, pick_verifier
 from trainer.models import decoder_layers, load_student, quiet_transformers
 from trainer.parallel import DataParallel, resolve_device
-from trainer.pipeline import Batch, Rollouts
+from trainer.pipeline import Batch, Pending, Rollouts
 from trainer.rundir import TEACHER_KEYS, check_resumed_models, check_resumed_settings, check_run_dir
 from trainer.runlog import RunLog
 from trainer.student import LanguageModelView, ScoringModule, StudentStep
@@ -38,6 +38,19 @@ from tropd.machine import torch_threads
 from tropd.modeldir import check_model_dir
 
 LOGITS_BUDGET_BYTES = 256 * 2**20  # float32 logits held at once when loss_chunk_tokens is not set
+
+
+def restored_inflight(saved: list | None, dp: DataParallel, top_k: int, ckpt: Path) -> list[Pending]:
+    """This rank's batches that were sampled ahead of the checkpoint (max_staleness > 0), so that a resumed run
+    trains on exactly the batches the uninterrupted run would have; older checkpoints hold none."""
+    if not saved or not any(saved):
+        return []
+    if len(saved) != dp.world:
+        raise UserError(
+            f"--resume: {ckpt} holds batches sampled ahead by {len(saved)} ranks; resume with {len(saved)} ranks "
+            "(or from a run with max_staleness=0)"
+        )
+    return [Pending.restored(batch, top_k) for batch in saved[dp.rank]]
 
 
 def compute_loss(config: TrainConfig, batch: Batch, logits_B_T_V, step: int, uniform_B_T=None):
@@ -53,7 +66,7 @@ def compute_loss(config: TrainConfig, batch: Batch, logits_B_T_V, step: int, uni
             logits_B_T_V, ids, t_lp, top_ids, top_lp, mask,
             prefix_mask_B_T=batch.prefix_mask_B_T, rule=c.rule, tau=c.tau, quantile=c.quantile,
             outlier=c.outlier, clip_c=c.clip_c, lambda_out=c.lambda_out, lambda_prefix=c.lambda_prefix,
-            old_lp_B_T=old, ratio_eps=c.ratio_eps, uniform_B_T=uniform_B_T,
+            prefix_loss=config.guidance.prefix_loss, old_lp_B_T=old, ratio_eps=c.ratio_eps, uniform_B_T=uniform_B_T,
         )  # fmt: skip
     if c.method == "eopd":
         return losses.eopd(
@@ -61,11 +74,13 @@ def compute_loss(config: TrainConfig, batch: Batch, logits_B_T_V, step: int, uni
             entropy_threshold=c.entropy_threshold, lambda_fkl=c.lambda_fkl, old_lp_B_T=old, ratio_eps=c.ratio_eps,
         )  # fmt: skip
     if c.method == "reopold":
-        refine = c.refine_after is not None and step > c.refine_after
+        refine = step > (c.refine_after if c.refine_after is not None else config.steps // 2)
         return losses.reopold(
-            logits_B_T_V, ids, t_lp, mask, alpha=c.alpha, token_share=c.token_share, refine=refine,
+            logits_B_T_V, ids, t_lp, mask, floor_lambda=c.floor_lambda, token_share=c.token_share, refine=refine,
             old_lp_B_T=old, ratio_eps=c.ratio_eps,
         )  # fmt: skip
+    if c.method == "topd":
+        return losses.topd(logits_B_T_V, ids, t_lp, mask, alpha=c.alpha, old_lp_B_T=old, ratio_eps=c.ratio_eps)
     if c.method == "gkd":
         return losses.gkd(logits_B_T_V, top_ids, top_lp, mask, beta=c.beta)
     return losses.sft(logits_B_T_V, ids, mask)
@@ -196,6 +211,7 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict | None:
                             all_done=dp.all_true if dp.sharded else None)  # fmt: skip
         loss_gen = torch.Generator().manual_seed(config.seed + 1)
         done, skipped, cursor = 0, 0, 0
+        inflight: deque = deque()  # batches sampled ahead (max_staleness > 0), their scores on the way
         if ckpt is not None:
             blob, state = checkpoint.load_state(ckpt)  # a damaged checkpoint is a UserError naming it
             dp.load_optimizer(student.module, optimizer, blob["optimizer"])
@@ -203,6 +219,7 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict | None:
             rollouts.load_state(blob["cursor"]["rollouts"])
             loss_gen.set_state(blob["cursor"]["loss_gen"])
             done, skipped, cursor = state["step"], state["skipped_steps"], state["cursor"]
+            inflight.extend(restored_inflight(blob["cursor"].get("inflight"), dp, rollouts.top_k, ckpt))
             log(f"[train] resuming {run_dir} from {ckpt.name} (step {done})")
         elif resume:
             log(f"[train] no checkpoint in {run_dir}: starting from step 0")
@@ -222,8 +239,7 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict | None:
                 (run_dir / "eval_before.json").write_text(json.dumps(result))
         runlog = RunLog(run_dir, config.tensorboard, done) if dp.main else None
         start_time = time.monotonic()
-        inflight: deque = deque()
-        next_sample = done + 1
+        next_sample = done + 1 + len(inflight)
         steps = range(done + 1, config.steps + 1)
         bar = tqdm(steps, desc=f"{config.loss.method}", unit="step", dynamic_ncols=True, mininterval=1.0,
                    disable=not dp.main)  # fmt: skip
@@ -291,6 +307,7 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict | None:
                 last_eval = record["eval"] = run_eval()
             due = step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0)
             full_state = dp.full_state(model, student.module, optimizer) if due else None  # FSDP: all ranks gather
+            ahead = dp.gather([pending.saved() for pending in inflight]) if due else None  # every rank's, on rank 0
             if not dp.main:
                 continue
             runlog.write(record)
@@ -298,7 +315,7 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict | None:
             if due:
                 checkpoint.save(
                     run_dir, step, model, optimizer, scheduler,
-                    {"rollouts": rollouts.state(), "loss_gen": loss_gen.get_state()},
+                    {"rollouts": rollouts.state(), "loss_gen": loss_gen.get_state(), "inflight": ahead},
                     {"skipped_steps": skipped, "cursor": cursor}, config.keep_checkpoints, student_dir, full_state,
                 )  # fmt: skip
         bar.close()

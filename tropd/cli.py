@@ -54,6 +54,7 @@ def positive_float(text: str) -> float:
 def build_parser() -> Parser:
     from services.teacher import cli as teacher_cli
     from trainer import cli as trainer_cli
+    from tropd.fetch import add_models
 
     parser = Parser(
         prog="tropd",
@@ -65,6 +66,7 @@ def build_parser() -> Parser:
     teacher_cli.add_teacher(sub)
     trainer_cli.add_train(sub)
     trainer_cli.add_demo(sub)
+    add_models(sub)
     bench = sub.add_parser("bench", help="benchmarks that print measured ratios side by side")
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCH", parser_class=Parser, required=True)
     teacher_cli.add_bench(bench_sub)

@@ -1,8 +1,9 @@
 # syntax=docker/dockerfile:1
 # The student trainer (`tropd train`, `tropd toy build`, `torchrun -m tropd train`); no vLLM.
 #   docker build -f deploy/docker/trainer.Dockerfile -t tropd-trainer:0.1.0 .
-# The student computes on the CPU (torch's CPU build, DDP over gloo under torchrun): in the k8s gpu overlay
-# the GPUs serve the teacher and this same image trains the student.
+# The student computes on the CPU (torch's CPU build, DDP over gloo under torchrun): the toy world, Compose and
+# the k8s cpu-demo. Students on GPUs (the k8s gpu overlay) train in the teacher image, which has CUDA torch.
+# This image also fills the models volume (`tropd models fetch`) and builds the toy world.
 FROM python:3.11.9-slim-bookworm
 
 # the default is the CPU build of torch, which PyTorch's CPU index serves

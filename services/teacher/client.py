@@ -7,14 +7,20 @@
 Results are numpy arrays (`ScoreResult`, `ContinueResult`; `.to_torch()` converts). The binary wire
 format is used unless `binary=False`. Connection errors, timeouts, 429 and 503 are retried with
 exponential back-off and jitter, honouring `Retry-After`; other errors raise `TeacherError` at once.
+With `api_key_file` the key is read from that file (a mounted Secret) and read again on a 401, so that a
+rotated key needs no restart: the request is retried at once with the new key, and, once a key has been
+accepted, further 401s are retried with back-off while the teacher's replicas change over to the new key.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import socket
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import httpx
 
@@ -44,6 +50,7 @@ class TeacherClient:
         url: str,
         *,
         api_key: str | None = None,
+        api_key_file: str | None = None,
         timeout: float = 120.0,
         retries: int = 8,
         backoff: float = 0.25,
@@ -52,9 +59,12 @@ class TeacherClient:
         binary: bool = True,
         client_id: str | None = None,
     ):
+        if api_key and api_key_file:
+            raise ValueError("give api_key or api_key_file, not both")
+        self.api_key_file, self._key_accepted = api_key_file, False
+        api_key = read_key_file(api_key_file) if api_key_file else api_key
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        if client_id:
-            headers["x-tropd-client"] = client_id
+        headers["x-tropd-client"] = client_id or f"{socket.gethostname()}-{os.getpid()}"  # its fair-share queue
         self.url = url.rstrip("/")
         self.retries, self.backoff, self.max_backoff, self.binary = retries, backoff, max_backoff, binary
         self.http = httpx.AsyncClient(
@@ -126,13 +136,18 @@ class TeacherClient:
             start = time.perf_counter()
             try:
                 response = await self.http.request(method, path, **kwargs)
+                if response.status_code == 401 and self._reload_key():
+                    response = await self.http.request(method, path, **kwargs)  # at once, with the rotated key
             except httpx.TransportError as exc:  # connection refused or reset, timeouts
                 last = f"{type(exc).__name__}: {exc}"
             else:
                 self.last_latency = time.perf_counter() - start
                 if response.status_code < 400:
+                    self._key_accepted = True
                     return response
-                if response.status_code not in RETRY_STATUS:
+                # a 401 after a key worked: replicas that still hold the other key, or a file not yet updated
+                rotating = response.status_code == 401 and self.api_key_file and self._key_accepted
+                if response.status_code not in RETRY_STATUS and not rotating:
                     raise _error(response)
                 last = f"HTTP {response.status_code}"
                 retry_after = _retry_after(response)
@@ -143,6 +158,30 @@ class TeacherClient:
             self.retried += 1
             await asyncio.sleep(wait)
         raise TeacherError(f"teacher at {self.url} unavailable after {self.retries + 1} attempts ({last})")
+
+    def _reload_key(self) -> bool:
+        """Read the key file again; True when it holds another key than the one sent (now in the headers)."""
+        if not self.api_key_file:
+            return False
+        try:
+            key = read_key_file(self.api_key_file)
+        except TeacherError:
+            return False  # mid-rotation (a Secret volume swaps its files by a symlink): keep the key we have
+        header = f"Bearer {key}"
+        changed = self.http.headers.get("authorization") != header
+        self.http.headers["authorization"] = header
+        return changed
+
+
+def read_key_file(path: str) -> str:
+    """The API key in `path`: its text without surrounding whitespace (a Secret file, `echo KEY > file`)."""
+    try:
+        key = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TeacherError(f"cannot read the API key file {path}: {exc}") from None
+    if not key:
+        raise TeacherError(f"the API key file {path} is empty")
+    return key
 
 
 def _retry_after(response: httpx.Response) -> float | None:
