@@ -300,8 +300,13 @@ def rendered(tmp_path_factory) -> dict[str, list[dict]]:
     return {overlay: render(k8s / overlay) for overlay in OVERLAYS}
 
 
-def find(docs: list[dict], kind: str, name: str) -> dict:
-    matches = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].startswith(name)]
+def find(docs: list[dict], kind: str, name: str, exact: bool = False) -> dict:
+    """The one object of `kind` named `name` (with kustomize's content hash after it, unless `exact`)."""
+    matches = [
+        d
+        for d in docs
+        if d["kind"] == kind and (d["metadata"]["name"] == name if exact else d["metadata"]["name"].startswith(name))
+    ]
     assert len(matches) == 1, f"{kind} {name}: {len(matches)} found"
     return matches[0]
 
@@ -325,7 +330,10 @@ def test_kustomize_overlay_validates_against_the_kubernetes_schemas(rendered, ov
 def test_kustomize_overlay_wires_teacher_and_trainers(rendered, overlay, tmp_path):
     docs = rendered[overlay]
     deployment, job = find(docs, "Deployment", "tropd-teacher"), find(docs, "Job", "tropd-trainer")
-    service, policy = find(docs, "Service", "tropd-teacher"), find(docs, "NetworkPolicy", "tropd-teacher")
+    service, policy = find(docs, "Service", "tropd-teacher", exact=True), find(docs, "NetworkPolicy", "tropd-teacher")
+    # every teacher pod, by name: trainers expand it into one replica per pod (teacher.resolve_replicas)
+    pods = find(docs, "Service", "tropd-teacher-pods")
+    assert pods["spec"]["clusterIP"] == "None" and pods["spec"]["selector"] == service["spec"]["selector"]
     teacher_pod, trainer_pod = deployment["spec"]["template"], job["spec"]["template"]
     teacher = teacher_pod["spec"]["containers"][0]
     assert service["spec"]["selector"].items() <= teacher_pod["metadata"]["labels"].items()
@@ -356,7 +364,8 @@ def test_kustomize_overlay_wires_teacher_and_trainers(rendered, overlay, tmp_pat
     config_map = find(docs, "ConfigMap", "tropd-trainer-config")
     (tmp_path / "trainer.yaml").write_text(config_map["data"]["trainer.yaml"])
     config = load_config(str(tmp_path / "trainer.yaml"), ["out=/runs/x"])
-    assert config.teacher.url == f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+    assert config.teacher.url == f"http://{pods['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+    assert config.teacher.resolve_replicas
     secret = find(docs, "Secret", "tropd-teacher-key")
     key_ref = next(e["valueFrom"]["secretKeyRef"] for e in teacher["env"] if e["name"] == "TROPD_API_KEY")
     assert key_ref["name"] == secret["metadata"]["name"] == "tropd-teacher-key"  # a fixed name: see below

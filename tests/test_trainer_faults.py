@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -326,3 +327,88 @@ def test_bad_teacher_url_is_a_one_line_error_at_once(toy_quick, healthy, tmp_pat
     result = run_trainer(trainer_args(toy_quick, url.format(port=port), tmp_path / "run"), timeout=120)
     _one_line_error(result, needle)
     assert time.monotonic() - start < 60  # refused, not retried with back-off
+
+
+def test_two_replicas_share_the_load_and_one_killed_changes_nothing(toy_quick, healthy, baseline, tmp_path):
+    """teacher.url lists two replicas: both serve; one SIGKILLed mid-run is taken out, its requests go to the
+    other at once, and the weights equal the single-teacher run's."""
+    log = tmp_path / "trainer.log"
+    other = launch(toy_quick / "teacher", "hf", tmp_path / "replica.log", port=free_port(), env=ONE_THREAD,
+                   timeout=240)  # fmt: skip
+    urls = f"[{healthy.url},{other.url}]"
+    trainer = start_trainer(trainer_args(toy_quick, urls, tmp_path / "run"), log)
+    try:
+        wait_for(lambda: len(step_records(tmp_path / "run")) >= 3, trainer, 240, log)
+        served_before = _scored(other.url)
+        other.process.kill()
+        other.process.wait()
+        assert trainer.wait(timeout=240) == 0, log.read_text()[-3000:]
+    finally:
+        stop(trainer)
+        other.stop()
+    assert served_before > 0  # the second replica took its share before it died
+    check_run(tmp_path / "run")
+    requests = json.loads((tmp_path / "run" / "summary.json").read_text())["teacher_requests"]
+    assert set(requests) == {healthy.url, other.url} and all(n > 0 for n in requests.values()), requests
+    assert "Traceback" not in log.read_text()
+    assert_same_weights(baseline, tmp_path / "run")
+
+
+def test_a_replica_back_in_service_is_probed_and_used_again(toy_quick, healthy, tmp_path):
+    from services.teacher.client import TeacherClient
+
+    port = free_port()
+    other = launch(toy_quick / "teacher", "hf", tmp_path / "replica-1.log", port=port, env=ONE_THREAD, timeout=240)
+    sequences = [[1, 5, 6, 7, 8, 9]] * 4
+
+    async def go():
+        nonlocal other
+        async with TeacherClient([healthy.url, other.url], retries=3) as client:
+            client.expect(await client.info())
+            a, b = client.replicas
+            await asyncio.gather(*(client.score(sequences, 1, 2) for _ in range(8)))
+            assert a.requests > 0 and b.requests > 0
+            other.process.kill()
+            other.process.wait()
+            for _ in range(4):  # every request is answered: by the live replica, at once
+                assert len(await client.score(sequences, 1, 2)) == 4
+            assert not b.in_service
+            other = launch(toy_quick / "teacher", "hf", tmp_path / "replica-2.log", port=port, env=ONE_THREAD,
+                           timeout=240)  # fmt: skip
+            served = b.requests
+            deadline = time.monotonic() + 90
+            while b.requests == served:  # probed with /readyz (1 s, then doubling), then in service again
+                assert time.monotonic() < deadline, "the restarted replica was never used again"
+                await client.score(sequences, 1, 2)
+                await asyncio.sleep(0.2)
+            assert b.in_service
+
+    try:
+        asyncio.run(go())
+    finally:
+        other.stop()
+
+
+def test_replicas_of_different_models_are_refused(toy_quick, healthy, tmp_path):
+    """Scores must not depend on which replica answers: a replica serving another model is refused at start."""
+    with teacher(toy_quick / "student", "hf", tmp_path, env=ONE_THREAD) as other:
+        result = run_trainer(trainer_args(toy_quick, f"[{healthy.url},{other.url}]", tmp_path / "run"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "differ in model" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [("[]", "empty list"), ("[http://127.0.0.1:1,http://127.0.0.1:1]", "twice")],
+)
+def test_bad_replica_lists_are_one_line_errors(toy_quick, tmp_path, url, needle):
+    result = run_trainer(trainer_args(toy_quick, url, tmp_path / "run"), timeout=60)
+    assert result.returncode == 2 and needle in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def _scored(url: str) -> float:
+    """Scoring requests the service at `url` has answered (its Prometheus counter)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    lines = [line for line in text.splitlines() if line.startswith("tropd_requests_total") and "/v1/score" in line]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)

@@ -25,7 +25,11 @@ class _Section(BaseModel):
 
 
 class TeacherConfig(_Section):
-    url: str = Field("http://127.0.0.1:8000", description="base URL of the teacher service")
+    url: str | list[str] = Field(
+        "http://127.0.0.1:8000",
+        description="base URL of the teacher service, or a list of replicas' URLs (each request goes to the "
+        "replica with the fewest tokens outstanding; one that fails is taken out and probed back)",
+    )
     api: Literal["tropd", "vllm-openai", "inprocess"] = Field(
         "tropd", description="our service, a stock vLLM OpenAI server, or `model` loaded in the trainer's process"
     )
@@ -43,6 +47,11 @@ class TeacherConfig(_Section):
     max_concurrency: int = Field(4, ge=1, description="scoring requests in flight at once")
     request_sequences: int = Field(64, ge=1, description="sequences per scoring request")
     client_id: str | None = Field(None, description="sent as X-TrOPD-Client (default: hostname-pid)")
+    resolve_replicas: bool = Field(
+        False,
+        description="at start, expand each URL's host name into one replica per address it resolves to (a "
+        "Kubernetes headless Service lists every ready teacher pod); replicas started later are not seen",
+    )
     skip_tokenizer_check: bool = Field(
         False,
         description="vllm-openai: accept a stock server that cannot tokenize (--skip-tokenizer-init), whose "
@@ -53,12 +62,19 @@ class TeacherConfig(_Section):
     def _one_key(self):
         if self.api_key_env and self.api_key_file:
             raise ValueError("api_key_env and api_key_file are both set: give one of them")
+        if isinstance(self.url, list):
+            if not self.url:
+                raise ValueError("url is an empty list: give one URL or a list of the replicas' URLs")
+            if len(set(self.url)) != len(self.url):
+                raise ValueError(f"url lists a replica twice: {self.url}")
+            if len(self.url) > 1 and self.api != "tropd":
+                raise ValueError(f"url: a list of replicas needs api=tropd (the service), not api={self.api}")
         return self
 
 
 class LossConfig(_Section):
     method: Literal["opd", "tropd", "eopd", "reopold", "topd", "gkd", "sft"] = Field(
-        "tropd", description="the loss: TrOPD or one of the baselines (DESIGN's formulas)"
+        "tropd", description="the loss: TrOPD or one of the baselines (formulas: trainer/losses.py, docs/design.md)"
     )
     rule: Literal["threshold", "stochastic", "adaptive"] = Field("stochastic", description="trust rule")
     tau: float = Field(0.1, ge=0, le=1, description="threshold on P_t = min(1, p_T/p_S)")

@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sys
 import threading
 import time
 from concurrent.futures import Future
 
 import httpx
 
-from services.teacher.client import TeacherClient, TeacherError, read_key_file
+from services.teacher.client import IDENTITY_KEYS, TeacherClient, TeacherError, read_key_file
 from services.teacher.protocol import chat_template_fingerprint, tokenizer_fingerprint
 from trainer.config import TeacherConfig
 from tropd.errors import UserError
@@ -30,6 +31,9 @@ PROBE_CHAT = [{"role": "user", "content": "What is 17 * 23?"}]
 class TeacherLink:
     def __init__(self, config: TeacherConfig):
         self.config = config
+        self.urls = [config.url] if isinstance(config.url, str) else list(config.url)
+        if config.resolve_replicas and config.api == "tropd":
+            self.urls = resolved_replicas(self.urls)
         api_key = None
         if config.api_key_env:
             api_key = os.environ.get(config.api_key_env)
@@ -41,7 +45,8 @@ class TeacherLink:
             except TeacherError as exc:
                 raise UserError(f"teacher.api_key_file: {exc}") from None
         if config.api != "inprocess":
-            _check_url(config.url)
+            for url in self.urls:
+                _check_url(url)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="teacher-link", daemon=True)
         self._thread.start()
@@ -62,8 +67,8 @@ class TeacherLink:
         if config.api == "vllm-openai":
             from services.teacher.openai_client import VLLMOpenAIClient
 
-            return VLLMOpenAIClient(config.url, **kwargs)
-        return TeacherClient(config.url, **kwargs)
+            return VLLMOpenAIClient(self.urls[0], **kwargs)
+        return TeacherClient(self.urls, **kwargs)
 
     def _call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -71,10 +76,7 @@ class TeacherLink:
     def check(self, student_dir: str, top_k: int, student_vocab: int | None = None) -> dict:
         """Read the teacher's info; refuse a different tokenizer or chat template, a vocabulary larger than the
         student's (its top-k ids would index past the student's logits), or a top-k it cannot give."""
-        try:
-            info = self._call(self.client.info())
-        except (TeacherError, OSError) as exc:
-            raise UserError(f"cannot reach the teacher at {self.config.url}: {exc}") from None
+        info = self._replicas_info() if len(self.urls) > 1 else self._info()
         mine = tokenizer_fingerprint(student_dir)
         theirs = info.get("tokenizer_sha256")
         if theirs is not None and theirs != mine:
@@ -100,6 +102,39 @@ class TeacherLink:
         if isinstance(vocab, int) and top_k > vocab:
             raise UserError(f"teacher.top_k={top_k} is larger than the teacher's vocabulary ({vocab} ids)")
         return info
+
+    def _info(self) -> dict:
+        try:
+            return self._call(self.client.info())
+        except (TeacherError, OSError) as exc:
+            raise UserError(f"cannot reach the teacher at {self.config.url}: {exc}") from None
+
+    def _replicas_info(self) -> dict:
+        """The replicas' common info: every reachable replica must serve the same model, engine, dtype and
+        tokenizer (else the scores would depend on which one answered); unreachable ones are probed later and
+        must then match too."""
+        answers = self._call(self.client.infos())
+        reached = [(url, info) for url, info in zip(self.urls, answers, strict=True) if isinstance(info, dict)]
+        if not reached:
+            raise UserError(f"cannot reach any teacher replica: {'; '.join(str(a) for a in answers)}")
+        first_url, first = reached[0]
+        for url, info in reached[1:]:
+            differs = [key for key in IDENTITY_KEYS if info.get(key) != first.get(key)]
+            if differs:
+                raise UserError(
+                    f"teacher replicas {first_url} and {url} differ in {', '.join(differs)}: every replica must serve "
+                    "the same model with the same engine, dtype and tokenizer"
+                )
+        for url, info in zip(self.urls, answers, strict=True):
+            if not isinstance(info, dict):
+                print(f"[train] teacher replica {url} is not serving now ({info}); it is probed and used once "
+                      "ready", file=sys.stderr, flush=True)  # fmt: skip
+        self.client.expect(first)
+        return first
+
+    def replica_requests(self) -> dict[str, int]:
+        """Requests sent to each replica so far (one entry per URL of teacher.url)."""
+        return {r.url: r.requests for r in getattr(self.client, "replicas", [])}
 
     def _probe_stock_tokenizer(self, student_dir: str) -> None:
         """A stock vLLM server reports no tokenizer fingerprint: compare behaviour instead. Its ids of a probe text
@@ -178,6 +213,26 @@ def probe_texts(tokenizer, spread: int = 256) -> list[tuple[str, list[int]]]:
         except Exception:  # noqa: BLE001, S112 - a word-level vocabulary without the probe's characters
             continue
     return probes
+
+
+def resolved_replicas(urls: list[str]) -> list[str]:
+    """One URL per address that each URL's host resolves to (sorted, so every trainer lists them alike); a host
+    that does not resolve, or is an address already, stays as it is."""
+    out: list[str] = []
+    for url in urls:
+        parsed = httpx.URL(url)
+        try:
+            infos = socket.getaddrinfo(parsed.host, parsed.port or 80, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError):
+            infos = []
+        addresses = sorted({info[4][0] for info in infos})
+        if len(addresses) <= 1:
+            out.append(url)
+            continue
+        for address in addresses:
+            host = f"[{address}]" if ":" in address else address
+            out.append(str(parsed.copy_with(host=host.strip("[]"))).rstrip("/"))
+    return list(dict.fromkeys(out))
 
 
 def _check_url(url: str) -> None:

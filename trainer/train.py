@@ -335,6 +335,7 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict | None:
         summary = {
             "config": config.model_dump(mode="json"),
             "teacher": {k: info.get(k) for k in ("model", "engine", "dtype", "tokenizer_sha256")},
+            "teacher_requests": link.replica_requests(),  # per replica URL, this rank's
             "eval_before": eval_before,
             "eval_after": eval_after,
             "steps": config.steps,
