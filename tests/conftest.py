@@ -45,3 +45,16 @@ def reference(toy_quick):
         return chosen.numpy(), top.indices.numpy(), top.values.numpy()
 
     return score
+
+
+# Fixtures that build or load a model world, start a service or train: a test that uses one is `slow`, and
+# `make test-fast` (pytest -m "not slow") leaves it out. Markers of whole kinds of slow tests do the same.
+SLOW_FIXTURES = {"toy_quick", "realworld", "reference"}
+SLOW_MARKERS = {"vllm", "gpu", "reliability"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        slow_fixture = SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if slow_fixture or any(item.get_closest_marker(name) for name in SLOW_MARKERS):
+            item.add_marker(pytest.mark.slow)

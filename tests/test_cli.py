@@ -107,6 +107,7 @@ def test_values_that_would_hang_or_crash_are_refused(toy_quick, tmp_path, args, 
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr, result.stderr[-2000:]
 
 
+@pytest.mark.slow  # over 4 s on 2 cores
 def test_toy_build_refuses_a_directory_it_did_not_make(tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "student").mkdir(parents=True)

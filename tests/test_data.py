@@ -178,6 +178,7 @@ def _toy_tokenizer(toy_quick):
     return AutoTokenizer.from_pretrained(toy_quick / "student")
 
 
+@pytest.mark.slow  # over 4 s on 2 cores
 def test_trainer_core_imports_nothing_of_the_toy_world():
     loaded = f"[m for m in sys.modules if m.startswith({TOY_MODULES!r})]"
     code = f"import sys\nfor m in {CORE!r}: __import__(m)\nprint({loaded})"

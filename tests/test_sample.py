@@ -36,6 +36,7 @@ def _uniforms(n: int, width: int, seed: int = 7) -> torch.Tensor:
     return torch.rand((n, width), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.slow  # over 4 s on 2 cores
 def test_qwen3_samples_through_the_library_decoder_and_never_at_or_above_the_vocab_limit():
     model, prompts = _qwen3(), _prompts(16)
     assert isinstance(decoder_for(model), LibraryDecoder)
@@ -50,6 +51,7 @@ def test_qwen3_samples_through_the_library_decoder_and_never_at_or_above_the_voc
     assert bool((limited.logprobs_B_T < 0).all()) and bool(torch.isfinite(limited.logprobs_B_T).all())
 
 
+@pytest.mark.slow  # over 4 s on 2 cores
 def test_rows_stop_at_any_of_the_stop_ids():
     model, prompts = _qwen3(), _prompts(12, seed=1)
     options = dict(max_new_tokens=20, pad_id=PAD, vocab_limit=LIMIT, uniforms_B_T=_uniforms(12, 20))
@@ -90,6 +92,7 @@ def _greedy_by_full_forward(model, prompt: list[int], steps: int, banned: tuple[
     return seq[len(prompt) :], logprobs
 
 
+@pytest.mark.slow  # over 4 s on 2 cores
 def test_greedy_sampling_is_the_argmax_of_the_full_forward_step_by_step():
     model, prompts = _qwen3(seed=2), _prompts(6, seed=2)
     banned = (11, 12)
@@ -101,6 +104,7 @@ def test_greedy_sampling_is_the_argmax_of_the_full_forward_step_by_step():
         torch.testing.assert_close(greedy.logprobs_B_T[i], torch.tensor(logprobs), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow  # over 4 s on 2 cores
 def test_a_rows_sample_does_not_depend_on_the_other_rows_of_its_batch():
     model, prompts = _qwen3(seed=3), _prompts(10, seed=3)
     uniforms = _uniforms(10, 16, seed=4)

@@ -121,6 +121,7 @@ def stepped(module, b, loss_fn, need: dict, micro: int):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
+@pytest.mark.slow  # over 4 s on 2 cores
 def test_every_loss_chunked_and_micro_batched_equals_plain_path(kind):
     model, b = tiny(kind), batch(1)
     for name, (loss_fn, need) in methods(b).items():
@@ -269,6 +270,7 @@ def test_ddp_micro_batches_accumulate_the_whole_batch_gradient(tmp_path):
         torch.testing.assert_close(p.grad, ref_grads[n], **TOL)
 
 
+@pytest.mark.slow  # over 4 s on 2 cores
 def test_peak_memory_falls_with_chunking():
     from trainer.memory_bench import peak_memory
 
