@@ -41,6 +41,8 @@ OPERATIONS = [
     ("GET", "/v1/info"),
     ("POST", "/v1/score"),
     ("POST", "/v1/continue"),
+    ("GET", "/v1/models"),
+    ("POST", "/v1/completions"),
 ]
 OK = {"sequences": [[1, 5, 6]]}
 
@@ -352,7 +354,8 @@ def test_every_route_needs_the_key_and_the_key_is_never_logged(toy_quick, tmp_pa
                         if method != "HEAD":
                             assert r.json()["error"]["type"] == "unauthorized"
                             assert KEY not in r.text
-            bodies = {"/v1/score": OK, "/v1/continue": {"prefixes": [[1, 5]], "max_tokens": 2}}
+            bodies = {"/v1/score": OK, "/v1/continue": {"prefixes": [[1, 5]], "max_tokens": 2},
+                      "/v1/completions": {"prompt": [1, 5], "max_tokens": 1}}  # fmt: skip
             for path in documented:
                 method = next(iter(documented[path])).upper()
                 r = client.request(method, path, headers=good, json=bodies.get(path))

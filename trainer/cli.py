@@ -52,7 +52,13 @@ def add_toy(sub) -> None:
     ev.add_argument("--task", required=True, choices=TASK_CHOICES + ("all",), help="task family, or all")
     ev.add_argument("--n", type=positive_int, default=500, help="number of eval prompts (default: 500)")
     ev.add_argument("--teacher", help="teacher model directory: also report reverse KL and outlier share")
-    ev.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed (default: 0)")
+    ev.add_argument(
+        "--seed",
+        type=non_negative_int,
+        default=0,
+        help="picks the eval prompts (the same seed, the same prompts) and, with --teacher, seeds the samples the "
+        "reverse KL is measured on; accuracy is greedy (default: 0)",
+    )
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(run=run_toy_eval)
 
@@ -182,8 +188,8 @@ def add_bench_methods(sub) -> None:
     bench.add_argument("--no-sweep", action="store_true", help="skip the mismatch sweep")
     bench.add_argument("--quick", action="store_true", help="a smoke run: tiny batches and few steps (minutes)")
     bench.add_argument("--jobs", type=positive_int, default=1, help="runs trained at a time (default: 1, in "
-                       "this process on all cores); above 1, each in its own process with an equal share of the "
-                       "cores")  # fmt: skip
+                       "this process with the trainer's default threads: the usable cores, at most 8); above 1, each "
+                       "in its own process with an equal share of the usable cores")  # fmt: skip
     bench.add_argument("--resume", action="store_true", help="reuse the runs of an earlier report in --out "
                        "(results.json or results.partial.json) whose method, seed, student, budget and toy world "
                        "match, and train only the rest; the key holds settings, not code: after a change to the "
@@ -233,8 +239,8 @@ def run_bench(args) -> int:
     return main(args)
 
 
-# `tropd demo` without --config: the toy TrOPD settings (configs/toy-tropd.yaml), shortened to fit a few
-# minutes on 2 CPU cores
+# `tropd demo` without --config: the built-in defaults (the toy TrOPD settings, also written out in
+# configs/toy-tropd.yaml), shortened to fit a few minutes on 2 CPU cores
 DEMO_SETTINGS = ("steps=600", "eval.every=100", "checkpoint_every=200")
 
 
@@ -260,7 +266,9 @@ def add_demo(sub) -> None:
     demo.add_argument("--steps", type=positive_int, help="training steps (default: 600; with --config, the config's)")
     demo.add_argument(
         "--config",
-        help="YAML config (default: the toy settings of configs/toy-tropd.yaml with 600 steps, eval every 100)",
+        help="YAML config (default: the built-in defaults, which are the toy TrOPD settings that "
+        "configs/toy-tropd.yaml also holds, with 600 steps, eval every 100, a checkpoint every 200; the file itself "
+        "is not read)",
     )
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, as for `tropd train`")
     demo.set_defaults(run=run_demo)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tropd.errors import UserError
 
@@ -73,9 +73,21 @@ class TeacherConfig(_Section):
 
 
 class LossConfig(_Section):
-    method: Literal["opd", "tropd", "eopd", "reopold", "topd", "gkd", "sft"] = Field(
-        "tropd", description="the loss: TrOPD or one of the baselines (formulas: trainer/losses.py, docs/design.md)"
+    method: str = Field(
+        "tropd",
+        description="the loss: tropd or a baseline: opd, eopd, reopold, topd, gkd, sft (the table in "
+        "trainer/methods.py; formulas in trainer/losses.py)",
     )
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        from trainer.methods import METHODS  # the table imports the losses (torch): only when a config is checked
+
+        if name not in METHODS:
+            raise ValueError(f"unknown method {name!r}: choose one of {', '.join(METHODS)}")
+        return name
+
     rule: Literal["threshold", "stochastic", "adaptive"] = Field("stochastic", description="trust rule")
     tau: float = Field(0.1, ge=0, le=1, description="threshold on P_t = min(1, p_T/p_S)")
     quantile: float = Field(0.5, ge=0, le=1, description="adaptive rule: per-batch quantile of P_t")
@@ -256,12 +268,9 @@ class TrainConfig(_Section):
         return self
 
     def _needs_drafts(self) -> bool:
-        method = self.loss.method
-        return (
-            method == "sft"
-            or (method == "tropd" and self.guidance.enabled)
-            or (method == "gkd" and self.loss.on_policy_share < 1)
-        )
+        from trainer.methods import METHODS  # the table imports the losses (torch): only when a config is checked
+
+        return METHODS[self.loss.method].needs_drafts(self)
 
 
 def _set(tree: dict, dotted: str, value, defaults: dict) -> None:

@@ -1,7 +1,7 @@
 """Distillation losses: pure functions of tensors, each returning `(loss, metrics)`.
 
 Shapes: B sequences, T response positions, V vocabulary, K teacher top-k. Position t of `logits_B_T_V` predicts
-`ids_B_T[:, t]`. Notation (DESIGN.md, "Losses"): s_t = log p_S(y_t) with gradient, t_t = log p_T(y_t) from the
+`ids_B_T[:, t]`. Notation (docs/design.md, "Losses"): s_t = log p_S(y_t) with gradient, t_t = log p_T(y_t) from the
 teacher (constant), d_t = t_t - s_t (detached), m_t the response mask. Every loss is a mean over the mask's True
 tokens, sum_t m_t l_t / max(1, sum_t m_t). Student log-probs are computed in float32 whatever the logits' dtype.
 Values at positions off the mask (padding) never reach the loss or its gradient, even when they are inf or nan.

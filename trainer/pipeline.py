@@ -17,9 +17,8 @@ import torch
 
 from trainer.config import TrainConfig
 from trainer.data import PromptSource
+from trainer.methods import method_of
 from trainer.rollout import sample
-
-NEEDS_TOP_K = {"tropd", "eopd", "gkd"}
 
 
 @dataclass
@@ -97,7 +96,7 @@ def prefix_share(config: TrainConfig, step: int) -> float:
     """Share of prompts that get a teacher prefix. Schedule `share`: prompt_share * max(0, 1 - step / decay_steps);
     `length`: prompt_share while the maximum prefix length (`prefix_length`) is above zero, then 0."""
     g = config.guidance
-    if config.loss.method != "tropd" or not g.enabled:
+    if not (method_of(config).guidance and g.enabled):
         return 0.0
     if g.schedule == "length":
         return g.prompt_share if prefix_length(config, step) > 0 else 0.0
@@ -135,7 +134,8 @@ class Rollouts:
         self.rank, self.world = rank, world
         self.rng = random.Random(f"prompts/{config.seed}")
         self.gen = torch.Generator().manual_seed(config.seed)
-        self.top_k = config.teacher.top_k if config.loss.method in NEEDS_TOP_K else 0
+        self.method = method_of(config)
+        self.top_k = config.teacher.top_k if self.method.top_k else 0
 
     # the data cursor: everything that decides which prompts and samples come next
     def state(self) -> dict:
@@ -157,8 +157,8 @@ class Rollouts:
     def make(self, step: int) -> Pending:
         cfg = self.config
         prompts = self._prompts()
-        method = cfg.loss.method
-        if method == "sft" or (method == "gkd" and self.rng.random() >= cfg.loss.on_policy_share):
+        written = self.method.teacher_written
+        if written == "always" or (written == "drawn" and self.rng.random() >= cfg.loss.on_policy_share):
             return self._teacher_written(step, prompts)
         budget = cfg.rollout.max_new_tokens
         uniforms = self._mine(torch.rand((len(prompts), budget), generator=self.gen))

@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 
 from services.teacher.client import TeacherError
-from trainer import checkpoint, losses
+from trainer import checkpoint
 from trainer.config import TrainConfig, dump_config
 from trainer.data import PromptSource, load_source, model_vocab_size
 from trainer.evaluation import evaluate, pick_verifier
+from trainer.methods import compute_loss, method_of
 from trainer.models import decoder_layers, load_student, quiet_transformers
 from trainer.parallel import DataParallel, resolve_device
 from trainer.pipeline import Batch, Pending, Rollouts
@@ -51,39 +52,6 @@ def restored_inflight(saved: list | None, dp: DataParallel, top_k: int, ckpt: Pa
             "(or from a run with max_staleness=0)"
         )
     return [Pending.restored(batch, top_k) for batch in saved[dp.rank]]
-
-
-def compute_loss(config: TrainConfig, batch: Batch, logits_B_T_V, step: int, uniform_B_T=None):
-    """The configured loss of `batch`; `logits_B_T_V` is the student's logits or its `StudentScores`."""
-    c, ids, mask = config.loss, batch.ids_B_T, batch.mask_B_T
-    t_lp, top_ids, top_lp, old = batch.teacher_lp_B_T, batch.teacher_top_ids_B_T_K, batch.teacher_top_lp_B_T_K, None
-    if config.max_staleness > 0 and batch.source == "student":
-        old = batch.old_lp_B_T
-    if c.method == "opd":
-        return losses.opd(logits_B_T_V, ids, t_lp, mask, old_lp_B_T=old, ratio_eps=c.ratio_eps, discount=c.discount)
-    if c.method == "tropd":
-        return losses.tropd(
-            logits_B_T_V, ids, t_lp, top_ids, top_lp, mask,
-            prefix_mask_B_T=batch.prefix_mask_B_T, rule=c.rule, tau=c.tau, quantile=c.quantile,
-            outlier=c.outlier, clip_c=c.clip_c, lambda_out=c.lambda_out, lambda_prefix=c.lambda_prefix,
-            prefix_loss=config.guidance.prefix_loss, old_lp_B_T=old, ratio_eps=c.ratio_eps, uniform_B_T=uniform_B_T,
-        )  # fmt: skip
-    if c.method == "eopd":
-        return losses.eopd(
-            logits_B_T_V, ids, t_lp, top_ids, top_lp, mask,
-            entropy_threshold=c.entropy_threshold, lambda_fkl=c.lambda_fkl, old_lp_B_T=old, ratio_eps=c.ratio_eps,
-        )  # fmt: skip
-    if c.method == "reopold":
-        refine = step > (c.refine_after if c.refine_after is not None else config.steps // 2)
-        return losses.reopold(
-            logits_B_T_V, ids, t_lp, mask, floor_lambda=c.floor_lambda, token_share=c.token_share, refine=refine,
-            old_lp_B_T=old, ratio_eps=c.ratio_eps,
-        )  # fmt: skip
-    if c.method == "topd":
-        return losses.topd(logits_B_T_V, ids, t_lp, mask, alpha=c.alpha, old_lp_B_T=old, ratio_eps=c.ratio_eps)
-    if c.method == "gkd":
-        return losses.gkd(logits_B_T_V, top_ids, top_lp, mask, beta=c.beta)
-    return losses.sft(logits_B_T_V, ids, mask)
 
 
 def lr_lambda(config: TrainConfig):
@@ -210,6 +178,7 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict | None:
         rollouts = Rollouts(config, student.sampler, link, source, student.logprobs, rank=dp.rank, world=dp.world,
                             all_done=dp.all_true if dp.sharded else None)  # fmt: skip
         loss_gen = torch.Generator().manual_seed(config.seed + 1)
+        method = method_of(config)
         done, skipped, cursor = 0, 0, 0
         inflight: deque = deque()  # batches sampled ahead (max_staleness > 0), their scores on the way
         if ckpt is not None:
@@ -258,11 +227,10 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict | None:
             record = {"step": step, "cursor": cursor - config.max_staleness * config.rollout.prompts_per_step}
             finite_teacher = batch.teacher_lp_B_T is None or bool(torch.isfinite(batch.teacher_lp_B_T[mask]).all())
             uniform = None
-            if config.loss.method == "tropd" and config.loss.rule == "stochastic":  # drawn on every rank, every step
+            if method.uniforms(config.loss):  # drawn on every rank, every step
                 uniform = dp.uniforms(loss_gen, *mask.shape).to(device)
             top_ids = batch.teacher_top_ids_B_T_K if rollouts.top_k else None
-            run = student.step(batch, top_ids, entropy=config.loss.method == "reopold",
-                               argmax=config.loss.method == "sft")  # fmt: skip
+            run = student.step(batch, top_ids, entropy=method.entropy, argmax=method.argmax)
             scores = run.scores()
             loss, metrics = compute_loss(config, batch, scores, step, uniform) if finite_teacher else (None, {})
             ok = loss is not None and bool(torch.isfinite(loss))

@@ -1,17 +1,21 @@
 """The teacher service's HTTP application: routes, validation, auth, limits, metrics, errors.
 
-`create_app(engine, settings)` wraps a loaded engine; `tropd teacher serve` runs it under uvicorn.
+`create_app(engine, settings)` wraps a loaded engine; `tropd teacher serve` runs it under uvicorn. When the
+engine fails for good (see `batching`), `/healthz` and `/readyz` answer 503 at once, every request waiting
+or arriving is answered 503 (`engine_failed`), and after `failed_exit_delay_s` the app calls
+`app.state.exit_on_failure` (the CLI stops the server and exits non-zero), so that a supervisor replaces it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,9 +23,9 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.teacher import schemas
-from services.teacher.batching import Batcher, Overloaded, ShuttingDown
-from services.teacher.engines import SamplingSpec, ScoreItem
+from services.teacher import completions, schemas
+from services.teacher.batching import ANONYMOUS, Batcher, ClientOverQuota, EngineFailed, Overloaded, ShuttingDown
+from services.teacher.inputs import BadInput, continue_items, score_items
 from services.teacher.metrics import Metrics
 from services.teacher.protocol import (
     BINARY_MEDIA_TYPE,
@@ -32,7 +36,8 @@ from services.teacher.protocol import (
 
 log = logging.getLogger("tropd.teacher")
 OPEN_PATHS = {"/healthz"}
-ROUTES = {"/healthz", "/readyz", "/metrics", "/v1/info", "/v1/score", "/v1/continue"}
+ROUTES = {"/healthz", "/readyz", "/metrics", "/v1/info", "/v1/score", "/v1/continue", "/v1/models", "/v1/completions"}
+ENGINE_ROUTES = {"/v1/score", "/v1/continue", "/v1/completions"}
 
 
 @dataclass
@@ -44,6 +49,10 @@ class Settings:
     max_batch_tokens: int = 32768
     batch_window_ms: float = 2.0
     max_inflight_tokens: int = 1 << 20
+    max_client_inflight_tokens: int | None = None  # None: the same as max_inflight_tokens
+    scheduling: str = "fair"  # or "fcfs"
+    client_weights: dict[str, float] = field(default_factory=dict)
+    failed_exit_delay_s: float = 5.0  # between the engine's failure and the exit: probes see the 503s
     api_key: str | None = None
     metrics_open: bool = False
     simulate_latency_ms: float = 0.0
@@ -51,13 +60,8 @@ class Settings:
 
     def limits(self) -> dict[str, int]:
         keys = ("max_top_k", "max_sequences", "max_request_tokens", "max_body_bytes", "max_inflight_tokens")
-        return {k: getattr(self, k) for k in keys}
-
-
-class BadInput(Exception):
-    def __init__(self, field: str | None, message: str, status: int = 422, kind: str = "invalid_request"):
-        super().__init__(message)
-        self.field, self.message, self.status, self.kind = field, message, status, kind
+        per_client = self.max_client_inflight_tokens or self.max_inflight_tokens
+        return {k: getattr(self, k) for k in keys} | {"max_client_inflight_tokens": per_client}
 
 
 def error_body(kind: str, message: str, field: str | None = None) -> dict:
@@ -123,23 +127,40 @@ class BodyLimit:
 def create_app(engine, settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
+    state = {"ready": True, "loop": None}
+
+    def engine_failed(reason: str) -> None:
+        """On the engine thread, once: report unhealthy now, and exit after the delay."""
+        metrics.engine_up.set(0)
+        log.error(json.dumps({"event": "engine_failed", "error": reason}))
+        loop, exit_hook = state["loop"], app.state.exit_on_failure
+        if loop is not None and exit_hook is not None:
+            loop.call_soon_threadsafe(loop.call_later, settings.failed_exit_delay_s, exit_hook)
+
     batcher = Batcher(
         engine,
         max_batch_tokens=settings.max_batch_tokens,
         window_ms=settings.batch_window_ms,
         max_inflight_tokens=settings.max_inflight_tokens,
+        max_client_inflight_tokens=settings.max_client_inflight_tokens,
+        policy=settings.scheduling,
+        weights=settings.client_weights,
         metrics=metrics,
+        on_fatal=engine_failed,
     )
     info = engine.info
     # a top-k over the vocabulary does not exist: the vocabulary size is the real limit then
     settings = replace(settings, max_top_k=min(settings.max_top_k, info.vocab_size))
-    state = {"ready": True}
 
     async def lifespan(app):
+        state["loop"] = asyncio.get_running_loop()
         yield
         state["ready"] = False
         await asyncio.to_thread(batcher.close)
-        engine.close()
+        try:
+            engine.close()
+        except Exception:  # a dead engine may fail to close: the process exits anyway
+            log.exception("closing the engine failed")
 
     app = FastAPI(
         title="TrOPD teacher",
@@ -152,6 +173,7 @@ def create_app(engine, settings: Settings | None = None) -> FastAPI:
         },
     )
     app.state.metrics, app.state.batcher, app.state.settings = metrics, batcher, settings
+    app.state.exit_on_failure = None  # set by the server: stop serving, exit non-zero
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_reject=lambda: _count(413, "body_too_large"))
 
     def _count(status: int, kind: str) -> None:
@@ -177,8 +199,8 @@ def create_app(engine, settings: Settings | None = None) -> FastAPI:
                 return response
         response = await call_next(request)
         route = path if path in ROUTES else "other"
-        if route in ("/v1/score", "/v1/continue"):
-            metrics.client_requests.labels(_client_id(request)).inc()
+        if route in ENGINE_ROUTES:
+            metrics.for_client(metrics.client_requests, client_id(request, settings)).inc()
         metrics.requests.labels(route, str(response.status_code)).inc()
         metrics.latency.labels(route).observe(time.perf_counter() - start)
         metrics.inflight_tokens.set(batcher.inflight_tokens)
@@ -210,6 +232,17 @@ def create_app(engine, settings: Settings | None = None) -> FastAPI:
         metrics.errors.labels("overloaded").inc()
         return error_response(503, "overloaded", str(exc), headers={"Retry-After": f"{exc.retry_after:.0f}"})
 
+    @app.exception_handler(ClientOverQuota)
+    async def on_over_quota(request: Request, exc: ClientOverQuota):
+        metrics.errors.labels("client_over_quota").inc()
+        return error_response(429, "client_over_quota", str(exc), headers={"Retry-After": f"{exc.retry_after:.0f}"})
+
+    @app.exception_handler(EngineFailed)
+    async def on_engine_failed(request: Request, exc: EngineFailed):
+        metrics.errors.labels("engine_failed").inc()
+        message = f"the teacher's engine failed and this process is exiting ({exc}); retry on its replacement"
+        return error_response(503, "engine_failed", message, headers={"Retry-After": "5"})
+
     @app.exception_handler(ShuttingDown)
     async def on_shutdown(request: Request, exc: ShuttingDown):
         metrics.errors.labels("shutting_down").inc()
@@ -228,12 +261,22 @@ def create_app(engine, settings: Settings | None = None) -> FastAPI:
         metrics.errors.labels("internal").inc()
         return error_response(500, "internal", "internal error: the request failed; the service keeps serving")
 
-    @app.get("/healthz", summary="alive")
-    async def healthz():
-        return {"status": "ok"}
+    def failed() -> JSONResponse | None:
+        if batcher.failure is None:
+            return None
+        metrics.errors.labels("engine_failed").inc()
+        return error_response(503, "engine_failed", f"the engine failed: {batcher.failure}")
 
-    @app.get("/readyz", summary="model loaded and serving", responses={503: {"model": schemas.ErrorBody}})
+    unhealthy = {503: {"model": schemas.ErrorBody}}
+
+    @app.get("/healthz", summary="alive (503 once the engine has failed)", responses=unhealthy)
+    async def healthz():
+        return failed() or {"status": "ok"}
+
+    @app.get("/readyz", summary="model loaded and serving", responses=unhealthy)
     async def readyz():
+        if (answer := failed()) is not None:
+            return answer
         if not state["ready"]:
             return error_response(503, "not_ready", "shutting down")
         return {"status": "ready"}
@@ -256,8 +299,8 @@ def create_app(engine, settings: Settings | None = None) -> FastAPI:
     @app.post("/v1/score", response_model=schemas.ScoreResponse, responses=binary_doc)
     async def score(body: schemas.ScoreRequest, request: Request):
         await _chaos()
-        items = _score_items(body, info, settings)
-        results = await batcher.score(items)
+        items = score_items(body, info, settings)
+        results = await batcher.score(items, client_id(request, settings))
         tokens = sum(len(r.logprobs) for r in results)
         metrics.tokens_scored.inc(tokens)
         return _respond(request, results, {"tokens": tokens, "sequences": len(results), "generated_tokens": 0})
@@ -265,12 +308,27 @@ def create_app(engine, settings: Settings | None = None) -> FastAPI:
     @app.post("/v1/continue", response_model=schemas.ContinueResponse, responses=binary_doc)
     async def continue_(body: schemas.ContinueRequest, request: Request):
         await _chaos()
-        prefixes, spec = _continue_items(body, info, settings)
-        results = await batcher.generate(prefixes, spec)
+        prefixes, spec = continue_items(body, info, settings)
+        results = await batcher.generate(prefixes, spec, client_id(request, settings))
         generated = sum(len(r.token_ids) for r in results)
         metrics.tokens_generated.inc(generated)
         usage = {"tokens": sum(map(len, prefixes)), "sequences": len(results), "generated_tokens": generated}
         return _respond(request, results, usage)
+
+    @app.get("/v1/models", response_model=schemas.ModelList, summary="the served model (OpenAI-compatible)")
+    async def models():
+        return completions.model_list(info)
+
+    @app.post(
+        "/v1/completions",
+        response_model=schemas.CompletionResponse,
+        summary="teacher scoring in vLLM's OpenAI completions shape (a subset: token-id prompts, max_tokens 0 or 1)",
+    )
+    async def complete(body: schemas.CompletionRequest, request: Request):
+        await _chaos()
+        answer = await completions.complete(body, batcher, info, settings, client_id(request, settings))
+        metrics.tokens_scored.inc(answer["usage"]["prompt_tokens"])
+        return Response(json.dumps(answer, allow_nan=False), media_type="application/json")
 
     async def _chaos():
         """Test options: an injected latency, and a share of requests failed with 503."""
@@ -289,72 +347,16 @@ def _respond(request: Request, results, usage: dict) -> Response:
     return Response(body, media_type="application/json")
 
 
-def _check_ids(field: str, seqs: list[list[int]], vocab: int, max_len: int, settings: Settings) -> int:
-    if len(seqs) > settings.max_sequences:
-        raise BadInput(field, f"{len(seqs)} sequences, more than the limit of {settings.max_sequences}")
-    total = 0
-    for i, seq in enumerate(seqs):
-        if not seq:
-            raise BadInput(f"{field}[{i}]", "empty sequence")
-        if len(seq) > max_len:
-            raise BadInput(f"{field}[{i}]", f"{len(seq)} tokens, more than the limit of {max_len}")
-        lo, hi = min(seq), max(seq)
-        if lo < 0 or hi >= vocab:
-            bad = lo if lo < 0 else hi
-            raise BadInput(f"{field}[{i}][{seq.index(bad)}]", f"token id {bad} outside the vocabulary [0, {vocab})")
-        total += len(seq)
-    if total > settings.max_request_tokens:
-        raise BadInput(field, f"{total} tokens in the request, more than the limit of {settings.max_request_tokens}")
-    return total
-
-
-def _check_top_k(top_k: int, settings: Settings) -> None:
-    if top_k > settings.max_top_k:
-        raise BadInput("top_k", f"top_k {top_k} is over this teacher's limit of {settings.max_top_k}")
-
-
-def _score_items(body: schemas.ScoreRequest, info, settings: Settings) -> list[ScoreItem]:
-    _check_top_k(body.top_k, settings)
-    # a scored sequence needs one position of headroom in engines that also sample a token
-    _check_ids("sequences", body.sequences, info.vocab_size, info.max_model_len - 1, settings)
-    starts = body.start if isinstance(body.start, list) else [body.start] * len(body.sequences)
-    if len(starts) != len(body.sequences):
-        raise BadInput("start", f"{len(starts)} start positions for {len(body.sequences)} sequences")
-    for i, (s, seq) in enumerate(zip(starts, body.sequences, strict=True)):
-        if not 1 <= s < len(seq):
-            where = "start" if isinstance(body.start, int) else f"start[{i}]"
-            raise BadInput(where, f"start {s} must be >= 1 and < the sequence's length {len(seq)} (sequence {i})")
-    return [ScoreItem(seq, s, body.top_k) for seq, s in zip(body.sequences, starts, strict=True)]
-
-
-def _continue_items(body: schemas.ContinueRequest, info, settings: Settings):
-    _check_top_k(body.top_k, settings)
-    _check_ids("prefixes", body.prefixes, info.vocab_size, info.max_model_len, settings)
-    for i, p in enumerate(body.prefixes):
-        if len(p) + body.max_tokens > info.max_model_len:
-            raise BadInput(
-                "max_tokens",
-                f"prefix {i} ({len(p)} tokens) plus max_tokens {body.max_tokens} exceeds max_model_len "
-                f"{info.max_model_len}",
-            )
-    for j, t in enumerate(body.stop_ids):
-        if not 0 <= t < info.vocab_size:
-            raise BadInput(f"stop_ids[{j}]", f"token id {t} outside the vocabulary [0, {info.vocab_size})")
-    spec = SamplingSpec(
-        max_tokens=body.max_tokens,
-        temperature=float(body.temperature),
-        top_p=float(body.top_p),
-        seed=body.seed,
-        stop_ids=tuple(body.stop_ids),
-        top_k=body.top_k,
-    )
-    return body.prefixes, spec
-
-
-def _client_id(request: Request) -> str:
-    """The caller's self-chosen id (bounded and sanitised, it becomes a metrics label)."""
-    raw = request.headers.get("x-tropd-client", "anonymous")[:64]
-    return "".join(c if c.isalnum() or c in "-_.:" else "_" for c in raw) or "anonymous"
+def client_id(request: Request, settings: Settings) -> str:
+    """Whose queue a request joins: its `X-TrOPD-Client` header (bounded and sanitised: it becomes a metrics
+    label), else, with auth on, `key-` and a digest of the key it presented, else `anonymous`."""
+    raw = request.headers.get("x-tropd-client")
+    if raw is not None:
+        return "".join(c if c.isalnum() or c in "-_.:" else "_" for c in raw[:64]) or ANONYMOUS
+    if settings.api_key is not None:
+        token = request.headers.get("authorization", "").removeprefix("Bearer ")
+        return "key-" + hashlib.sha256(token.encode()).hexdigest()[:12]
+    return ANONYMOUS
 
 
 def _log_request(request: Request, status: int, start: float) -> None:

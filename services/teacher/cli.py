@@ -12,6 +12,8 @@ import sys
 from tropd.errors import UserError
 from tropd.machine import torch_threads
 
+EXIT_ENGINE_FAILED = 3  # the engine died: a supervisor (Compose `restart`, Kubernetes) should replace the process
+
 
 def add_teacher(sub) -> None:
     from tropd.cli import non_negative_int, positive_float, positive_int
@@ -54,6 +56,28 @@ def add_teacher(sub) -> None:
         type=positive_int,
         default=1 << 20,
         help="tokens admitted at once; beyond it requests get 503 + Retry-After (1048576)",
+    )
+    serve.add_argument(
+        "--max-client-inflight-tokens",
+        type=positive_int,
+        help="tokens one client (X-TrOPD-Client, else its API key) may have in flight; beyond it its requests get "
+        "429 + Retry-After (default: --max-inflight-tokens; raised to at least --max-request-tokens)",
+    )
+    serve.add_argument(
+        "--scheduling",
+        choices=("fair", "fcfs"),
+        default="fair",
+        help="fair: batches filled from per-client queues by weighted fair queuing (default); fcfs: one queue, "
+        "first come first served",
+    )
+    serve.add_argument(
+        "--client-weight",
+        action="append",
+        type=_client_weight,
+        default=[],
+        metavar="CLIENT=W",
+        help="share of the engine for a client id under fair scheduling, relative to 1 for the others "
+        "(repeatable; e.g. --client-weight eval=0.25)",
     )
     serve.add_argument("--max-model-len", type=positive_int, help="context length (default: the model's)")
     serve.add_argument(
@@ -118,9 +142,7 @@ def add_bench(sub) -> None:
     bench.add_argument("--length", type=positive_int, help="tokens per sequence (default: 256; --quick: 64)")
     bench.add_argument("--top-k", type=non_negative_int, default=5, help="top-k per scored position (default: 5)")
     bench.add_argument("--repeats", type=positive_int, help="timed passes per measurement (default: 5; --quick: 2)")
-    bench.add_argument(
-        "--clients", type=_client_counts, default=(1, 4), help="numbers of concurrent clients, comma-separated (1,4)"
-    )
+    bench.add_argument("--clients", type=_client_counts, help="numbers of concurrent clients, comma-separated (1,4)")
     bench.add_argument("--request-sequences", type=positive_int, help="sequences per request (default: 16; --quick: 4)")
     bench.add_argument("--skip-stock", action="store_true", help="skip (d), vLLM's stock OpenAI server")
     bench.add_argument(
@@ -131,6 +153,15 @@ def add_bench(sub) -> None:
     )
     bench.add_argument("--quick", action="store_true", help="small sizes and 2 repeats: a smoke test (16 x 64)")
     bench.add_argument("--json", action="store_true", help="print one JSON object with every measurement")
+    bench.add_argument(
+        "--fair-share",
+        action="store_true",
+        help="instead: the engine-token share of each of --clients polite clients and one greedy client, under "
+        "FCFS and under fair scheduling, side by side (default --clients 1,2,4)",
+    )
+    bench.add_argument(
+        "--engine", choices=("vllm", "hf", "auto"), default="auto", help="--fair-share: the service's engine (auto)"
+    )
     bench.set_defaults(run=run_bench_teacher)
 
 
@@ -149,6 +180,8 @@ def _client_counts(text: str) -> tuple[int, ...]:
 def run_bench_teacher(args) -> int:
     from services.teacher import bench
 
+    if args.fair_share:
+        return run_bench_fair_share(args)
     quick = args.quick
     config = bench.BenchConfig(
         model=args.model,
@@ -156,7 +189,7 @@ def run_bench_teacher(args) -> int:
         length=args.length or (64 if quick else 256),
         top_k=args.top_k,
         repeats=args.repeats or (2 if quick else 5),
-        clients=args.clients,
+        clients=args.clients or (1, 4),
         request_sequences=args.request_sequences or (4 if quick else 16),
         skip_stock=args.skip_stock,
         stock_tokenizer=args.stock_tokenizer,
@@ -167,6 +200,42 @@ def run_bench_teacher(args) -> int:
             report = bench.run_bench(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps(report, indent=2) if args.json else bench.format_table(report))
     return 0
+
+
+def run_bench_fair_share(args) -> int:
+    from services.teacher import bench, bench_fair
+
+    vocab_size, context = bench.model_limits(args.model)
+    config = bench_fair.FairShareConfig(
+        model=args.model,
+        engine=args.engine,
+        clients=args.clients or (1, 2, 4),
+        length=min(args.length or 64, context - 1),
+        request_sequences=args.request_sequences or 4,
+        polite_requests=4 if args.quick else 8,
+    )
+    with bench.sigterm_as_interrupt():
+        report = bench_fair.run_fair_share(config, vocab_size, progress=lambda line: print(line, file=sys.stderr))
+    print(json.dumps(report, indent=2) if args.json else bench_fair.format_fair_share(report))
+    return 0
+
+
+def _at_least(value: int | None, floor: int) -> int | None:
+    """A per-client quota below the request limit would refuse some valid requests forever."""
+    return None if value is None else max(value, floor)
+
+
+def _client_weight(text: str) -> tuple[str, float]:
+    import argparse
+
+    name, sep, value = text.partition("=")
+    try:
+        weight = float(value)
+    except ValueError:
+        weight = -1.0
+    if not sep or not name or not (math.isfinite(weight) and weight > 0):
+        raise argparse.ArgumentTypeError(f"expected CLIENT=W with W a positive number, got {text!r}")
+    return name, weight
 
 
 def _port(text: str) -> int:
@@ -209,6 +278,9 @@ def settings_from_args(args):
         metrics_open=args.metrics_open,
         simulate_latency_ms=args.simulate_latency_ms,
         fail_rate=args.fail_rate,
+        max_client_inflight_tokens=_at_least(args.max_client_inflight_tokens, args.max_request_tokens),
+        scheduling=args.scheduling,
+        client_weights=dict(args.client_weight),
     )
 
 
@@ -278,5 +350,9 @@ def run_serve(args) -> int:
     # uvicorn finishes in-flight requests on SIGTERM, then re-raises the signal with the handler that was
     # in place before it started: make that a no-op so that a graceful shutdown exits 0
     signal.signal(signal.SIGTERM, lambda *_: None)
+    app.state.exit_on_failure = lambda: setattr(server, "should_exit", True)
     server.run()
+    if app.state.batcher.failure is not None:
+        log.error(json.dumps({"event": "exit", "status": EXIT_ENGINE_FAILED, "reason": "the engine failed"}))
+        return EXIT_ENGINE_FAILED
     return 0

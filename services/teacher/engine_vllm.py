@@ -82,6 +82,12 @@ class VLLMEngine:
         outputs = self.llm.generate([self._prompt(prompt_token_ids=p) for p in prefixes], params, use_tqdm=False)
         return [_flat_to_continued(out.outputs[0], spec.top_k, set(stops)) for out in outputs]
 
+    def alive(self) -> bool:
+        """False once vLLM has found its engine-core process dead (with VLLM_ENABLE_V1_MULTIPROCESSING=1);
+        the in-process core (the default here) fails by raising instead."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        return not getattr(getattr(core, "resources", None), "engine_dead", False)
+
     def close(self) -> None:
         engine = getattr(self.llm, "llm_engine", None)
         core = getattr(engine, "engine_core", None)

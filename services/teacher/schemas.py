@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
 
 class _Strict(BaseModel):
@@ -13,7 +13,9 @@ class _Strict(BaseModel):
 
 class ScoreRequest(_Strict):
     sequences: list[list[StrictInt]] = Field(
-        description="token id sequences to score", min_length=1, json_schema_extra={"maxItems": 4096}
+        # no static maxItems: the limit is the service's --max-sequences (/v1/info `limits.max_sequences`)
+        description="token id sequences to score (at most the service's --max-sequences, /v1/info limits)",
+        min_length=1,
     )
     start: StrictInt | list[StrictInt] = Field(
         1, description="first position to score (>= 1), one for all sequences or one per sequence"
@@ -81,6 +83,98 @@ class Info(BaseModel):
     chat_template_sha256: str | None
     protocol: int
     limits: dict[str, int]
+
+
+# ---- the OpenAI-compatible subset (vLLM's /v1/completions shape), for other trainers ------------------
+
+
+class CompletionRequest(_Strict):
+    """The fields of vLLM's completions request that teacher scoring uses; any other field is refused."""
+
+    model: StrictStr | None = Field(None, description="the id /v1/models lists (optional)")
+    prompt: list[StrictInt] | list[list[StrictInt]] = Field(
+        description="token ids: one prompt, or a list of prompts", min_length=1
+    )
+    max_tokens: StrictInt = Field(
+        ge=0, le=1, description="0 (with echo: the prompt's log-probs only) or 1; longer drafts: /v1/continue"
+    )
+    echo: StrictBool = Field(False, description="return the prompt's tokens and log-probs in `logprobs`")
+    logprobs: StrictInt | None = Field(None, ge=0, description="top log-probs per returned token (plus its own)")
+    prompt_logprobs: StrictInt | None = Field(None, ge=0, description="top log-probs per prompt position (vLLM)")
+    temperature: StrictFloat | StrictInt | None = Field(1.0, ge=0, le=100, description="for the token generated")
+    top_p: StrictFloat | StrictInt | None = Field(1.0, gt=0, le=1)
+    seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
+    n: StrictInt | None = Field(1, ge=1, le=1, description="one completion per prompt")
+    stream: StrictBool | None = Field(False, description="streaming is not offered")
+    user: StrictStr | None = Field(None, max_length=256, description="ignored")
+    return_tokens_as_token_ids: StrictBool | None = Field(
+        None, description="ignored: tokens are always `token_id:<id>` (this teacher never detokenises)"
+    )
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _ids_only(cls, value):
+        if isinstance(value, str) or (isinstance(value, list) and value and isinstance(value[0], str)):
+            raise ValueError("this teacher takes token ids, not text: send `prompt` as a list of ids, or of id lists")
+        return value
+
+    @field_validator("stream")
+    @classmethod
+    def _no_stream(cls, value):
+        if value:
+            raise ValueError("streaming is not offered: send stream false")
+        return value
+
+
+class CompletionLogprobs(BaseModel):
+    text_offset: list[int]
+    token_logprobs: list[float | None]
+    tokens: list[str] = Field(description="`token_id:<id>` for each token")
+    top_logprobs: list[dict[str, float] | None]
+
+
+class PromptLogprob(BaseModel):
+    logprob: float
+    rank: int | None = Field(description="1 for the most likely token; null when outside the top-k asked for")
+    decoded_token: str | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str = Field(description="empty: this teacher never detokenises")
+    logprobs: CompletionLogprobs | None
+    finish_reason: Literal["stop", "length"]
+    stop_reason: int | str | None = None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: CompletionUsage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
 
 
 class ErrorDetail(BaseModel):

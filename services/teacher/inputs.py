@@ -1,0 +1,76 @@
+"""Checks of request input that the schemas cannot state (they depend on the model and the limits), shared
+by every route. Each failure is a `BadInput` naming the field, which the service answers with a 4xx."""
+
+from __future__ import annotations
+
+from services.teacher import schemas
+from services.teacher.engines import SamplingSpec, ScoreItem
+
+
+class BadInput(Exception):
+    def __init__(self, field: str | None, message: str, status: int = 422, kind: str = "invalid_request"):
+        super().__init__(message)
+        self.field, self.message, self.status, self.kind = field, message, status, kind
+
+
+def check_ids(field: str, seqs: list[list[int]], vocab: int, max_len: int, limits) -> int:
+    """Sequence count, lengths and id ranges within `limits` (the service's settings); the total tokens."""
+    if len(seqs) > limits.max_sequences:
+        raise BadInput(field, f"{len(seqs)} sequences, more than the limit of {limits.max_sequences}")
+    total = 0
+    for i, seq in enumerate(seqs):
+        if not seq:
+            raise BadInput(f"{field}[{i}]", "empty sequence")
+        if len(seq) > max_len:
+            raise BadInput(f"{field}[{i}]", f"{len(seq)} tokens, more than the limit of {max_len}")
+        lo, hi = min(seq), max(seq)
+        if lo < 0 or hi >= vocab:
+            bad = lo if lo < 0 else hi
+            raise BadInput(f"{field}[{i}][{seq.index(bad)}]", f"token id {bad} outside the vocabulary [0, {vocab})")
+        total += len(seq)
+    if total > limits.max_request_tokens:
+        raise BadInput(field, f"{total} tokens in the request, more than the limit of {limits.max_request_tokens}")
+    return total
+
+
+def check_top_k(top_k: int, limits, field: str = "top_k") -> None:
+    if top_k > limits.max_top_k:
+        raise BadInput(field, f"{field} {top_k} is over this teacher's limit of {limits.max_top_k}")
+
+
+def score_items(body: schemas.ScoreRequest, info, settings) -> list[ScoreItem]:
+    check_top_k(body.top_k, settings)
+    # a scored sequence needs one position of headroom in engines that also sample a token
+    check_ids("sequences", body.sequences, info.vocab_size, info.max_model_len - 1, settings)
+    starts = body.start if isinstance(body.start, list) else [body.start] * len(body.sequences)
+    if len(starts) != len(body.sequences):
+        raise BadInput("start", f"{len(starts)} start positions for {len(body.sequences)} sequences")
+    for i, (s, seq) in enumerate(zip(starts, body.sequences, strict=True)):
+        if not 1 <= s < len(seq):
+            where = "start" if isinstance(body.start, int) else f"start[{i}]"
+            raise BadInput(where, f"start {s} must be >= 1 and < the sequence's length {len(seq)} (sequence {i})")
+    return [ScoreItem(seq, s, body.top_k) for seq, s in zip(body.sequences, starts, strict=True)]
+
+
+def continue_items(body: schemas.ContinueRequest, info, settings):
+    check_top_k(body.top_k, settings)
+    check_ids("prefixes", body.prefixes, info.vocab_size, info.max_model_len, settings)
+    for i, p in enumerate(body.prefixes):
+        if len(p) + body.max_tokens > info.max_model_len:
+            raise BadInput(
+                "max_tokens",
+                f"prefix {i} ({len(p)} tokens) plus max_tokens {body.max_tokens} exceeds max_model_len "
+                f"{info.max_model_len}",
+            )
+    for j, t in enumerate(body.stop_ids):
+        if not 0 <= t < info.vocab_size:
+            raise BadInput(f"stop_ids[{j}]", f"token id {t} outside the vocabulary [0, {info.vocab_size})")
+    spec = SamplingSpec(
+        max_tokens=body.max_tokens,
+        temperature=float(body.temperature),
+        top_p=float(body.top_p),
+        seed=body.seed,
+        stop_ids=tuple(body.stop_ids),
+        top_k=body.top_k,
+    )
+    return body.prefixes, spec

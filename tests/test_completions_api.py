@@ -1,0 +1,247 @@
+"""`POST /v1/completions` (vLLM's OpenAI shape) on the real service, called by clients no one here wrote:
+the `openai` package, and the scoring requests of two peer trainers sent exactly as they send them
+(ArcticTraining's on-policy distillation teacher client; ms-swift's GKD teacher client). Checked against an
+independent transformers forward pass, and field by field against vLLM's stock OpenAI server."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import subprocess
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from services.teacher.launch import Launched, free_port
+from services.teacher.openai_client import stock_vllm_command
+from tests.helpers import teacher
+from trainer.tokenizer import VOCAB
+
+KEY = "completions-test-key"
+ENV = {"TROPD_TEST_KEY": KEY, "OMP_NUM_THREADS": "1"}
+AUTH = {"authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def service(toy_quick, tmp_path_factory):
+    args = ["--api-key-env", "TROPD_TEST_KEY"]
+    with teacher(toy_quick / "teacher", "hf", tmp_path_factory.mktemp("logs"), *args, env=ENV) as svc:
+        yield svc
+    assert svc.process.returncode == 0, svc.log()[-3000:]
+
+
+def sequences(n: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[VOCAB.bos_id] + [rng.randrange(VOCAB.size) for _ in range(rng.randrange(6, 40))] for _ in range(n)]
+
+
+def model_id(url: str, headers=None) -> str:
+    return httpx.get(f"{url}/v1/models", headers=headers).json()["data"][0]["id"]
+
+
+# ---- requests as the peers send them (their request and their parsing, nothing else) ---------------------
+
+
+def arctic_teacher_logprobs(url: str, prompt: list[int], completion: list[int], headers=None) -> list[float]:
+    """ArcticTraining's `TeacherClient._compute_logprobs_async`: the token log-probs of `completion`."""
+    payload = {"prompt": prompt + completion, "max_tokens": 0, "echo": True, "logprobs": 1}
+    result = httpx.post(f"{url}/v1/completions", json=payload, headers=headers, timeout=60).json()
+    token_logprobs = result["choices"][0]["logprobs"]["token_logprobs"]
+    return [lp if lp is not None else 0.0 for lp in token_logprobs[len(prompt) :]]
+
+
+def swift_teacher_topk(url: str, ids: list[int], topk: int, headers=None) -> tuple[list, list]:
+    """ms-swift's GKD `TeacherAPIClient`: per position the top-k (ids, log-probs) from `prompt_logprobs`."""
+    payload = {"model": model_id(url, headers), "prompt": ids, "max_tokens": 0, "temperature": 0, "logprobs": topk}
+    payload["echo"] = True
+    choice = httpx.post(f"{url}/v1/completions", json=payload, headers=headers, timeout=60).json()["choices"][0]
+    indices, values = [], []
+    for entries in choice["prompt_logprobs"]:
+        best = sorted((entries or {}).items(), key=lambda kv: -kv[1]["logprob"])[:topk]
+        indices.append([int(t) for t, _ in best])
+        values.append([e["logprob"] for _, e in best])
+    return indices, values
+
+
+# ---- against an independent forward pass ------------------------------------------------------------
+
+
+def test_the_openai_package_gets_the_teachers_log_probs(service, reference):
+    client = openai.OpenAI(base_url=f"{service.url}/v1", api_key=KEY, default_headers={"X-TrOPD-Client": "peer"})
+    model = client.models.list().data[0].id
+    seqs = sequences(6)
+    answer = client.completions.create(
+        model=model, prompt=seqs, max_tokens=0, echo=True, logprobs=1, extra_body={"prompt_logprobs": 3}
+    )
+    assert [c.index for c in answer.choices] == list(range(len(seqs)))
+    assert answer.usage.prompt_tokens == sum(map(len, seqs)) and answer.model == model
+    for seq, choice in zip(seqs, answer.choices, strict=True):
+        chosen, top_ids, top_lp = reference(seq, 1, 3)
+        lp = choice.logprobs
+        assert lp.tokens == [f"token_id:{t}" for t in seq] and lp.token_logprobs[0] is None
+        np.testing.assert_allclose(lp.token_logprobs[1:], chosen, atol=1e-4)
+        prompt_logprobs = choice.model_extra["prompt_logprobs"]
+        assert prompt_logprobs[0] is None and len(prompt_logprobs) == len(seq)
+        for p, entries in enumerate(prompt_logprobs[1:]):
+            top = sorted(entries.items(), key=lambda kv: kv[1]["rank"] or 99)[:3]
+            assert [int(t) for t, _ in top] == top_ids[p].tolist()
+            assert [e["rank"] for _, e in top] == [1, 2, 3]
+            np.testing.assert_allclose([e["logprob"] for _, e in top], top_lp[p], atol=1e-4)
+            assert entries[str(seq[p + 1])]["logprob"] == pytest.approx(chosen[p], abs=1e-4)
+            assert len(lp.top_logprobs[p + 1]) <= 2  # logprobs 1: the token and at most one more
+    metrics = httpx.get(f"{service.url}/metrics", headers=AUTH).text
+    assert 'tropd_client_requests_total{client="peer"}' in metrics
+    assert 'tropd_requests_total{route="/v1/completions",status="200"}' in metrics
+
+
+def test_a_peer_trainers_scoring_request(service, reference):
+    for seq in sequences(4, seed=1):
+        prompt, completion = seq[:5], seq[5:]
+        got = arctic_teacher_logprobs(service.url, prompt, completion, AUTH)
+        np.testing.assert_allclose(got, reference(seq, 5, 1)[0], atol=1e-4)
+        indices, values = swift_teacher_topk(service.url, seq, 4, AUTH)
+        _, top_ids, top_lp = reference(seq, 1, 4)
+        assert indices[0] == [] and indices[1:] == top_ids.tolist()
+        np.testing.assert_allclose(values[1:], top_lp, atol=1e-4)
+
+
+def test_one_generated_token(service, reference):
+    client = openai.OpenAI(base_url=f"{service.url}/v1", api_key=KEY)
+    seqs = sequences(3, seed=2)
+    answer = client.completions.create(model="teacher", prompt=seqs, max_tokens=1, temperature=0, logprobs=2)
+    for seq, choice in zip(seqs, answer.choices, strict=True):
+        logp = reference(seq + [0], len(seq), 2)  # the distribution after the whole prompt
+        (token,) = choice.logprobs.tokens
+        assert token == f"token_id:{logp[1][0][0]}"  # greedy: the top token
+        assert choice.logprobs.token_logprobs[0] == pytest.approx(logp[2][0][0], abs=1e-4)
+        assert choice.finish_reason in ("length", "stop") and choice.model_extra["prompt_logprobs"] is None
+    assert answer.usage.completion_tokens == len(seqs)
+
+
+BAD = [
+    ({"prompt": "a text prompt", "max_tokens": 0, "echo": True}, 422, "prompt"),
+    ({"prompt": ["text", "list"], "max_tokens": 0, "echo": True}, 422, "prompt"),
+    ({"prompt": [], "max_tokens": 0, "echo": True}, 422, "prompt"),
+    ({"prompt": [[]], "max_tokens": 0, "echo": True}, 422, "prompt[0]"),
+    ({"prompt": [1, 2, VOCAB.size], "max_tokens": 0, "echo": True}, 422, "prompt[0][2]"),
+    ({"prompt": [1, 2] * 300, "max_tokens": 0, "echo": True}, 422, "prompt[0]"),
+    ({"prompt": [1, 2], "max_tokens": 16}, 422, "max_tokens"),
+    ({"prompt": [1, 2]}, 422, "max_tokens"),
+    ({"prompt": [1, 2], "max_tokens": 0}, 422, "max_tokens"),
+    ({"prompt": [1, 2], "max_tokens": 0, "echo": True, "logprobs": 21}, 422, "logprobs"),
+    ({"prompt": [1, 2], "max_tokens": 0, "echo": True, "prompt_logprobs": -1}, 422, "prompt_logprobs"),
+    ({"prompt": [1, 2], "max_tokens": 1, "n": 2}, 422, "n"),
+    ({"prompt": [1, 2], "max_tokens": 1, "stream": True}, 422, "stream"),
+    ({"prompt": [1, 2], "max_tokens": 1, "temperature": -1}, 422, "temperature"),
+    ({"prompt": [1, 2], "max_tokens": 1, "stop": ["x"]}, 422, "stop"),
+    ({"prompt": [1, 2], "max_tokens": 1, "model": "another"}, 404, "model"),
+]
+
+
+@pytest.mark.parametrize("body,status,field", BAD, ids=[str(b)[:50] for b, _, _ in BAD])
+def test_bad_input_is_a_clear_4xx(service, body, status, field):
+    answer = httpx.post(f"{service.url}/v1/completions", json=body, headers=AUTH)
+    assert answer.status_code == status, answer.text
+    error = answer.json()["error"]
+    assert error["field"] == field and error["message"], error
+
+
+def test_the_key_is_required(service):
+    assert httpx.post(f"{service.url}/v1/completions", json={"prompt": [1, 2], "max_tokens": 1}).status_code == 401
+    assert httpx.get(f"{service.url}/v1/models").status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{service.url}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+# ---- against vLLM's stock server ---------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def stock_server(model, log_path):
+    """vLLM's stock OpenAI server with its tokenizer (echo needs it) and tokens as `token_id:<id>`."""
+    port = free_port()
+    command = stock_vllm_command(str(model), port, 20, tokenizer=True) + ["--return-tokens-as-token-ids"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    server = Launched(f"http://127.0.0.1:{port}", process, log_path)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                    break
+            assert process.poll() is None and time.monotonic() < deadline, server.log()[-3000:]
+            time.sleep(0.5)
+        yield server
+    finally:
+        server.stop()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, 9)  # its own group: its engine-core process
+
+
+def assert_same_completion(ours: dict, stock: dict, generated: bool) -> None:
+    """Every number and token the same (log-probs within 1e-4); `finish_reason` only when a token was
+    generated (for `max_tokens: 0` vLLM reports the one it samples and drops)."""
+    assert ours["object"] == stock["object"] == "text_completion"
+    assert ours["usage"]["prompt_tokens"] == stock["usage"]["prompt_tokens"]
+    assert len(ours["choices"]) == len(stock["choices"])
+    for mine, theirs in zip(ours["choices"], stock["choices"], strict=True):
+        assert mine["index"] == theirs["index"]
+        assert mine["finish_reason"] == theirs["finish_reason"] or not generated
+        assert (mine["logprobs"] is None) == (theirs["logprobs"] is None)
+        if mine["logprobs"] is not None:
+            a, b = mine["logprobs"], theirs["logprobs"]
+            assert a["tokens"] == b["tokens"] and a["text_offset"] == b["text_offset"]
+            assert [x is None for x in a["token_logprobs"]] == [x is None for x in b["token_logprobs"]]
+            np.testing.assert_allclose(
+                [x for x in a["token_logprobs"] if x is not None],
+                [x for x in b["token_logprobs"] if x is not None],
+                atol=1e-4,
+            )
+            for x, y in zip(a["top_logprobs"], b["top_logprobs"], strict=True):
+                assert (x is None) == (y is None)
+                if x is not None:
+                    assert list(x) == list(y)  # the same tokens, in the same order
+                    np.testing.assert_allclose(list(x.values()), list(y.values()), atol=1e-4)
+        assert (mine["prompt_logprobs"] is None) == (theirs["prompt_logprobs"] is None)
+        for x, y in zip(mine["prompt_logprobs"] or [], theirs["prompt_logprobs"] or [], strict=True):
+            assert (x is None) == (y is None)
+            if x is not None:
+                assert list(x) == list(y)
+                for token, entry in x.items():
+                    assert entry["logprob"] == pytest.approx(y[token]["logprob"], abs=1e-4)
+                    assert entry["rank"] in (None, y[token]["rank"])  # ours: null outside the top-k
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(400)
+def test_the_same_answers_as_vllms_stock_server(service, toy_quick, tmp_path):
+    seqs = sequences(5, seed=3)
+    requests = [
+        {"prompt": seqs[0], "max_tokens": 0, "echo": True, "logprobs": 1},  # ArcticTraining's request
+        {"prompt": seqs[1], "max_tokens": 0, "temperature": 0, "logprobs": 5, "echo": True},  # ms-swift's
+        {"prompt": seqs, "max_tokens": 1, "prompt_logprobs": 5, "temperature": 0},  # VLLMOpenAIClient's, greedy
+        {"prompt": seqs[:2], "max_tokens": 1, "echo": True, "logprobs": 3, "temperature": 0},
+        {"prompt": seqs[2], "max_tokens": 0, "echo": True, "logprobs": 2, "prompt_logprobs": 4},
+        {"prompt": [VOCAB.bos_id], "max_tokens": 0, "echo": True, "logprobs": 1},  # nothing to score
+    ]
+    with stock_server(toy_quick / "teacher", tmp_path / "stock.log") as stock:
+        for body in requests:
+            ours = httpx.post(f"{service.url}/v1/completions", json=body, headers=AUTH, timeout=60)
+            theirs = httpx.post(f"{stock.url}/v1/completions", json=body, timeout=60)
+            assert ours.status_code == theirs.status_code == 200, (ours.text[:300], theirs.text[:300])
+            assert_same_completion(ours.json(), theirs.json(), body["max_tokens"] == 1)
+        # the openai package, through both
+        for url, key in ((f"{service.url}/v1", KEY), (f"{stock.url}/v1", "unused")):
+            client = openai.OpenAI(base_url=url, api_key=key)
+            model = client.models.list().data[0].id
+            answer = client.completions.create(model=model, prompt=seqs[3], max_tokens=0, echo=True, logprobs=2)
+            if key == KEY:
+                ours = answer.model_dump()
+            else:
+                assert_same_completion(ours, answer.model_dump(), generated=False)

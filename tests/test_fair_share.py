@@ -1,0 +1,239 @@
+"""Fair sharing of the teacher between clients: the fair queue alone, the batcher with a gated engine (which
+batch each request lands in, no timing), and the real service's per-client quota (429 + Retry-After) and
+per-client metrics over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+import pytest
+
+from services.teacher.batching import Batcher, ClientOverQuota
+from services.teacher.client import TeacherClient
+from services.teacher.engines import ScoreItem
+from services.teacher.fairness import FairQueue
+from services.teacher.protocol import ScoreResult
+from tests.helpers import teacher
+
+
+@dataclass
+class Job:
+    client: str
+    tokens: int
+    tag: float = 0.0
+
+
+def served_order(queue: FairQueue) -> list[str]:
+    order = []
+    while (job := queue.pop_next()) is not None:
+        order.append(job.client)
+    return order
+
+
+def test_a_late_client_is_served_next_however_deep_the_backlog():
+    queue = FairQueue("fair")
+    for _ in range(50):
+        queue.push(Job("greedy", 100))
+    assert queue.pop_next().client == "greedy"  # the greedy client is being served...
+    queue.push(Job("polite", 100))  # ...when another asks
+    assert queue.pop_next().client == "polite"
+    fcfs = FairQueue("fcfs")
+    for _ in range(50):
+        fcfs.push(Job("greedy", 100))
+    fcfs.pop_next()
+    fcfs.push(Job("polite", 100))
+    assert served_order(fcfs).index("polite") == 49  # first come, first served: behind the whole backlog
+
+
+def test_backlogged_clients_share_tokens_by_weight():
+    queue = FairQueue("fair", weights={"a": 2.0})
+    for _ in range(300):
+        queue.push(Job("a", 10))
+        queue.push(Job("b", 10))
+        queue.push(Job("c", 30))  # larger requests: the share is of tokens, not of requests
+    tokens = {"a": 0, "b": 0, "c": 0}
+    for _ in range(200):
+        job = queue.pop_next()
+        tokens[job.client] += job.tokens
+    total = sum(tokens.values())
+    shares = {c: t / total for c, t in tokens.items()}
+    assert shares["a"] == pytest.approx(0.5, abs=0.02)  # weight 2 of 4
+    assert shares["b"] == pytest.approx(0.25, abs=0.02)
+    assert shares["c"] == pytest.approx(0.25, abs=0.02)
+
+
+def test_a_clients_requests_keep_their_order_and_idle_clients_are_forgotten():
+    queue = FairQueue("fair")
+    jobs = [Job("a", n) for n in (5, 1, 9)]
+    for job in jobs:
+        queue.push(job)
+    assert [queue.pop_next() for _ in range(3)] == jobs
+    queue.push(Job("b", 1))
+    queue.pop_next()  # V passes a's finish tag
+    assert len(queue) == 0 and "a" not in queue._clients  # no state left for an idle client
+    with pytest.raises(ValueError, match="fair or fcfs"):
+        FairQueue("lifo")
+
+
+class GatedEngine:
+    """Records every batch; the first engine call waits until `release` is set, so the test can fill the
+    queue while the engine is busy."""
+
+    def __init__(self):
+        self.batches: list[list[int]] = []
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def score(self, items: list[ScoreItem]) -> list[ScoreResult]:
+        self.started.set()
+        self.release.wait(10)
+        self.batches.append([it.ids[0] for it in items])  # the first id names the request
+        return [ScoreResult(np.zeros(len(it.ids) - it.start, np.float32), np.zeros((0, 0)), np.zeros((0, 0)))
+                for it in items]  # fmt: skip
+
+
+def batches_when_greedy_floods(policy: str) -> tuple[list[list[int]], int]:
+    """Greedy requests 0..19 queued while request 0 runs, then polite request 100: the batches the engine saw
+    and the index of the batch that served the polite request. Two requests fit in a batch."""
+    engine = GatedEngine()
+
+    async def go():
+        batcher = Batcher(engine, max_batch_tokens=8, window_ms=0, policy=policy)
+        request = lambda first, client: batcher.score([ScoreItem([first, 1, 1, 1], 1, 0)], client)  # noqa: E731
+        first = asyncio.ensure_future(request(0, "greedy"))
+        await asyncio.to_thread(engine.started.wait, 10)
+        rest = [asyncio.ensure_future(request(i, "greedy")) for i in range(1, 20)]
+        await asyncio.sleep(0.05)  # all of the greedy client's requests are queued before the polite one
+        polite = asyncio.ensure_future(request(100, "polite"))
+        await asyncio.sleep(0.05)
+        engine.release.set()
+        await asyncio.gather(first, polite, *rest)
+        batcher.close()
+
+    asyncio.run(go())
+    return engine.batches, next(i for i, b in enumerate(engine.batches) if 100 in b)
+
+
+def test_a_greedy_client_cannot_delay_another_clients_request_past_one_batch():
+    batches, polite_batch = batches_when_greedy_floods("fair")
+    assert batches[0] == [0]  # the batch running when the polite request arrived
+    assert polite_batch == 1, batches  # the very next batch
+    assert sorted(i for b in batches for i in b) == [*range(20), 100]  # everyone served, once
+    batches, polite_batch = batches_when_greedy_floods("fcfs")
+    assert polite_batch == 10, batches  # behind the 19 queued greedy requests, two per batch
+
+
+def test_per_client_quota_refuses_only_that_client():
+    engine = GatedEngine()
+
+    async def go():
+        batcher = Batcher(engine, max_batch_tokens=64, window_ms=0, max_client_inflight_tokens=8)
+        item = [ScoreItem([1, 2, 3, 4], 1, 0)]
+        first = asyncio.ensure_future(batcher.score(item, "a"))
+        await asyncio.to_thread(engine.started.wait, 10)
+        second = asyncio.ensure_future(batcher.score(item, "a"))  # 8 tokens in flight for a: at the quota
+        await asyncio.sleep(0.01)
+        with pytest.raises(ClientOverQuota, match="'a' has 8 tokens in flight at most") as refused:
+            await batcher.score(item, "a")
+        other = asyncio.ensure_future(batcher.score(item * 2, "b"))  # b has its own quota
+        await asyncio.sleep(0.01)
+        engine.release.set()
+        results = await asyncio.gather(first, second, other)
+        assert [len(r) for r in results] == [1, 1, 2]
+        again = await batcher.score(item, "a")  # a's tokens came back
+        batcher.close()
+        return refused.value.retry_after, again
+
+    retry_after, again = asyncio.run(go())
+    assert retry_after >= 1 and len(again) == 1
+
+
+# ---- the real service over HTTP ------------------------------------------------------------------------
+
+QUOTA_ARGS = ["--max-request-tokens", "64", "--max-client-inflight-tokens", "64", "--batch-window-ms", "400"]
+
+
+def test_service_quota_answers_429_and_metrics_show_each_client(toy_quick, tmp_path):
+    """With a 400 ms batch window a request stays in flight that long: a second request of the same client
+    inside the window is over its 64-token quota (429 + Retry-After), another client's joins the batch; the
+    project's client retries its 429s and gets every answer; /metrics has queue depth, tokens and waits per
+    client."""
+    body = {"sequences": [[1] + [5] * 59], "top_k": 2}
+    with teacher(toy_quick / "teacher", "hf", tmp_path, *QUOTA_ARGS, env={"OMP_NUM_THREADS": "1"}) as svc:
+
+        async def burst():
+            async with httpx.AsyncClient(base_url=svc.url, timeout=30) as http:
+
+                def post(client):
+                    return http.post("/v1/score", json=body, headers={"x-tropd-client": client})
+
+                first = asyncio.ensure_future(post("trainer-a"))
+                await asyncio.sleep(0.1)  # inside the first request's batch window
+                later = await asyncio.gather(post("trainer-a"), post("trainer-b"))
+                return [await first, *later]
+
+        first, refused, other = asyncio.run(burst())
+        assert first.status_code == 200 and other.status_code == 200
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["type"] == "client_over_quota"
+        assert float(refused.headers["retry-after"]) >= 1
+
+        async def with_retries():
+            async with TeacherClient(svc.url, client_id="trainer-c", backoff=0.05) as client:
+                results = await asyncio.gather(*(client.score(body["sequences"], 1, 2) for _ in range(3)))
+                return results, client.retried
+
+        results, retried = asyncio.run(with_retries())
+        assert len(results) == 3 and retried >= 2  # three requests, one quota: two waited their turn
+        metrics = httpx.get(f"{svc.url}/metrics").text
+        assert 'tropd_errors_total{kind="client_over_quota"}' in metrics
+        for client in ("trainer-a", "trainer-b", "trainer-c"):
+            assert f'tropd_client_engine_tokens_total{{client="{client}"}}' in metrics
+            assert f'tropd_client_queue_wait_seconds_count{{client="{client}"}}' in metrics
+            assert f'tropd_client_queue_depth{{client="{client}"}} 0.0' in metrics
+        assert (
+            'tropd_client_engine_tokens_total{client="trainer-a"} 60.0' in metrics
+        )  # the refused one never reached it
+        limits = httpx.get(f"{svc.url}/v1/info").json()["limits"]
+        assert limits["max_client_inflight_tokens"] == 64
+
+
+def test_bench_fair_share_reports_each_clients_share(toy_quick):
+    """`tropd bench teacher --fair-share` (quick, one polite client): a row per policy, shares that add up;
+    the numbers themselves are a measurement, not asserted."""
+    import json
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "tropd", "bench", "teacher", "--fair-share", "--engine", "hf", "--quick"]
+    command += ["--model", str(toy_quick / "teacher"), "--clients", "1", "--json"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert [(r["policy"], r["polite_clients"]) for r in report["rounds"]] == [("fcfs", 1), ("fair", 1)]
+    for row in report["rounds"]:
+        assert row["greedy_share"] + sum(row["polite_shares"]) == pytest.approx(1.0)
+        assert row["polite_latency_p50_s"] > 0 and row["fair_share_each"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--client-weight", "eval"], "expected CLIENT=W"),
+        (["--client-weight", "eval=-1"], "expected CLIENT=W"),
+        (["--client-weight", "eval=nan"], "expected CLIENT=W"),
+        (["--scheduling", "lifo"], "invalid choice"),
+        (["--max-client-inflight-tokens", "0"], "positive integer"),
+    ],
+)
+def test_bad_fairness_options_are_one_line_errors(toy_quick, args, needle):
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "tropd", "teacher", "serve", "--model", str(toy_quick / "teacher"), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and needle in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
