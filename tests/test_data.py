@@ -19,7 +19,7 @@ from tropd.cli import main
 from tropd.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE = ("trainer.train", "trainer.pipeline", "trainer.rollout", "trainer.losses", "trainer.evaluation",
+CORE = ("trainer.train", "trainer.pipeline", "trainer.sampling", "trainer.losses", "trainer.evaluation",
         "trainer.data", "trainer.student", "trainer.parallel", "trainer.models")  # fmt: skip
 TOY_MODULES = ("trainer.toy", "trainer.tasks", "trainer.tokenizer", "trainer.toy_source")
 

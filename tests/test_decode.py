@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from trainer import rollout
+from trainer import sampling
 from trainer.decode import FAST_DECODER_MAX_WIDTH_X_DEPTH, LibraryDecoder, LlamaDecoder, decoder_for
 from tropd.errors import UserError
 
@@ -37,7 +37,7 @@ def _prompts(n: int, seed: int = 0) -> list[list[int]]:
 def test_decoder_logits_match_the_library_forward(kv_heads, bias, tied):
     model = _llama(kv_heads, bias, tied)
     prompts = _prompts(6)
-    ids, mask = rollout.left_pad(prompts, 0)
+    ids, mask = sampling.left_pad(prompts, 0)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     extra = torch.randint(3, 23, (6, 5), generator=torch.Generator().manual_seed(1))
     decoder = LlamaDecoder(model)
@@ -61,10 +61,10 @@ def test_sampling_is_the_same_with_and_without_the_fast_decoder():
     prompts = _prompts(16, seed=2)
     uniforms = torch.rand((16, 12), generator=torch.Generator().manual_seed(5))
     options = dict(max_new_tokens=12, eos_id=2, pad_id=0, banned_ids=(0, 1), uniforms_B_T=uniforms)
-    fast = rollout.sample(model, prompts, **options, decoder="fast")
-    greedy_fast = rollout.sample(model, prompts, **options, temperature=0.0, decoder="fast")
-    slow = rollout.sample(model, prompts, **options, decoder="library")
-    greedy_slow = rollout.sample(model, prompts, **options, temperature=0.0, decoder="library")
+    fast = sampling.sample(model, prompts, **options, decoder="fast")
+    greedy_fast = sampling.sample(model, prompts, **options, temperature=0.0, decoder="fast")
+    slow = sampling.sample(model, prompts, **options, decoder="library")
+    greedy_slow = sampling.sample(model, prompts, **options, temperature=0.0, decoder="library")
     assert torch.equal(fast.response_ids_B_T, slow.response_ids_B_T)
     assert torch.equal(fast.lengths_B, slow.lengths_B)
     torch.testing.assert_close(fast.logprobs_B_T, slow.logprobs_B_T, atol=2e-5, rtol=1e-5)
@@ -79,7 +79,7 @@ def test_other_architectures_use_the_library_forward():
         decoder_for(gpt2, "fast")
     with pytest.raises(UserError, match="auto, fast, library"):
         decoder_for(gpt2, "fastest")
-    sampled = rollout.sample(gpt2.eval(), _prompts(3), max_new_tokens=4, eos_id=2, pad_id=0, banned_ids=(0,))
+    sampled = sampling.sample(gpt2.eval(), _prompts(3), max_new_tokens=4, eos_id=2, pad_id=0, banned_ids=(0,))
     assert sampled.response_ids_B_T.shape[0] == 3
 
 
@@ -106,7 +106,7 @@ def test_the_size_rule_picks_the_fast_decoder_only_for_small_llamas_on_cpu():
 def test_the_fast_decoder_keeps_a_bfloat16_model_in_bfloat16():
     model = _llama(2, False, True)
     prompts = _prompts(4)
-    ids, mask = rollout.left_pad(prompts, 0)
+    ids, mask = sampling.left_pad(prompts, 0)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         want = LlamaDecoder(model).prefill(ids, mask, positions, 2)
@@ -114,5 +114,5 @@ def test_the_fast_decoder_keeps_a_bfloat16_model_in_bfloat16():
         got = decoder.prefill(ids, mask, positions, 2)
     assert got.dtype == torch.bfloat16 and all(k.dtype == torch.bfloat16 for k in decoder.keys)
     torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.05)
-    sampled = rollout.sample(model, prompts, max_new_tokens=5, pad_id=0, eos_id=2, decoder="fast")
+    sampled = sampling.sample(model, prompts, max_new_tokens=5, pad_id=0, eos_id=2, decoder="fast")
     assert sampled.logprobs_B_T.dtype == torch.float32 and bool(torch.isfinite(sampled.logprobs_B_T).all())

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from services.teacher.client import TeacherClient
-from services.teacher.engines import HFEngine, stop_ids, union_of_stops
+from services.teacher.engine_types import stop_ids, union_of_stops
+from services.teacher.engines import HFEngine
 from tests.helpers import teacher
 from tests.realworld import build_realworld
 

@@ -1,4 +1,4 @@
-"""`rollout.sample` on a model the hand-written decoder does not cover (Qwen3, through the library's own forward
+"""`sampling.sample` on a model the hand-written decoder does not cover (Qwen3, through the library's own forward
 and cache): stop ids, vocab limit and banned ids, greedy decoding against the full forward, batch independence,
 bfloat16, and the device the model is on."""
 
@@ -9,7 +9,7 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from trainer.decode import LibraryDecoder, decoder_for
-from trainer.rollout import sample
+from trainer.sampling import sample
 
 VOCAB, LIMIT, PAD = 300, 250, 0
 

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCau
 
 from trainer import losses
 from trainer.losses import StudentScores, student_scores
-from trainer.rollout import response_logprobs
+from trainer.sampling import response_forward
 from trainer.student import ScoringModule, StudentStep, sequence_inputs
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -101,7 +101,7 @@ def methods(b: dict) -> dict:
 def reference(model, b: dict, loss_fn) -> tuple[torch.Tensor, dict]:
     """The plain path: the model's logits at the response positions, the loss, loss.backward()."""
     model.zero_grad()
-    _, mask, logits_B_T_V = response_logprobs(model, b["prompts"], b["responses"], PAD)
+    _, mask, logits_B_T_V = response_forward(model, b["prompts"], b["responses"], PAD)
     ids = sequence_inputs(b["prompts"], b["responses"], PAD)[3]
     loss, _ = loss_fn(logits_B_T_V, ids)
     loss.backward()
@@ -140,7 +140,7 @@ def test_every_loss_chunked_and_micro_batched_equals_plain_path(kind):
 
 def test_scores_fields_equal_reductions_of_the_logits_and_unchunked_is_the_same():
     model, b = tiny("llama"), batch(2)
-    _, mask, logits_B_T_V = response_logprobs(model, b["prompts"], b["responses"], PAD)
+    _, mask, logits_B_T_V = response_forward(model, b["prompts"], b["responses"], PAD)
     ids = sequence_inputs(b["prompts"], b["responses"], PAD)[3]
     want = student_scores(logits_B_T_V, ids, b["top_ids"], entropy=True, argmax=True)
     for chunk, micro in ((0, 0), (0, 2), (5, 2)):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from trainer import tasks, toy
-from trainer.rollout import response_logprobs
+from trainer.sampling import response_forward
 from trainer.tokenizer import VOCAB
 
 
@@ -11,7 +11,7 @@ def _mean_loglik(model, task, n=64):
     prompts = [VOCAB.prompt_ids(e.prompt) for e in exs]
     responses = [VOCAB.encode(e.teacher) + [VOCAB.eos_id] for e in exs]
     with torch.no_grad():
-        logp, mask, _ = response_logprobs(model, prompts, responses, VOCAB.pad_id)
+        logp, mask, _ = response_forward(model, prompts, responses, VOCAB.pad_id)
     return (logp.sum() / mask.sum()).item()
 
 
@@ -60,6 +60,7 @@ def test_rebuild_keeps_the_model_whose_settings_did_not_change(toy_quick, tmp_pa
     assert toy.is_built(out, seed=0, quick=True)
 
 
+@pytest.mark.slow  # over 4 s on 2 cores
 def test_sft_is_deterministic_for_a_seed():
     spec = toy.SftSpec("student", steps=4, batch=8, lr=1e-3, warmup=2)
     a = toy.sft(toy.new_model(toy.STUDENT, seed=5), spec, seed=5, label="t", pool_size=200, log=lambda _: None)
@@ -69,7 +70,7 @@ def test_sft_is_deterministic_for_a_seed():
 
 
 def test_eval_reports_accuracy_and_mismatch(toy_quick):
-    result = toy.evaluate(str(toy_quick / "student"), "math", 20, str(toy_quick / "teacher"))
+    result = toy.task_report(str(toy_quick / "student"), "math", 20, str(toy_quick / "teacher"))
     assert 0.0 <= result["accuracy"] <= 1.0
     assert result["reverse_kl"] > 0.0
     assert 0.0 <= result["outlier_share"] <= 1.0

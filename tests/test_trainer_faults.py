@@ -331,10 +331,9 @@ def test_bad_teacher_url_is_a_one_line_error_at_once(toy_quick, healthy, tmp_pat
 
 def test_two_replicas_share_the_load_and_one_killed_changes_nothing(toy_quick, healthy, baseline, tmp_path):
     """teacher.url lists two replicas: both serve; one SIGKILLed mid-run is taken out, its requests go to the
-    other at once, and the weights equal the single-teacher run's."""
-    log = tmp_path / "trainer.log"
-    other = launch(toy_quick / "teacher", "hf", tmp_path / "replica.log", port=free_port(), env=ONE_THREAD,
-                   timeout=240)  # fmt: skip
+    other at once, it is started again meanwhile, and the weights equal the single-teacher run's."""
+    log, port = tmp_path / "trainer.log", free_port()
+    other = launch(toy_quick / "teacher", "hf", tmp_path / "replica.log", port=port, env=ONE_THREAD, timeout=240)
     urls = f"[{healthy.url},{other.url}]"
     trainer = start_trainer(trainer_args(toy_quick, urls, tmp_path / "run"), log)
     try:
@@ -342,6 +341,8 @@ def test_two_replicas_share_the_load_and_one_killed_changes_nothing(toy_quick, h
         served_before = _scored(other.url)
         other.process.kill()
         other.process.wait()
+        other = launch(toy_quick / "teacher", "hf", tmp_path / "replica-2.log", port=port, env=ONE_THREAD,
+                       timeout=240)  # fmt: skip
         assert trainer.wait(timeout=240) == 0, log.read_text()[-3000:]
     finally:
         stop(trainer)

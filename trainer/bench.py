@@ -173,7 +173,7 @@ def _tokens_per_s(model, prompts: list[list[int]], new_tokens: int, prefer: str)
 
     import torch
 
-    from trainer.rollout import sample
+    from trainer.sampling import sample
     from trainer.tokenizer import VOCAB
 
     start = time.perf_counter()

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from tropd.argtypes import non_negative_int, positive_int
 from tropd.errors import UserError
 
 TASK_CHOICES = ("math", "code", "general")
@@ -21,8 +22,6 @@ def _model_dir(path: str, what: str = "model") -> str:
 
 
 def add_toy(sub) -> None:
-    from tropd.cli import non_negative_int, positive_int
-
     toy = sub.add_parser("toy", help="the offline toy world: build the teacher and student, evaluate models")
     toy_sub = toy.add_subparsers(dest="toy", metavar="ACTION", parser_class=type(toy), required=True)
 
@@ -78,7 +77,7 @@ def run_toy_eval(args) -> int:
     if args.teacher is not None:
         _model_dir(args.teacher, "teacher")
     names = TASK_CHOICES if args.task == "all" else (args.task,)
-    results = [toy.evaluate(args.model, t, args.n, args.teacher, args.seed) for t in names]
+    results = [toy.task_report(args.model, t, args.n, args.teacher, args.seed) for t in names]
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else {"results": results}))
     else:
@@ -139,8 +138,6 @@ def _print_summary(summary: dict) -> None:
 
 
 def add_bench(sub) -> None:
-    from tropd.cli import positive_int
-
     bench = sub.add_parser(
         "trainer",
         help="async pipeline vs strict on-policy; teacher service vs in-process",
@@ -165,8 +162,6 @@ def add_bench(sub) -> None:
 
 
 def add_bench_methods(sub) -> None:
-    from tropd.cli import positive_int
-
     bench = sub.add_parser(
         "methods",
         help="TrOPD, its ablations and the baselines on the toy world; writes a markdown report and plots",
@@ -245,8 +240,6 @@ DEMO_SETTINGS = ("steps=600", "eval.every=100", "checkpoint_every=200")
 
 
 def add_demo(sub) -> None:
-    from tropd.cli import positive_int
-
     demo = sub.add_parser(
         "demo",
         help="the whole method on the toy world: build, serve the teacher, train with TrOPD, evaluate",
@@ -308,7 +301,7 @@ def run_demo(args) -> int:
     toy.build(args.toy, seed=seed, quick=quick)
     engine = args.engine
     if engine == "auto":
-        from services.teacher.engines import vllm_available
+        from tropd.machine import vllm_available
 
         engine = "vllm" if vllm_available() else "hf"
     print(f"[demo] starting the teacher service ({engine} engine) on {Path(args.toy) / 'teacher'}")

@@ -19,42 +19,14 @@ import json
 import math
 import os
 import random
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 from trainer.config import DataConfig, EvalConfig
+from trainer.prompt_source import Prompt, PromptSource
 from tropd.errors import UserError, first_line
 
 ROLES = ("system", "user", "assistant", "tool")
 SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-
-@dataclass(frozen=True)
-class Prompt:
-    ids: list[int]
-    answer: str | None = None
-    record: dict = field(default_factory=dict)  # what a verifier may read (the file's record, or the toy task)
-
-
-class PromptSource(Protocol):
-    pad_id: int
-    stop_ids: tuple[int, ...]  # a response ends at any of them
-    banned_ids: tuple[int, ...]  # never sampled (besides ids >= vocab_limit)
-    vocab_limit: int | None  # ids at or above it are rows of the embedding table with no token
-
-    def draw(self, rng: random.Random, n: int) -> list[Prompt]: ...
-
-    def eval_sets(self, config: EvalConfig) -> dict[str, list[Prompt]]: ...
-
-    def kl_prompts(self, config: EvalConfig) -> list[Prompt]: ...
-
-    def decode(self, ids: list[int]) -> str: ...
-
-    def default_verifier(self) -> str: ...
-
-    def verifiers(self) -> dict[str, Callable[[str, str | None, dict], float]]: ...  # the source's own, by name
 
 
 def load_source(config: DataConfig, student_dir: str | Path, seed: int, log=print) -> PromptSource:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from trainer.config import TrainConfig
-from trainer.data import PromptSource
-from trainer.rollout import sample
+from trainer.prompt_source import PromptSource
+from trainer.sampling import sample
 from trainer.verifiers import Verifier
 from tropd.errors import UserError
 

@@ -5,6 +5,9 @@ Shapes: B sequences, T response positions, V vocabulary, K teacher top-k. Positi
 teacher (constant), d_t = t_t - s_t (detached), m_t the response mask. Every loss is a mean over the mask's True
 tokens, sum_t m_t l_t / max(1, sum_t m_t). Student log-probs are computed in float32 whatever the logits' dtype.
 Values at positions off the mask (padding) never reach the loss or its gradient, even when they are inf or nan.
+The metric `k1` (its name in metrics.jsonl) is mean_t(s_t - t_t) = -mean_t(d_t): the K1 estimate of the reverse KL
+KL(p_S || p_T) on the student's samples. The teacher's and student's "top k and rest" are distributions over K+1
+outcomes (the top-k ids, then one bucket for all other ids): the `_K1` shape suffix.
 
 A loss needs only per-position reductions of the student's logits over V, so its first argument `student` is either
 `logits_B_T_V` or those reductions (`StudentScores`, computed chunk by chunk by trainer/student.py: no B*T*V tensor).
@@ -34,7 +37,7 @@ def token_logprobs(logits_B_T_V: torch.Tensor, ids_B_T: torch.Tensor) -> torch.T
 class StudentScores:
     """The reductions over V of the student's logits that the losses use (float32; None where not computed):
     lp_B_T = s_t (with gradient); topk_lp_B_T_K1 = the student's log-probs over the teacher's top-k ids plus the tail
-    bucket (`_student_k1`, with gradient); entropy_B_T = H_S,t = -sum_v p_S(v) log p_S(v) (detached);
+    bucket (`_student_top_k_and_rest`, with gradient); entropy_B_T = H_S,t = -sum_v p_S(v) log p_S(v) (detached);
     argmax_B_T = argmax_v logits_t (long); vocab_size = V."""
 
     lp_B_T: torch.Tensor | None
@@ -56,7 +59,7 @@ def student_scores(
 ) -> StudentScores:  # fmt: skip
     """The reductions of `logits_B_T_V` (any leading shape) that the losses need; lp_B_T is None when ids_B_T is."""
     lp_B_T = token_logprobs(logits_B_T_V, ids_B_T) if ids_B_T is not None else None
-    topk_lp_B_T_K1 = _student_k1(logits_B_T_V, top_ids_B_T_K) if top_ids_B_T_K is not None else None
+    topk_lp_B_T_K1 = _student_top_k_and_rest(logits_B_T_V, top_ids_B_T_K) if top_ids_B_T_K is not None else None
     with torch.no_grad():
         entropy_B_T = torch.special.entr(torch.softmax(logits_B_T_V.float(), -1)).sum(-1) if entropy else None
         argmax_B_T = logits_B_T_V.argmax(-1) if argmax else None
@@ -83,8 +86,10 @@ def _pg_B_T(
     return -torch.minimum(ratio_B_T * adv_B_T, ratio_B_T.clamp(1 - eps, 1 + eps) * adv_B_T)
 
 
-def _k1_B_T(s_B_T: torch.Tensor, teacher_lp_B_T: torch.Tensor, mask_B_T: torch.Tensor) -> torch.Tensor:
-    """d_t = t_t - s_t, detached, 0 off the mask."""
+def _teacher_minus_student_B_T(
+    s_B_T: torch.Tensor, teacher_lp_B_T: torch.Tensor, mask_B_T: torch.Tensor
+) -> torch.Tensor:
+    """d_t = t_t - s_t, detached, 0 off the mask (the negative of the K1 reverse-KL estimate per token)."""
     return torch.where(mask_B_T, teacher_lp_B_T.float() - s_B_T, 0.0).detach()
 
 
@@ -116,10 +121,10 @@ def opd(
     Since E_{y~p_S}[grad s] = 0, E[-d grad s] = E[(s - t) grad s] = grad KL(p_S || p_T) per position.
     Stale rollouts (old_lp_B_T = s_old): loss = mean_t(-min(r_t A_t, clip(r_t, 1-eps, 1+eps) A_t)),
     r_t = exp(s_t - s_old_t), whose gradient at s_old = s is that of the fresh loss.
-    Metrics: loss, k1 = mean(s - t) (the reverse-KL estimate), advantage_mean.
+    Metrics: loss, k1 = mean(s - t) (the K1 estimate of the reverse KL), advantage_mean.
     """
     s_B_T = _scores(student, ids_B_T).need("lp_B_T", "opd")
-    d_B_T = _k1_B_T(s_B_T, teacher_lp_B_T, mask_B_T)
+    d_B_T = _teacher_minus_student_B_T(s_B_T, teacher_lp_B_T, mask_B_T)
     adv_B_T = _discounted_B_T(d_B_T, mask_B_T, discount)
     loss = _mean(_pg_B_T(s_B_T, adv_B_T, mask_B_T, old_lp_B_T, ratio_eps), mask_B_T)
     metrics = {
@@ -170,7 +175,7 @@ def trust_mask(
     return trusted_B_T & mask_B_T
 
 
-def _teacher_k1(top_lp_N_K: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def _teacher_top_k_and_rest(top_lp_N_K: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Teacher log-probs over K+1 outcomes: its top-k, then log p_T_tail = log(1 - sum_K p_T), summed in float64 and
     clamped so that a top-k holding all the mass up to rounding gives a tail of exactly 0 (log = -inf).
     When K covers the vocabulary there is no tail bucket."""
@@ -181,7 +186,7 @@ def _teacher_k1(top_lp_N_K: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return torch.cat([top_lp_N_K, torch.log1p(-top_mass_N.clamp(max=1.0)).float()], -1)
 
 
-def _student_k1(logits_N_V: torch.Tensor, top_ids_N_K: torch.Tensor) -> torch.Tensor:
+def _student_top_k_and_rest(logits_N_V: torch.Tensor, top_ids_N_K: torch.Tensor) -> torch.Tensor:
     """Student log-probs over the same K+1 outcomes. Its tail is the logsumexp of the logits outside K, exact even
     where log(1 - sum_K p_S) would round to log(0) in float32 (tails below ~1e-7)."""
     logits = logits_N_V.float()
@@ -212,13 +217,13 @@ def topk_forward_kl(
     """
     scores = _scores(student, None, teacher_top_ids_B_T_K)
     s_K1 = scores.need("topk_lp_B_T_K1", "topk_forward_kl")
-    return _kl(_teacher_k1(teacher_top_lp_B_T_K, scores.vocab_size), s_K1).clamp(min=0.0)
+    return _kl(_teacher_top_k_and_rest(teacher_top_lp_B_T_K, scores.vocab_size), s_K1).clamp(min=0.0)
 
 
 def _fkl_at(scores: StudentScores, top_lp_B_T_K: torch.Tensor, sel_B_T: torch.Tensor, loss: str) -> torch.Tensor:
     """topk_forward_kl at the selected positions, 0 elsewhere; teacher values off the selection are never read."""
     s_N_K1 = scores.need("topk_lp_B_T_K1", loss)[sel_B_T]
-    fkl_N = _kl(_teacher_k1(top_lp_B_T_K[sel_B_T], scores.vocab_size), s_N_K1).clamp(min=0.0)
+    fkl_N = _kl(_teacher_top_k_and_rest(top_lp_B_T_K[sel_B_T], scores.vocab_size), s_N_K1).clamp(min=0.0)
     return fkl_N.new_zeros(sel_B_T.shape).masked_scatter(sel_B_T, fkl_N)
 
 
@@ -264,7 +269,7 @@ def tropd(
         raise ValueError(f"unknown prefix loss {prefix_loss!r}; expected one of {PREFIX_LOSSES}")
     scores = _scores(student, ids_B_T, teacher_top_ids_B_T_K)
     s_B_T = scores.need("lp_B_T", "tropd")
-    d_B_T = _k1_B_T(s_B_T, teacher_lp_B_T, mask_B_T)
+    d_B_T = _teacher_minus_student_B_T(s_B_T, teacher_lp_B_T, mask_B_T)
     prefix_B_T = mask_B_T & prefix_mask_B_T if prefix_mask_B_T is not None else torch.zeros_like(mask_B_T)
     onpolicy_B_T = mask_B_T & ~prefix_B_T
     trusted_B_T = trust_mask(
@@ -328,8 +333,8 @@ def eopd(
     """
     scores = _scores(student, ids_B_T, teacher_top_ids_B_T_K)
     s_B_T = scores.need("lp_B_T", "eopd")
-    d_B_T = _k1_B_T(s_B_T, teacher_lp_B_T, mask_B_T)
-    t_K1 = _teacher_k1(teacher_top_lp_B_T_K, scores.vocab_size)
+    d_B_T = _teacher_minus_student_B_T(s_B_T, teacher_lp_B_T, mask_B_T)
+    t_K1 = _teacher_top_k_and_rest(teacher_top_lp_B_T_K, scores.vocab_size)
     entropy_B_T = torch.where(t_K1 > float("-inf"), -t_K1.exp() * t_K1, 0.0).sum(-1)
     high_B_T = mask_B_T & (entropy_B_T > entropy_threshold)
     fkl_B_T = _fkl_at(scores, teacher_top_lp_B_T_K, high_B_T, "eopd")
@@ -398,7 +403,7 @@ def reopold(
         return opd(student, ids_B_T, teacher_lp_B_T, mask_B_T, old_lp_B_T=old_lp_B_T, ratio_eps=ratio_eps)
     scores = _scores(student, ids_B_T, entropy=True)
     s_B_T = scores.need("lp_B_T", "reopold")
-    d_B_T = _k1_B_T(s_B_T, teacher_lp_B_T, mask_B_T)
+    d_B_T = _teacher_minus_student_B_T(s_B_T, teacher_lp_B_T, mask_B_T)
     entropy_B_T = scores.need("entropy_B_T", "reopold").detach()
     selected_B_T = _selected_by_entropy(entropy_B_T, mask_B_T, token_share)
     floor = math.log(floor_lambda / (1.0 - floor_lambda))
@@ -440,8 +445,10 @@ def topd(
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"need 0 < alpha <= 1, got alpha={alpha}")
     s_B_T = _scores(student, ids_B_T).need("lp_B_T", "topd")
-    d_B_T = _k1_B_T(s_B_T, teacher_lp_B_T, mask_B_T)
-    sampled_B_T = d_B_T if old_lp_B_T is None else _k1_B_T(old_lp_B_T.float(), teacher_lp_B_T, mask_B_T)
+    d_B_T = _teacher_minus_student_B_T(s_B_T, teacher_lp_B_T, mask_B_T)
+    sampled_B_T = (
+        d_B_T if old_lp_B_T is None else _teacher_minus_student_B_T(old_lp_B_T.float(), teacher_lp_B_T, mask_B_T)
+    )
     floor = math.log1p(-alpha) if alpha < 1.0 else float("-inf")
     reward_B_T = torch.logaddexp(sampled_B_T + math.log(alpha), torch.full_like(sampled_B_T, floor))
     reward_B_T = torch.where(mask_B_T, reward_B_T, 0.0)
@@ -474,7 +481,7 @@ def gkd(
         raise ValueError(f"need 0 <= beta <= 1, got beta={beta}")
     scores = _scores(student, None, teacher_top_ids_B_T_K)
     s_N_K1 = scores.need("topk_lp_B_T_K1", "gkd")[mask_B_T]
-    t_N_K1 = _teacher_k1(teacher_top_lp_B_T_K[mask_B_T], scores.vocab_size)
+    t_N_K1 = _teacher_top_k_and_rest(teacher_top_lp_B_T_K[mask_B_T], scores.vocab_size)
     if beta == 0.0:
         div_N = _kl(t_N_K1, s_N_K1)
     elif beta == 1.0:

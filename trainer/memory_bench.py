@@ -57,7 +57,7 @@ def _measure(settings: dict, variant: str) -> dict:
         teacher_lp = -12.0 + 3 * torch.randn(B, T, device=device)
         if variant == "model_logits":
             input_ids, attention_mask, index, ids, mask = sequence_inputs(prompts, responses, 0, device)
-            logits_B_L_V = model(input_ids=input_ids, attention_mask=attention_mask).logits  # as response_logprobs
+            logits_B_L_V = model(input_ids=input_ids, attention_mask=attention_mask).logits  # as response_forward
             logits_B_T_V = logits_B_L_V.gather(1, index[:, :, None].expand(-1, -1, V)).float()
             loss, _ = losses.tropd(logits_B_T_V, ids, teacher_lp, top_ids, top_lp, mask)
             loss.backward()

@@ -7,9 +7,11 @@ import json
 from pathlib import Path
 
 from services.teacher.protocol import tokenizer_fingerprint
+from trainer import checkpoint
 from trainer.config import TrainConfig
 from trainer.runlog import flatten
 from tropd.errors import UserError
+from tropd.modeldir import check_model_dir
 from tropd.paths import directory_path
 
 # settings a resumed run may change: how long it runs, where its teacher is reached, what it logs; every
@@ -18,6 +20,7 @@ from tropd.paths import directory_path
 # (`student` and `teacher.model` are paths: the tokenizer and the teacher behind them are compared by fingerprint)
 RESUME_FREE = ("steps", "out", "student", "threads", "checkpoint_every", "keep_checkpoints", "tensorboard", "plot",
                "eval.", "teacher.url", "teacher.api", "teacher.model", "teacher.engine", "teacher.api_key_env",
+               "teacher.resolve_replicas", "teacher.skip_tokenizer_check",
                "teacher.timeout_s", "teacher.retries", "teacher.max_concurrency", "teacher.request_sequences",
                "teacher.client_id", "device", "parallel", "gradient_checkpointing", "loss_chunk_tokens",
                "rollout.micro_batch_sequences", "rollout.sample_batch_sequences")  # fmt: skip
@@ -58,6 +61,28 @@ def check_resumed_settings(run_dir: Path, config: TrainConfig) -> None:
         shown = ", ".join(f"{key}: {before[key]!r} -> {now[key]!r}" for key in changed[:4])
         raise UserError(f"--resume with settings that differ from the run's config.yaml ({shown}): resume with the "
                         "run's settings, or start a new run in another `out`")  # fmt: skip
+
+
+def check_start(config: TrainConfig, run_dir: Path, student_dir: Path, resume: bool) -> Path | None:
+    """Every refusal that needs no model and no teacher: the student and run directories, a run that would
+    be overwritten or cannot be continued, settings a resumed run may not change. Returns the checkpoint to
+    resume from (None: start at step 0)."""
+    check_model_dir(student_dir, "student")
+    check_run_dir(run_dir, student_dir)
+    if config.teacher.api == "inprocess":
+        check_model_dir(config.teacher.model, "teacher.model")
+    ckpt = checkpoint.latest(run_dir) if resume else None
+    if not resume and (run_dir / "metrics.jsonl").is_file():
+        raise UserError(f"run directory {run_dir} already holds a run: pass --resume, or choose another `out`")
+    if resume and ckpt is None and (run_dir / "summary.json").is_file():
+        raise UserError(f"run directory {run_dir} holds a finished run without checkpoints: nothing to resume from "
+                        "(starting again would overwrite it); choose another `out`")  # fmt: skip
+    if ckpt is not None:
+        check_resumed_settings(run_dir, config)
+        if checkpoint.step_of(ckpt) > config.steps:
+            raise UserError(f"--resume: the last checkpoint of {run_dir} is at step {checkpoint.step_of(ckpt)}, past "
+                            f"steps={config.steps}: give steps >= {checkpoint.step_of(ckpt)}")  # fmt: skip
+    return ckpt
 
 
 def check_run_dir(run_dir: Path, student_dir: Path) -> None:

@@ -20,7 +20,7 @@ import torch
 
 from trainer import tasks
 from trainer.models import load_causal_lm, quiet_transformers
-from trainer.rollout import response_logprobs, sample
+from trainer.sampling import response_forward, sample
 from trainer.tasks import stack
 from trainer.tokenizer import VOCAB
 from tropd.errors import UserError
@@ -127,7 +127,7 @@ def mixed_batch(rng: random.Random, style: str, size: int, pools: dict[str, list
 
 def sft_loss(model, pairs: list[tuple[list[int], list[int]]]) -> torch.Tensor:
     """Mean cross-entropy of the response tokens (prompt tokens carry no loss)."""
-    logprobs_B_T, mask_B_T, _ = response_logprobs(model, [p for p, _ in pairs], [r for _, r in pairs], VOCAB.pad_id)
+    logprobs_B_T, mask_B_T, _ = response_forward(model, [p for p, _ in pairs], [r for _, r in pairs], VOCAB.pad_id)
     return -(logprobs_B_T.sum() / mask_B_T.sum())
 
 
@@ -332,14 +332,15 @@ def mismatch(student, teacher, task: str, n: int, seed: int = 0) -> dict[str, fl
         generator=torch.Generator().manual_seed(seed),
     )
     responses = roll.responses()
-    s, mask, _ = response_logprobs(student, prompts, responses, VOCAB.pad_id)
-    t, _, _ = response_logprobs(teacher, prompts, responses, VOCAB.pad_id)
+    s, mask, _ = response_forward(student, prompts, responses, VOCAB.pad_id)
+    t, _, _ = response_forward(teacher, prompts, responses, VOCAB.pad_id)
     k1 = (s - t)[mask]
     outlier = (t < s + math.log(0.01))[mask]
     return {"reverse_kl": k1.mean().item(), "outlier_share": outlier.float().mean().item()}
 
 
-def evaluate(model_dir: str, task: str, n: int, teacher_dir: str | None = None, seed: int = 0) -> dict:
+def task_report(model_dir: str, task: str, n: int, teacher_dir: str | None = None, seed: int = 0) -> dict:
+    """`tropd toy eval` for one task: the model's accuracy on `n` eval prompts, and with a teacher the mismatch."""
     set_threads()
     model = load_model(model_dir)
     result = {"model": str(model_dir), "task": task, "n": n, "accuracy": accuracy(model, task, n, seed)}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from trainer import tasks
 from trainer.config import DataConfig, EvalConfig
-from trainer.data import Prompt
+from trainer.prompt_source import Prompt
 from trainer.tokenizer import VOCAB
 from tropd.errors import UserError
 

@@ -1,9 +1,12 @@
 """The training loop: rollouts in flight, a trust-region loss, checkpoints, metrics, eval, summary.
 
+`train()` is `Training(config)` (every refusal, the teacher checked, the student and optimizer ready, a checkpoint
+restored), then `step()` per step, then `finish()` (eval, final student, summary). Each step:
+
 for step in 1..steps:
     keep up to max_staleness + 1 batches sampled and sent to the teacher
     batch = oldest batch, with its teacher scores
-    loss = losses.<method>(student scores on the batch, teacher scores)   # skipped if non-finite
+    loss = the method's loss (trainer/methods.py) of the student's and teacher's scores   # skipped if non-finite
     optimizer step; metrics; eval every K steps; checkpoint every C steps
 
 The student's scores come from `trainer.student.StudentStep`: chunks of positions through the output head, and
@@ -30,13 +33,12 @@ from trainer.methods import compute_loss, method_of
 from trainer.models import decoder_layers, load_student, quiet_transformers
 from trainer.parallel import DataParallel, resolve_device
 from trainer.pipeline import Batch, Pending, Rollouts
-from trainer.rundir import TEACHER_KEYS, check_resumed_models, check_resumed_settings, check_run_dir
+from trainer.rundir import TEACHER_KEYS, check_resumed_models, check_start
 from trainer.runlog import RunLog
 from trainer.student import LanguageModelView, ScoringModule, StudentStep
 from trainer.teacher_link import TeacherLink
 from tropd.errors import UserError, first_line
 from tropd.machine import torch_threads
-from tropd.modeldir import check_model_dir
 
 LOGITS_BUDGET_BYTES = 256 * 2**20  # float32 logits held at once when loss_chunk_tokens is not set
 
@@ -132,183 +134,208 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict | None:
     """Run (or resume) training; returns the summary (on rank 0; None on other ranks)."""
     from tqdm import tqdm
 
-    run_dir = Path(config.out)
-    student_dir = Path(config.student)
-    check_model_dir(student_dir, "student")
-    check_run_dir(run_dir, student_dir)
-    if config.teacher.api == "inprocess":
-        check_model_dir(config.teacher.model, "teacher.model")
-    ckpt = checkpoint.latest(run_dir) if resume else None
-    if not resume and (run_dir / "metrics.jsonl").is_file():
-        raise UserError(f"run directory {run_dir} already holds a run: pass --resume, or choose another `out`")
-    if resume and ckpt is None and (run_dir / "summary.json").is_file():
-        raise UserError(f"run directory {run_dir} holds a finished run without checkpoints: nothing to resume from "
-                        "(starting again would overwrite it); choose another `out`")  # fmt: skip
-    if ckpt is not None:
-        check_resumed_settings(run_dir, config)
-    if ckpt is not None and checkpoint.step_of(ckpt) > config.steps:
-        raise UserError(f"--resume: the last checkpoint of {run_dir} is at step {checkpoint.step_of(ckpt)}, past "
-                        f"steps={config.steps}: give steps >= {checkpoint.step_of(ckpt)}")  # fmt: skip
-    source = load_source(config.data, student_dir, config.seed, log)  # a bad data file stops here, before any step
-    verifier = pick_verifier(config, source)
-    device = resolve_device(config.device)
-    global_batch = config.rollout.prompts_per_step * config.rollout.samples_per_prompt
-    dp = DataParallel(global_batch, device, config.parallel)
-    torch.set_num_threads(torch_threads(config.threads, share=dp.local_world))
-    torch.manual_seed(config.seed)
-    quiet_transformers()
-    if not dp.main:
-        log = _silent
-
-    link = TeacherLink(config.teacher)
+    run = Training(config, resume, log)  # every refusal, before any step; the teacher checked
     try:
-        info = link.check(str(student_dir), config.teacher.top_k, model_vocab_size(student_dir))
+        run.evaluate_before()
+        bar = tqdm(range(run.done + 1, config.steps + 1), desc=config.loss.method, unit="step", dynamic_ncols=True,
+                   mininterval=1.0, disable=not run.dp.main)  # fmt: skip
+        for step in bar:
+            record = run.step(step, warn=tqdm.write)
+            if record is not None:
+                bar.set_postfix(_postfix(record, run.last_eval), refresh=False)
+        bar.close()
+        return run.finish()
+    except TeacherError as exc:
+        raise run.teacher_error(exc) from None
+    finally:
+        run.close()
+
+
+class Training:
+    """One run: prepared (refusals, teacher check, student, optimizer, restored state), stepped, finished."""
+
+    def __init__(self, config: TrainConfig, resume: bool, log=print):
+        self.config, self.run_dir, self.student_dir = config, Path(config.out), Path(config.student)
+        ckpt = check_start(config, self.run_dir, self.student_dir, resume)
+        self.source = load_source(config.data, self.student_dir, config.seed, log)  # a bad data file stops here
+        self.verifier = pick_verifier(config, self.source)
+        self.device = resolve_device(config.device)
+        global_batch = config.rollout.prompts_per_step * config.rollout.samples_per_prompt
+        self.dp = DataParallel(global_batch, self.device, config.parallel)
+        torch.set_num_threads(torch_threads(config.threads, share=self.dp.local_world))
+        torch.manual_seed(config.seed)
+        quiet_transformers()
+        self.log = log if self.dp.main else _silent
+        self.link = None
+        try:
+            self.link = TeacherLink(config.teacher)
+            self._prepare(ckpt, resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _prepare(self, ckpt: Path | None, resume: bool) -> None:
+        config, dp, run_dir, log = self.config, self.dp, self.run_dir, self.log
+        self.info = self.link.check(str(self.student_dir), config.teacher.top_k, model_vocab_size(self.student_dir))
         if ckpt is not None:
-            check_resumed_models(run_dir, ckpt, student_dir, info)
+            check_resumed_models(run_dir, ckpt, self.student_dir, self.info)
         if dp.main:  # a teacher refused above leaves no run directory behind
             run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(config, run_dir / "config.yaml")
-            (run_dir / "teacher.json").write_text(json.dumps({k: info.get(k) for k in TEACHER_KEYS}, indent=2))
-        student = Student(config, ckpt / "student" if ckpt else student_dir, source, dp)
-        model = student.model
-        log(f"[train] student on {device} ({config.dtype}), output head in chunks of {student.chunk} positions"
-            if student.chunk else f"[train] student on {device} ({config.dtype})")  # fmt: skip
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
-        rollouts = Rollouts(config, student.sampler, link, source, student.logprobs, rank=dp.rank, world=dp.world,
-                            all_done=dp.all_true if dp.sharded else None)  # fmt: skip
-        loss_gen = torch.Generator().manual_seed(config.seed + 1)
-        method = method_of(config)
-        done, skipped, cursor = 0, 0, 0
-        inflight: deque = deque()  # batches sampled ahead (max_staleness > 0), their scores on the way
+            (run_dir / "teacher.json").write_text(json.dumps({k: self.info.get(k) for k in TEACHER_KEYS}, indent=2))
+        self.student = student = Student(config, ckpt / "student" if ckpt else self.student_dir, self.source, dp)
+        self.model = student.model
+        log(f"[train] student on {self.device} ({config.dtype}), output head in chunks of {student.chunk} positions"
+            if student.chunk else f"[train] student on {self.device} ({config.dtype})")  # fmt: skip
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
+        self.rollouts = Rollouts(config, student.sampler, self.link, self.source, student.logprobs, rank=dp.rank,
+                                 world=dp.world, all_done=dp.all_true if dp.sharded else None)  # fmt: skip
+        self.loss_gen = torch.Generator().manual_seed(config.seed + 1)
+        self.method = method_of(config)
+        self.done, self.skipped, self.cursor = 0, 0, 0
+        self.inflight: deque = deque()  # batches sampled ahead (max_staleness > 0), their scores on the way
         if ckpt is not None:
             blob, state = checkpoint.load_state(ckpt)  # a damaged checkpoint is a UserError naming it
-            dp.load_optimizer(student.module, optimizer, blob["optimizer"])
-            scheduler.load_state_dict(blob["scheduler"])
-            rollouts.load_state(blob["cursor"]["rollouts"])
-            loss_gen.set_state(blob["cursor"]["loss_gen"])
-            done, skipped, cursor = state["step"], state["skipped_steps"], state["cursor"]
-            inflight.extend(restored_inflight(blob["cursor"].get("inflight"), dp, rollouts.top_k, ckpt))
-            log(f"[train] resuming {run_dir} from {ckpt.name} (step {done})")
+            dp.load_optimizer(student.module, self.optimizer, blob["optimizer"])
+            self.scheduler.load_state_dict(blob["scheduler"])
+            self.rollouts.load_state(blob["cursor"]["rollouts"])
+            self.loss_gen.set_state(blob["cursor"]["loss_gen"])
+            self.done, self.skipped, self.cursor = state["step"], state["skipped_steps"], state["cursor"]
+            self.inflight.extend(restored_inflight(blob["cursor"].get("inflight"), dp, self.rollouts.top_k, ckpt))
+            log(f"[train] resuming {run_dir} from {ckpt.name} (step {self.done})")
         elif resume:
             log(f"[train] no checkpoint in {run_dir}: starting from step 0")
+        self.next_sample = self.done + 1 + len(self.inflight)
+        self.runlog = RunLog(run_dir, config.tensorboard, self.done) if dp.main else None
+        self.last_eval: dict | None = None
+        self.start_time = time.monotonic()
 
-        def run_eval() -> dict | None:
-            """On rank 0; under FSDP on every rank (each forward is a collective), rank 0 keeping the result."""
-            if not (dp.main or dp.sharded):
-                return None
-            lockstep = dp.all_true if dp.sharded else None
-            return evaluate(student.sampler, link, source, config, verifier, student.logprobs, lockstep)
+    def run_eval(self) -> dict | None:
+        """On rank 0; under FSDP on every rank (each forward is a collective), rank 0 keeping the result."""
+        dp = self.dp
+        if not (dp.main or dp.sharded):
+            return None
+        lockstep = dp.all_true if dp.sharded else None
+        return evaluate(self.student.sampler, self.link, self.source, self.config, self.verifier,
+                        self.student.logprobs, lockstep)  # fmt: skip
 
-        need_before = config.eval.before_after and (done == 0 or not (run_dir / "eval_before.json").is_file())
-        if not dp.all_true(not need_before):  # the same answer on every rank
-            log("[train] evaluating the student before training")
-            result = run_eval()
+    def evaluate_before(self) -> None:
+        config, dp, run_dir = self.config, self.dp, self.run_dir
+        need = config.eval.before_after and (self.done == 0 or not (run_dir / "eval_before.json").is_file())
+        if not dp.all_true(not need):  # the same answer on every rank
+            self.log("[train] evaluating the student before training")
+            result = self.run_eval()
             if dp.main:
                 (run_dir / "eval_before.json").write_text(json.dumps(result))
-        runlog = RunLog(run_dir, config.tensorboard, done) if dp.main else None
-        start_time = time.monotonic()
-        next_sample = done + 1 + len(inflight)
-        steps = range(done + 1, config.steps + 1)
-        bar = tqdm(steps, desc=f"{config.loss.method}", unit="step", dynamic_ncols=True, mininterval=1.0,
-                   disable=not dp.main)  # fmt: skip
-        last_eval = None
-        for step in bar:
-            t0 = time.perf_counter()
-            while len(inflight) < config.max_staleness + 1 and next_sample <= config.steps:
-                inflight.append(rollouts.make(next_sample))
-                next_sample += 1
-                cursor += config.rollout.prompts_per_step
-            t_sampled = time.perf_counter()
-            batch = batch_on(inflight.popleft().resolve(), device)
-            t_scored = time.perf_counter()
-            model.train()
-            mask = batch.mask_B_T
-            record = {"step": step, "cursor": cursor - config.max_staleness * config.rollout.prompts_per_step}
-            finite_teacher = batch.teacher_lp_B_T is None or bool(torch.isfinite(batch.teacher_lp_B_T[mask]).all())
-            uniform = None
-            if method.uniforms(config.loss):  # drawn on every rank, every step
-                uniform = dp.uniforms(loss_gen, *mask.shape).to(device)
-            top_ids = batch.teacher_top_ids_B_T_K if rollouts.top_k else None
-            run = student.step(batch, top_ids, entropy=method.entropy, argmax=method.argmax)
-            scores = run.scores()
-            loss, metrics = compute_loss(config, batch, scores, step, uniform) if finite_teacher else (None, {})
-            ok = loss is not None and bool(torch.isfinite(loss))
-            grad_norm = math.nan
-            optimizer.zero_grad(set_to_none=True)
-            if dp.world > 1:  # every rank must run backward (DDP reduces there); a bad rank contributes zero
-                share = batch.tokens * dp.world / max(1.0, dp.total(batch.tokens))
-                loss = loss * share if ok else None
-                ok = dp.all_ok(ok)
-            if ok or dp.world > 1:
-                run.backward(loss)
-                grad_norm = _norm(torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip))
-                ok = ok and math.isfinite(grad_norm)
-            if ok:
-                optimizer.step()
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                skipped += 1
-                tqdm.write(f"[train] step {step}: non-finite teacher value, loss or gradient; step skipped")
-            scheduler.step()
-            t_done = time.perf_counter()
-            latencies, link.latencies[:] = list(link.latencies), []
-            record.update({k: float(v) for k, v in metrics.items()})
-            record.update(
-                {
-                    "source": batch.source,
-                    "prefix_share": float(batch.prefix_mask_B_T.sum()) / max(1, batch.tokens),
-                    "response_tokens": batch.tokens,
-                    "grad_norm": grad_norm,
-                    "lr": scheduler.get_last_lr()[0],
-                    "skipped_steps": skipped,
-                    "teacher_latency_s": sum(latencies) / len(latencies) if latencies else 0.0,
-                    "sample_s": t_sampled - t0,
-                    "wait_teacher_s": t_scored - t_sampled,
-                    "step_s": t_done - t0,
-                    "tokens_per_s": batch.tokens / max(1e-9, t_done - t0),
-                }
-            )
-            if device.type == "cuda":
-                record["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-            if config.eval.every and step % config.eval.every == 0 and step < config.steps:
-                last_eval = record["eval"] = run_eval()
-            due = step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0)
-            full_state = dp.full_state(model, student.module, optimizer) if due else None  # FSDP: all ranks gather
-            ahead = dp.gather([pending.saved() for pending in inflight]) if due else None  # every rank's, on rank 0
-            if not dp.main:
-                continue
-            runlog.write(record)
-            bar.set_postfix(_postfix(record, last_eval), refresh=False)
-            if due:
-                checkpoint.save(
-                    run_dir, step, model, optimizer, scheduler,
-                    {"rollouts": rollouts.state(), "loss_gen": loss_gen.get_state(), "inflight": ahead},
-                    {"skipped_steps": skipped, "cursor": cursor}, config.keep_checkpoints, student_dir, full_state,
-                )  # fmt: skip
-        bar.close()
-        if config.eval.before_after:
-            log("[train] evaluating the student after training")
-        eval_after = run_eval() if config.eval.before_after else None
+        self.start_time = time.monotonic()
+
+    def step(self, step: int, warn=print) -> dict | None:
+        """One optimizer step (skipped when a teacher value, the loss or the gradient is not finite); eval and
+        checkpoint when due. Returns the step's metrics record on rank 0, None on the others."""
+        config, dp, device, model = self.config, self.dp, self.device, self.model
+        t0 = time.perf_counter()
+        while len(self.inflight) < config.max_staleness + 1 and self.next_sample <= config.steps:
+            self.inflight.append(self.rollouts.make(self.next_sample))
+            self.next_sample += 1
+            self.cursor += config.rollout.prompts_per_step
+        t_sampled = time.perf_counter()
+        batch = batch_on(self.inflight.popleft().resolve(), device)
+        t_scored = time.perf_counter()
+        model.train()
+        mask = batch.mask_B_T
+        record = {"step": step, "cursor": self.cursor - config.max_staleness * config.rollout.prompts_per_step}
+        finite_teacher = batch.teacher_lp_B_T is None or bool(torch.isfinite(batch.teacher_lp_B_T[mask]).all())
+        uniform = None
+        if self.method.uniforms(config.loss):  # drawn on every rank, every step
+            uniform = dp.uniforms(self.loss_gen, *mask.shape).to(device)
+        top_ids = batch.teacher_top_ids_B_T_K if self.rollouts.top_k else None
+        run = self.student.step(batch, top_ids, entropy=self.method.entropy, argmax=self.method.argmax)
+        scores = run.scores()
+        loss, metrics = compute_loss(config, batch, scores, step, uniform) if finite_teacher else (None, {})
+        ok = loss is not None and bool(torch.isfinite(loss))
+        grad_norm = math.nan
+        self.optimizer.zero_grad(set_to_none=True)
+        if dp.world > 1:  # every rank must run backward (DDP reduces there); a bad rank contributes zero
+            share = batch.tokens * dp.world / max(1.0, dp.total(batch.tokens))
+            loss = loss * share if ok else None
+            ok = dp.all_ok(ok)
+        if ok or dp.world > 1:
+            run.backward(loss)
+            grad_norm = _norm(torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip))
+            ok = ok and math.isfinite(grad_norm)
+        if ok:
+            self.optimizer.step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped += 1
+            warn(f"[train] step {step}: non-finite teacher value, loss or gradient; step skipped")
+        self.scheduler.step()
+        t_done = time.perf_counter()
+        latencies, self.link.latencies[:] = list(self.link.latencies), []
+        record.update({k: float(v) for k, v in metrics.items()})
+        record.update(
+            {
+                "source": batch.source,
+                "prefix_share": float(batch.prefix_mask_B_T.sum()) / max(1, batch.tokens),
+                "response_tokens": batch.tokens,
+                "grad_norm": grad_norm,
+                "lr": self.scheduler.get_last_lr()[0],
+                "skipped_steps": self.skipped,
+                "teacher_latency_s": sum(latencies) / len(latencies) if latencies else 0.0,
+                "sample_s": t_sampled - t0,
+                "wait_teacher_s": t_scored - t_sampled,
+                "step_s": t_done - t0,
+                "tokens_per_s": batch.tokens / max(1e-9, t_done - t0),
+            }
+        )
+        if device.type == "cuda":
+            record["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        if config.eval.every and step % config.eval.every == 0 and step < config.steps:
+            self.last_eval = record["eval"] = self.run_eval()
+        due = step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0)
+        # collectives: every rank gathers FSDP's full state and its batches sampled ahead
+        full_state = dp.full_state(model, self.student.module, self.optimizer) if due else None
+        ahead = dp.gather([pending.saved() for pending in self.inflight]) if due else None
         if not dp.main:
+            return None
+        self.runlog.write(record)
+        if due:
+            checkpoint.save(
+                self.run_dir, step, model, self.optimizer, self.scheduler,
+                {"rollouts": self.rollouts.state(), "loss_gen": self.loss_gen.get_state(), "inflight": ahead},
+                {"skipped_steps": self.skipped, "cursor": self.cursor}, config.keep_checkpoints, self.student_dir,
+                full_state,
+            )  # fmt: skip
+        return record
+
+    def finish(self) -> dict | None:
+        """Eval after training, the final student and summary.json (rank 0: the summary; others: None)."""
+        config, run_dir = self.config, self.run_dir
+        if config.eval.before_after:
+            self.log("[train] evaluating the student after training")
+        eval_after = self.run_eval() if config.eval.before_after else None
+        if not self.dp.main:
             return None
         eval_before = None
         if config.eval.before_after:
             eval_before = json.loads((run_dir / "eval_before.json").read_text())
-            runlog.write({"step": config.steps, "eval": eval_after, "final": True})
-        runlog.close()
+            self.runlog.write({"step": config.steps, "eval": eval_after, "final": True})
+        self.runlog.close()
         final_dir = run_dir / "student"
         shutil.rmtree(final_dir, ignore_errors=True)
         shutil.copytree(checkpoint.latest(run_dir) / "student", final_dir)
         summary = {
             "config": config.model_dump(mode="json"),
-            "teacher": {k: info.get(k) for k in ("model", "engine", "dtype", "tokenizer_sha256")},
-            "teacher_requests": link.replica_requests(),  # per replica URL, this rank's
+            "teacher": {k: self.info.get(k) for k in ("model", "engine", "dtype", "tokenizer_sha256")},
+            "teacher_requests": self.link.replica_requests(),  # per replica URL, this rank's
             "eval_before": eval_before,
             "eval_after": eval_after,
             "steps": config.steps,
-            "skipped_steps": skipped,
-            "wall_time_s": round(time.monotonic() - start_time, 1),
+            "skipped_steps": self.skipped,
+            "wall_time_s": round(time.monotonic() - self.start_time, 1),
             "run_dir": str(run_dir),
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -317,18 +344,24 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict | None:
 
             plot_run(run_dir)
         return summary
-    except TeacherError as exc:
-        done = checkpoint.latest(run_dir)
+
+    def teacher_error(self, exc: TeacherError) -> UserError:
+        """The one-line error for a teacher that refused or stayed away mid-run, naming the last checkpoint."""
+        done = checkpoint.latest(self.run_dir)
         kept = f"the last checkpoint is {done.name}" if done else "no checkpoint was written yet"
         if exc.status is not None:  # refused after the start-up check: a rotated key, a restarted teacher's limits
             cause = f"the teacher refused a request (HTTP {exc.status}: {first_line(exc)})"
-            raise UserError(f"{cause}; {kept}: fix the cause (the API key, the teacher's limits) and continue the run "
-                            "with --resume") from None  # fmt: skip
+            return UserError(f"{cause}; {kept}: fix the cause (the API key, the teacher's limits) and continue the "
+                             "run with --resume")  # fmt: skip
         # the teacher stayed away longer than the retries with back-off
-        raise UserError(f"{exc}; {kept}: continue the run with --resume once the teacher is back") from None
-    finally:
-        link.close()
-        dp.close()
+        return UserError(f"{exc}; {kept}: continue the run with --resume once the teacher is back")
+
+    def close(self) -> None:
+        try:
+            if self.link is not None:
+                self.link.close()
+        finally:
+            self.dp.close()
 
 
 def _norm(value) -> float:

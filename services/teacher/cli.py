@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 
+from tropd.argtypes import non_negative_int, positive_float, positive_int
 from tropd.errors import UserError
 from tropd.machine import torch_threads
 
@@ -16,8 +17,6 @@ EXIT_ENGINE_FAILED = 3  # the engine died: a supervisor (Compose `restart`, Kube
 
 
 def add_teacher(sub) -> None:
-    from tropd.cli import non_negative_int, positive_float, positive_int
-
     teacher = sub.add_parser("teacher", help="the teacher scoring service")
     teacher_sub = teacher.add_subparsers(dest="teacher", metavar="ACTION", parser_class=type(teacher), required=True)
     serve = teacher_sub.add_parser(
@@ -119,8 +118,6 @@ def add_teacher(sub) -> None:
 
 
 def add_bench(sub) -> None:
-    from tropd.cli import non_negative_int, positive_int
-
     bench = sub.add_parser(
         "teacher",
         help="scoring throughput: the service against its engine and vLLM's stock OpenAI server",
@@ -167,8 +164,6 @@ def add_bench(sub) -> None:
 
 def _client_counts(text: str) -> tuple[int, ...]:
     import argparse
-
-    from tropd.cli import positive_int
 
     try:
         counts = tuple(positive_int(part.strip()) for part in text.split(","))
@@ -307,7 +302,7 @@ def run_serve(args) -> int:
     engine_name = args.engine
     log.info(json.dumps({"event": "loading", "model": args.model, "engine": engine_name}))
     if engine_name == "vllm":
-        from services.teacher.engines import vllm_available
+        from tropd.machine import vllm_available
 
         if not vllm_available():
             raise UserError("--engine vllm: vLLM is not installed here (use --engine hf, or install vllm)")

@@ -105,7 +105,6 @@ class TeacherClient:
         self.retries, self.backoff, self.max_backoff, self.binary = retries, backoff, max_backoff, binary
         self.identity: dict | None = None  # IDENTITY_KEYS of the checked teacher: a probed replica must match
         self.retried = 0  # requests retried since this client was made (for metrics)
-        self.last_latency = 0.0
 
     async def __aenter__(self):
         return self
@@ -191,7 +190,6 @@ class TeacherClient:
             replica = await self._pick()
             replica.outstanding += tokens
             replica.requests += 1
-            start = time.perf_counter()
             down = False
             try:
                 response = await replica.http.request(method, path, **kwargs)
@@ -200,7 +198,6 @@ class TeacherClient:
             except httpx.TransportError as exc:  # connection refused or reset, timeouts
                 last, down = f"{replica.url}: {type(exc).__name__}: {exc}", True
             else:
-                self.last_latency = time.perf_counter() - start
                 if response.status_code < 400:
                     self._key_accepted = True
                     return response

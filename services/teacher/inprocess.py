@@ -10,7 +10,8 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
-from services.teacher.engines import SamplingSpec, ScoreItem, load_engine
+from services.teacher.engine_types import SamplingSpec, ScoreItem
+from services.teacher.engines import load_engine
 from services.teacher.protocol import PROTOCOL_VERSION
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from trainer.tasks import arith, grammar, stack
+from trainer.tasks.answers import final_answer as final_answer  # the answer parser, re-exported
 
 
 @dataclass(frozen=True)
@@ -74,10 +75,3 @@ def examples(task: str, split: str, n: int, seed: int = 0) -> list[Example]:
 def check(task: str, prompt: str, response: str) -> bool:
     """True when `response` (either style) answers `prompt` correctly."""
     return get_task(task).check(prompt, response)
-
-
-def final_answer(response: str) -> str | None:
-    """The text after the last `#`, the answer in both styles; None when there is none."""
-    if "#" not in response:
-        return None
-    return response.rsplit("#", 1)[1]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import random
 
+from trainer.tasks.answers import final_answer
+
 
 def make(rng: random.Random) -> tuple[str, str, str]:
     if rng.random() < 0.5:
@@ -32,7 +34,5 @@ def solve(prompt: str) -> int:
 
 
 def check(prompt: str, response: str) -> bool:
-    from trainer.tasks import final_answer
-
     answer = final_answer(response)
     return answer is not None and answer.isdigit() and int(answer) == solve(prompt)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import random
 
+from trainer.tasks.answers import final_answer
+
 PAIRS = {"(": ")", "[": "]"}
 
 
@@ -43,7 +45,5 @@ def balanced(text: str) -> bool:
 
 
 def check(prompt: str, response: str) -> bool:
-    from trainer.tasks import final_answer
-
     answer = final_answer(response)
     return answer is not None and answer != "" and balanced(prompt + answer)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import random
 
+from trainer.tasks.answers import final_answer
+
 
 def make(rng: random.Random) -> tuple[str, str, str]:
     a, b, c = (str(rng.randint(0, 9)) for _ in range(3))
@@ -39,7 +41,5 @@ def steps(program: list[str]) -> list[tuple[int, int, str, list[int]]]:
 
 
 def check(prompt: str, response: str) -> bool:
-    from trainer.tasks import final_answer
-
     answer = final_answer(response)
     return answer is not None and answer.isdigit() and int(answer) == run(prompt.split())[-1][0]

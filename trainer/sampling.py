@@ -18,7 +18,7 @@ from trainer.decode import decoder_for
 
 
 @dataclass
-class Rollout:
+class Samples:
     """Generated tokens of B prompts, on CPU. `response_ids_B_T` is right-padded with `pad_id`; `lengths_B`
     counts generated tokens including the stop token when one was produced."""
 
@@ -102,10 +102,10 @@ def sample(
     uniforms_B_T: torch.Tensor | None = None,
     decoder: str = "auto",
     all_done: Callable[[bool], bool] | None = None,
-) -> Rollout:
+) -> Samples:
     """Sample continuations; `temperature == 0` is greedy decoding. A row finishes at any of `stop_ids` (and
     `eos_id` when given) or after `max_new_tokens`; ids in `banned_ids` or at or above `vocab_limit` are never
-    sampled. Runs on the model's device (any dtype: logits are cast to float32); the Rollout is on CPU.
+    sampled. Runs on the model's device (any dtype: logits are cast to float32); the Samples are on CPU.
 
     Token t of row b is drawn by inverse CDF from `uniforms_B_T[b, t]` (drawn on CPU from `generator` when not
     given): a row's sample then does not depend on which other rows share its batch, so data-parallel ranks
@@ -153,7 +153,7 @@ def sample(
             break
         logits_B_V = runner.step(tok_B, next_pos_B).float()
         next_pos_B = next_pos_B + 1
-    return Rollout(
+    return Samples(
         prompts,
         torch.stack(tokens, 1).cpu(),
         lengths_B.cpu(),
@@ -162,11 +162,12 @@ def sample(
     )
 
 
-def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int):
-    """Log-probs of each response token given prompt and earlier response tokens (with gradient).
+def response_forward(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int):
+    """One forward pass over prompt + response (with gradient): what the model says at each response token.
 
-    Returns `(logprobs_B_T, mask_B_T, logits_B_T_V)`, right-padded over the response positions; the
-    logits are the model's raw scores at those positions (for losses that need the full distribution).
+    Returns `(logprobs_B_T, mask_B_T, logits_B_T_V)`, right-padded over the response positions: the log-prob of
+    each response token given the prompt and the earlier response tokens, the response mask, and the model's raw
+    scores there (for losses that need the full distribution).
     """
     seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
     width = max(len(s) for s in seqs)

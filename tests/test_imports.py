@@ -1,0 +1,163 @@
+"""The project's own modules import only downwards: no cycle, and every top-level module imports on its own.
+
+The graph is read from the source (AST), so checking it imports nothing: module-level AND function-level
+imports count (a function-level import is a cycle waiting for its first caller), `if TYPE_CHECKING:` blocks
+do not (they never run).
+"""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("tropd", "trainer", "services")
+EXTRA_FILES = ("tests/helpers.py",)
+
+
+def module_name(path_rel: Path) -> str:
+    """`trainer/tasks/__init__.py` -> `trainer.tasks`; `trainer/losses.py` -> `trainer.losses`."""
+    parts = list(path_rel.with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def project_modules(root: Path = ROOT) -> dict[str, Path]:
+    """Every module of the project's packages (and the shared test helpers), by dotted name."""
+    files = [p for pkg in PACKAGES for p in sorted((root / pkg).rglob("*.py"))]
+    files += [root / f for f in EXTRA_FILES]
+    return {module_name(p.relative_to(root)): p for p in files}
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _imports(node: ast.AST, package: str) -> list[list[str]]:
+    """What a tree imports, skipping TYPE_CHECKING blocks: each import as its candidate targets, most specific first.
+
+    `from a import b` imports the module a.b if there is one, else the name b of a: candidates [a.b, a].
+    Relative imports are resolved against `package`.
+    """
+    found: list[list[str]] = []
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.If) and _is_type_checking(child.test):
+            for stmt in child.orelse:
+                found += _imports(ast.Module(body=[stmt], type_ignores=[]), package)
+            continue
+        if isinstance(child, ast.Import):
+            found += [[alias.name] for alias in child.names]
+        elif isinstance(child, ast.ImportFrom):
+            if child.level:
+                parts = package.split(".")
+                base = parts[: len(parts) - child.level + 1]
+                stem = ".".join(base + ([child.module] if child.module else []))
+            else:
+                stem = child.module or ""
+            found += [[f"{stem}.{alias.name}", stem] for alias in child.names]
+        found += _imports(child, package)
+    return found
+
+
+def _ancestors(name: str) -> set[str]:
+    parts = name.split(".")
+    return {".".join(parts[:i]) for i in range(1, len(parts))}
+
+
+def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """module -> the project modules it imports.
+
+    Importing a.b.c also runs the packages a and a.b: those count too, except the importer's own packages
+    (already running when it is imported). A name taken from a package (`from a import name`) is an edge to it.
+    """
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges: set[str] = set()
+        for candidates in _imports(ast.parse(path.read_text(), str(path)), package):
+            target = next((c for c in candidates if c in modules), None)
+            if target is None:
+                continue
+            edges |= {target} | ((_ancestors(target) & modules.keys()) - _ancestors(name))
+        edges.discard(name)
+        graph[name] = edges
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle as [a, b, ..., a], or None (depth-first search, white/grey/black)."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_cycle_finder_finds_a_planted_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert find_cycle(graph) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_graph_reads_function_level_imports_and_skips_type_checking(tmp_path):
+    pkg = tmp_path / "tropd"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from tropd import c\ndef f():\n    from . import b\n"
+    )
+    (pkg / "b.py").write_text("import tropd.a\n")
+    (pkg / "c.py").write_text("")
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "helpers.py").write_text("")
+    graph = import_graph(project_modules(tmp_path))
+    assert graph["tropd.a"] == {"tropd.b"}
+    assert find_cycle(graph) == ["tropd.a", "tropd.b", "tropd.a"]
+
+
+def test_no_import_cycle():
+    graph = import_graph(project_modules())
+    assert len(graph) > 50, "the project's modules were not found"
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(n for n in project_modules() if not n.endswith(".__main__")))  # scripts
+def test_module_imports_alone(name):
+    """Each module imports in a fresh interpreter (no order of earlier imports hides a cycle or a missing import)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", f"import {name}"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_tests_import_their_helpers_however_pytest_is_started(tmp_path):
+    """`pytest` (not only `python -m pytest`), from another directory: the test files still import `tests.helpers`."""
+    pytest_bin = Path(sys.executable).with_name("pytest")
+    proc = subprocess.run(
+        [str(pytest_bin), str(ROOT / "tests" / "test_parallel.py"), "--collect-only", "-q", "-p", "no:cacheprovider"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "collected" in proc.stdout and "error" not in proc.stdout.lower()

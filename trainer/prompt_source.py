@@ -1,0 +1,40 @@
+"""What a prompt source gives the trainer: `Prompt`s, and the `PromptSource` interface every source implements.
+
+A leaf module: the sources (`trainer.data.FileSource`, `trainer.toy_source.ToySource`) and the trainer core that
+draws from them import it, so no source imports another to learn the interface.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from trainer.config import EvalConfig
+
+
+@dataclass(frozen=True)
+class Prompt:
+    ids: list[int]
+    answer: str | None = None
+    record: dict = field(default_factory=dict)  # what a verifier may read (the file's record, or the toy task)
+
+
+class PromptSource(Protocol):
+    pad_id: int
+    stop_ids: tuple[int, ...]  # a response ends at any of them
+    banned_ids: tuple[int, ...]  # never sampled (besides ids >= vocab_limit)
+    vocab_limit: int | None  # ids at or above it are rows of the embedding table with no token
+
+    def draw(self, rng: random.Random, n: int) -> list[Prompt]: ...
+
+    def eval_sets(self, config: EvalConfig) -> dict[str, list[Prompt]]: ...
+
+    def kl_prompts(self, config: EvalConfig) -> list[Prompt]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def default_verifier(self) -> str: ...
+
+    def verifiers(self) -> dict[str, Callable[[str, str | None, dict], float]]: ...  # the source's own, by name
