@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -22,7 +23,7 @@ def test_help_documents_every_option():
     assert result.returncode == 0, result.stderr
     for option in ("--model", "--sequences", "--length", "--top-k", "--repeats", "--clients", "--request-sequences"):
         assert option in result.stdout
-    for option in ("--skip-stock", "--stock-tokenizer", "--quick", "--json"):
+    for option in ("--skip-stock", "--stock-tokenizer", "--quick", "--json", "--contention-seconds", "--alternations"):
         assert option in result.stdout
 
 
@@ -41,9 +42,9 @@ def test_bad_arguments_are_one_line_errors(args, needle):
 
 
 @pytest.mark.vllm
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(660)
 def test_quick_run_reports_every_measurement(toy_quick):
-    result = run("--quick", "--json", "--model", str(toy_quick / "teacher"))
+    result = run("--quick", "--json", "--model", str(toy_quick / "teacher"), timeout=640)
     assert result.returncode == 0, result.stderr[-4000:]  # never 134 (an abort at exit)
     report = json.loads(result.stdout)  # stdout holds the JSON object alone: vLLM's prints went to stderr
     assert report["clients"] == [1, 4] and report["scored_tokens"] == 16 * 63
@@ -60,3 +61,12 @@ def test_quick_run_reports_every_measurement(toy_quick):
     assert isinstance(report["agree"], bool)
     assert set(report["agreement"]) >= {"service_binary", "service_json", "stock_vllm"}
     assert report["server_exit_codes"]["service"] == 0
+    # one greedy client among N, the completions path beside the stock server, and b/a with each path alone
+    keys = ("min_fair_share", "aggregate_over_single", "service_over_engine_separated", "completions_over_stock_vllm")
+    for key in keys:
+        assert math.isfinite(report[key]) and report[key] > 0, key
+    rounds = report["contention"]["rounds"]
+    assert [r["clients"] for r in rounds] == [1, 4] and len(rounds[1]["steady_shares"]) == 3
+    assert 0 < rounds[1]["greedy_share"] + sum(rounds[1]["steady_shares"]) <= 1 + 1e-9
+    separated = report["separated"]
+    assert [len(s) for s in separated["seconds"].values()] == [report["repeats"]] * 2  # one A-B pair (--quick)

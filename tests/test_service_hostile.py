@@ -62,8 +62,46 @@ def service(toy_quick, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def api_schema(service):
-    return schemathesis.openapi.from_url(f"{service.url}/openapi.json")
+def fuzzed(toy_quick, tmp_path_factory):
+    """The service that schema-generated requests go to: the same limits and a 64-token context, so that the
+    continuations the schema allows (up to max_model_len - 1 new tokens per prefix) stay quick on hf."""
+    logs = tmp_path_factory.mktemp("fuzzed")
+    with teacher(toy_quick / "teacher", "hf", logs, *LIMITS, "--max-model-len", "64", env=ONE_THREAD) as svc:
+        yield svc
+        assert httpx.post(f"{svc.url}/v1/score", json=OK).status_code == 200
+        metrics = httpx.get(f"{svc.url}/metrics").text
+    assert 'tropd_errors_total{kind="internal"}' not in metrics
+    assert "Traceback" not in svc.log(), svc.log()[-3000:]
+    assert svc.process.returncode == 0, svc.log()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def api_schema(fuzzed):
+    return schemathesis.openapi.from_url(f"{fuzzed.url}/openapi.json")
+
+
+def test_schema_states_the_model_limits(fuzzed):
+    """/openapi.json carries the toy model's and the service's limits (vocabulary 26, context 64, 64 sequences,
+    top-k 20), as `inputs.py` checks them."""
+    doc = httpx.get(f"{fuzzed.url}/openapi.json").json()["components"]["schemas"]
+    ids = {"type": "integer", "minimum": 0, "maximum": 25}
+    score = doc["ScoreRequest"]["properties"]
+    assert score["sequences"]["maxItems"] == MAX_SEQUENCES
+    assert score["sequences"]["items"] == {"type": "array", "minItems": 2, "maxItems": 63, "items": ids}
+    assert score["start"]["anyOf"][0] == {"type": "integer", "minimum": 1, "maximum": 62}
+    assert score["top_k"]["maximum"] == 20
+    assert str(MAX_TOKENS) in doc["ScoreRequest"]["description"]  # the request total, in words
+    cont = doc["ContinueRequest"]["properties"]
+    assert cont["prefixes"]["maxItems"] == MAX_SEQUENCES
+    assert cont["prefixes"]["items"]["maxItems"] == 63 and cont["prefixes"]["items"]["items"] == ids
+    assert cont["max_tokens"]["maximum"] == 63 and cont["stop_ids"]["items"] == ids and cont["top_k"]["maximum"] == 20
+    prompt = doc["CompletionRequest"]["properties"]["prompt"]["anyOf"]
+    assert prompt[0] == {"type": "array", "minItems": 1, "maxItems": 63, "items": ids}
+    assert prompt[1]["maxItems"] == MAX_SEQUENCES and prompt[1]["items"]["items"] == ids
+    assert doc["CompletionRequest"]["properties"]["logprobs"]["anyOf"][0]["maximum"] == 20
+    # a whole float is an integer to JSON Schema (and to generated clients): served, not refused
+    answer = httpx.post(f"{fuzzed.url}/v1/score", json={"sequences": [[1.0, 5, 6.0]], "top_k": 2.0})
+    assert answer.status_code == 200 and len(answer.json()["results"][0]["logprobs"]) == 2
 
 
 def test_schema_lists_every_operation(api_schema):

@@ -173,6 +173,15 @@ def create_app(engine, settings: Settings | None = None) -> FastAPI:
         },
     )
     app.state.metrics, app.state.batcher, app.state.settings = metrics, batcher, settings
+    generated_openapi, stated = app.openapi, {}
+
+    def openapi_with_limits() -> dict:
+        """The generated document with this model's limits stated in it (built once, then cached)."""
+        if not stated:
+            stated["doc"] = schemas.state_limits(generated_openapi(), info, settings)
+        return stated["doc"]
+
+    app.openapi = openapi_with_limits
     app.state.exit_on_failure = None  # set by the server: stop serving, exit non-zero
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_reject=lambda: _count(413, "body_too_large"))
 

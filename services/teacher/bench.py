@@ -42,6 +42,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from services.teacher.app import Settings
+from services.teacher.bench_alone import measure_alone
+from services.teacher.bench_fair import run_contention
 from services.teacher.launch import serving
 from services.teacher.openai_client import stock_vllm
 from tropd.errors import UserError
@@ -51,6 +54,7 @@ PATHS = {
     "engine": "(a) vLLM engine, in-process",
     "service_binary": "(b) tropd service, binary",
     "service_json": "(c) tropd service, JSON",
+    "service_completions": "(e) tropd /v1/completions",
     "stock_vllm": "(d) stock vLLM OpenAI server",
 }
 TOLERANCE = 1e-4
@@ -71,6 +75,8 @@ class BenchConfig:
     skip_stock: bool = False
     stock_tokenizer: bool = False
     startup_timeout: float = 300.0
+    contention_seconds: float = 20.0
+    alternations: int = 2
 
 
 @dataclass
@@ -282,8 +288,12 @@ def run_bench(config: BenchConfig, progress=print) -> dict:
                     {
                         "service_binary": lambda: TeacherClient(service.url, binary=True),
                         "service_json": lambda: TeacherClient(service.url, binary=False),
+                        "service_completions": lambda: VLLMOpenAIClient(service.url, vocab_size=vocab_size),
                     }
                 )
+                batch = Settings().max_batch_tokens  # the service runs with the default
+                args = (service.url, requests, config.clients, config.top_k, batch, config.contention_seconds)
+                report["contention"] = run_contention(*args, progress=progress)
             exit_codes["service"] = service.process.returncode
             if not config.skip_stock:
                 progress("bench: (d) starting vLLM's stock OpenAI server")
@@ -295,6 +305,11 @@ def run_bench(config: BenchConfig, progress=print) -> dict:
                 exit_codes["stock_vllm"] = stock.process.returncode
     finally:
         engine.close()
+    progress("bench: service_over_engine with each path alone (engine subprocess, then service), A-B alternated")
+    report["separated"] = measure_alone(
+        config.model, "vllm", requests, config.top_k, max_top_k, config.repeats, config.alternations,
+        config.startup_timeout, progress,
+    )  # fmt: skip
     measurements[:0] = [Measurement("engine", c, engine_seconds[c], tokens) for c in config.clients]
 
     n = min(CHECKED_SEQUENCES, config.sequences)
@@ -305,6 +320,9 @@ def run_bench(config: BenchConfig, progress=print) -> dict:
         agree=all(a["agree"] for a in agreement.values()),
         server_exit_codes=exit_codes,
         **_ratios(measurements),
+        service_over_engine_separated=report["separated"]["service_over_engine"],
+        min_fair_share=report["contention"]["min_fair_share"],
+        aggregate_over_single=report["contention"]["aggregate_over_single"],
     )
     report["machine"]["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
     return report
@@ -320,9 +338,11 @@ def _ratios(measurements: list[Measurement]) -> dict:
     b/d = (b/a) / (d/a) is not skewed by load that changed between the two servers), and the raw ratios."""
     by = {(m.path, m.clients): m for m in measurements}
     b, a, d = by.get(("service_binary", 1)), by.get(("engine", 1)), by.get(("stock_vllm", 1))
+    e = by.get(("service_completions", 1))
     return {
         "service_over_engine": b.over_engine if b else None,
         "service_over_stock_vllm": b.over_engine / d.over_engine if b and d else None,
+        "completions_over_stock_vllm": e.over_engine / d.over_engine if e and d else None,
         "raw_ratios": {
             "service_over_engine": b.tokens_per_s / a.tokens_per_s if b and a else None,
             "service_over_stock_vllm": b.tokens_per_s / d.tokens_per_s if b and d else None,
@@ -358,6 +378,16 @@ def format_table(report: dict) -> str:
         "",
         f"service / engine      (b/a, 1 client): {b_a:.2f}  (target >= 0.85)" if b_a else "b/a: not measured",
         f"service / stock vLLM  (b/d, 1 client): {b_d:.2f}  (target >= 5)" if b_d else "b/d: not measured",
+        f"b/a with each path alone (engine subprocess, then service; {report['separated']['order'].strip()}): "
+        f"{report['service_over_engine_separated']:.2f}  (target >= 0.9)",
+        "contention (fair scheduling; one greedy client among N): "
+        + "; ".join(
+            f"N={r['clients']} {r['aggregate_tokens_per_s']:,.0f} tok/s"
+            + (f", greedy {r['greedy_share']:.0%}" if r["greedy_share"] is not None else "")
+            for r in report["contention"]["rounds"]
+        ),
+        f"min_fair_share {report['min_fair_share']:.3f} (target >= 0.8), aggregate_over_single "
+        f"{report['aggregate_over_single']:.3f} (target >= 0.95)",
         f"agree: {str(report['agree']).lower()} (top-k ids and log-probs within {agreement['tolerance']:g} on the "
         f"first {agreement['sequences']} sequences; "
         + ", ".join(f"{p} max diff {a['max_abs_diff']:.1e}" for p, a in agreement.items() if p in PATHS)

@@ -148,3 +148,96 @@ def format_fair_share(report: dict) -> str:
         lines.append(f"{n:>14} {1 / (n + 1):>10.1%} | {cells[0]} | {cells[1]}")
     lines.append("(shares of the engine tokens, from the service's tropd_client_engine_tokens_total)")
     return "\n".join(lines)
+
+
+# ---- contention inside `tropd bench teacher`: one greedy client among N, and the aggregate throughput ----
+
+GREEDY_SIZE = 4  # a greedy request is this many steady requests' sequences
+
+
+def steady_depth(max_batch_tokens: int, clients: int, request_tokens: int) -> int:
+    """Requests a steady client keeps in flight: its share of one engine batch, ceil(B / (N x tokens)), twice
+    (one batch running, the next queued while the answers of the last travel back) plus one, so that what it
+    asks for is at least its fair share 1/N."""
+    return 2 * -(-max_batch_tokens // (clients * request_tokens)) + 1
+
+
+async def contention_round(url: str, clients: int, steady: dict, greedy: dict, depth: int, seconds: float) -> dict:
+    """`clients` clients at once for `seconds`: one steady client alone when `clients` is 1, else one greedy
+    client (requests `GREEDY_SIZE` x bigger, 2 x depth in flight, no pause) and clients - 1 steady ones (depth
+    in flight each). Shares and the aggregate come from the service's engine-token counter over a window
+    that opens and closes when an engine batch is sent (so it holds whole batches) and lasts at least
+    `seconds` and 3 batches:
+
+        share_c = tokens_c / sum tokens        fair_c = share_c x N        aggregate = sum tokens / seconds
+    """
+    tag, stop = f"c{clients}", asyncio.Event()
+    names = [f"{tag}-steady-{i}" for i in range(max(clients - 1, 1))]
+
+    async def worker(http: httpx.AsyncClient, name: str, body: dict) -> None:
+        while not stop.is_set():
+            (await http.post("/v1/score", json=body, headers={"x-tropd-client": name})).raise_for_status()
+
+    jobs = [(name, steady) for name in names for _ in range(depth)]
+    if clients > 1:
+        jobs += [(f"{tag}-greedy", greedy)] * (2 * depth)
+    limits = httpx.Limits(max_connections=len(jobs) + 2)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http:
+        tasks = [asyncio.create_task(worker(http, name, body)) for name, body in jobs]
+        await asyncio.sleep(min(1.0, seconds / 4))  # every queue is backlogged before the window opens
+        before, start = await _batch_sent(http, tag, await _counts(http, tag))
+        after, batches = before, 0
+        while True:
+            after, end = await _batch_sent(http, tag, after)
+            batches += 1
+            if end - start >= seconds and batches >= 3:
+                break
+        elapsed = end - start
+        stop.set()
+        await asyncio.gather(*tasks)
+    tokens = {c: t - before.get(c, 0.0) for c, t in after.items()}
+    total = sum(tokens.values())
+    shares = [tokens.get(name, 0.0) / total for name in names]
+    return {
+        "clients": clients,
+        "steady_depth": depth,
+        "aggregate_tokens_per_s": total / elapsed,
+        "greedy_share": tokens.get(f"{tag}-greedy", 0.0) / total if clients > 1 else None,
+        "steady_shares": shares,
+        "steady_fair_share": [s * clients for s in shares] if clients > 1 else None,
+    }
+
+
+async def _counts(http: httpx.AsyncClient, tag: str) -> dict[str, float]:
+    return {c: t for c, t in engine_tokens((await http.get("/metrics")).text).items() if c.startswith(f"{tag}-")}
+
+
+async def _batch_sent(http: httpx.AsyncClient, tag: str, last: dict) -> tuple[dict[str, float], float]:
+    """The counts, and the time, once they differ from `last`: an engine batch has just been sent."""
+    while (now := await _counts(http, tag)) == last:
+        await asyncio.sleep(0.05)
+    return now, time.perf_counter()
+
+
+def run_contention(url: str, requests: list, clients: tuple[int, ...], top_k: int, max_batch_tokens: int,
+                   seconds: float, progress=print) -> dict:  # fmt: skip
+    """A round for each number of clients (1 is always measured: the reference), against a running service:
+    `min_fair_share` (the least steady client's share over 1/N, over every N > 1) and
+    `aggregate_over_single` (aggregate tokens/s with the most clients over one client alone)."""
+    steady = {"sequences": requests[0], "top_k": top_k}
+    greedy = {"sequences": [seq for r in requests[:GREEDY_SIZE] for seq in r], "top_k": top_k}
+    request_tokens = sum(map(len, steady["sequences"]))
+    rows = []
+    for n in sorted({1, *clients}):
+        depth = steady_depth(max_batch_tokens, n, request_tokens)
+        row = asyncio.run(contention_round(url, n, steady, greedy, depth, seconds))
+        rows.append(row)
+        fair = ", ".join(f"{f:.2f}" for f in row["steady_fair_share"] or [])
+        progress(f"bench: contention, {n} client(s): {row['aggregate_tokens_per_s']:,.0f} tok/s; steady x N: {fair}")
+    fairs = [f for r in rows if r["clients"] > 1 for f in r["steady_fair_share"]]
+    return {
+        "rounds": rows,
+        "seconds": seconds,
+        "min_fair_share": min(fairs) if fairs else None,
+        "aggregate_over_single": rows[-1]["aggregate_tokens_per_s"] / rows[0]["aggregate_tokens_per_s"],
+    }

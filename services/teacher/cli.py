@@ -130,7 +130,9 @@ def add_bench(sub) -> None:
         "send their requests one after another; (a) merges C concurrent requests into one engine call. "
         "Servers run one at a time; with each server up, the engine (loaded first, idle meanwhile) and that "
         "server's paths are timed in turn, round by round, after two warm-up passes; medians are reported, "
-        "and each ratio uses the engine passes of the same rounds.",
+        "and each ratio uses the engine passes of the same rounds. Then, on the service: one greedy client "
+        "among N (`min_fair_share`, `aggregate_over_single`), and (e) its /v1/completions beside (d); last, b/a "
+        "again with each path alone (the engine in a subprocess that exits, then the service; A-B alternated).",
     )
     bench.add_argument(
         "--model", default="artifacts/toy/teacher", help="teacher model directory (default: artifacts/toy/teacher)"
@@ -142,6 +144,12 @@ def add_bench(sub) -> None:
     bench.add_argument("--clients", type=_client_counts, help="numbers of concurrent clients, comma-separated (1,4)")
     bench.add_argument("--request-sequences", type=positive_int, help="sequences per request (default: 16; --quick: 4)")
     bench.add_argument("--skip-stock", action="store_true", help="skip (d), vLLM's stock OpenAI server")
+    bench.add_argument(
+        "--contention-seconds", type=positive_float, help="length of each contention round (default: 20; --quick: 3)"
+    )
+    bench.add_argument(
+        "--alternations", type=positive_int, help="A-B pairs of the separated b/a (default: 2; --quick: 1)"
+    )
     bench.add_argument(
         "--stock-tokenizer",
         action="store_true",
@@ -188,6 +196,8 @@ def run_bench_teacher(args) -> int:
         request_sequences=args.request_sequences or (4 if quick else 16),
         skip_stock=args.skip_stock,
         stock_tokenizer=args.stock_tokenizer,
+        contention_seconds=args.contention_seconds or (3.0 if quick else 20.0),
+        alternations=args.alternations or (1 if quick else 2),
     )
     bench.model_limits(config.model)  # a missing model is a one-line error before anything starts
     with bench.sigterm_as_interrupt():

@@ -114,7 +114,11 @@ class HFEngine:
                 if spec.temperature == 0:
                     tok = logits.argmax(-1)
                 else:
-                    tok = torch.multinomial(_top_p_probs(logits / spec.temperature, spec.top_p), 1, generator=gen)[:, 0]
+                    # shifted so that the top logit is 0, and a temperature float32 holds: a tiny one then gives
+                    # -inf below the top, never inf - inf or 0 / 0
+                    temperature = max(spec.temperature, torch.finfo(torch.float32).tiny)
+                    scaled = (logits - logits.amax(-1, keepdim=True)) / temperature
+                    tok = torch.multinomial(_top_p_probs(scaled, spec.top_p), 1, generator=gen)[:, 0]
                 top_lp, top_ids = logp.topk(spec.top_k, dim=-1) if spec.top_k else (logp[:, :0], logp[:, :0].long())
                 chosen = logp.gather(-1, tok[:, None])[:, 0]
                 for i in range(B):
@@ -147,6 +151,7 @@ def _top_p_probs(logits, top_p: float):
         return probs
     sorted_p, order = probs.sort(dim=-1, descending=True)
     drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
+    drop[..., 0] = False  # the most likely token always stays: a top_p below float32's smallest is 0 there
     sorted_p = sorted_p.masked_fill(drop, 0.0)
     return torch.zeros_like(probs).scatter(-1, order, sorted_p)
 
