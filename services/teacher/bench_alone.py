@@ -29,7 +29,7 @@ WARMUP_PASSES = 2
 
 def engine_phase(spec: dict) -> list[float]:
     """In the subprocess: load the engine, time `repeats` passes of 1 client (one engine call per request)."""
-    from services.teacher.bench import EnginePasses
+    from services.teacher.bench_passes import EnginePasses
     from services.teacher.engines import load_engine
 
     engine = load_engine(spec["engine"], spec["model"], max_top_k=spec["max_top_k"])
@@ -57,7 +57,7 @@ def _engine_alone(spec: dict, workdir: Path, env: dict, timeout: float) -> list[
 
 
 def _service_alone(spec: dict, workdir: Path, env: dict, timeout: float) -> list[float]:
-    from services.teacher.bench import HttpPasses
+    from services.teacher.bench_passes import HttpPasses
     from services.teacher.client import TeacherClient
     from services.teacher.launch import serving
 
