@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from trainer.methods_bench import ARMS, SWEEP_ARMS, lr_grid, overrides, run_key, settings
-from trainer.methods_report import tuning_table, verdict
+from trainer.methods_report import agreement_table, probe_markdown, tuning_table, verdict
 
 
 @pytest.mark.timeout(900)
@@ -45,6 +45,20 @@ def test_quick_run_reports_every_method(toy_quick, tmp_path):
     for name in ("results.json", "accuracy.png", "reverse_kl.png", "sweep.png"):
         assert (out / name).stat().st_size > 0, name
     assert "torch threads per run: " in text and "(2 at a time;" in text  # how the cores were shared
+    # every method's final student answers the same held-out prompts, beside the teacher and the right answer
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    shown = [[(e["task"], e["prompt"]) for e in r["probe"]["examples"]] for r in runs]
+    assert all(s == shown[0] for s in shown) and {t for t, _ in shown[0]} == {"math", "code"}
+    for r in runs:
+        for t, a in r["probe"]["agreement"].items():
+            assert a["n"] == 20 and 0 <= a["teacher_prefers_wrong"] <= a["with_answer"] <= a["wrong"] <= a["n"], t
+            assert a["wrong"] == round(20 * (1 - r["final"]["accuracy"][t]))  # the same greedy answers as the eval
+    section = text.split("## What the final students write")[1]
+    assert f"| math | `{shown[0][0][1]}` |" in section and "| teacher | `" in section
+    assert "log p_T(a <eos> | x, c#) > log p_T(a* <eos> | x, c#)" in section  # the measure, defined
+    for arm in ARMS:
+        assert f"| {arm} | " in section
+    assert "of OPD's wrong answers" in section or "OPD's students gave no wrong answer" in section
 
     # --resume: every run is found again in the report, nothing is trained, the tables are the same
     again = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
@@ -79,6 +93,7 @@ def test_run_key_names_what_decides_a_run_and_not_where_it_is_written():
     assert run_key("tropd", nearer, {"version": 1}) != key()  # the sweep's students are told apart
 
 
+@pytest.mark.slow  # over 4 s on 2 cores
 def test_unknown_method_is_a_one_line_error():
     command = [sys.executable, "-m", "tropd", "bench", "methods", "--quick", "--methods", "opd,nope"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
@@ -172,3 +187,29 @@ def test_the_default_rate_keeps_the_untuned_run_key():
 
     assert key(3e-3) == key(None)  # a tuning run at the default rate is the untuned run: reused, not trained again
     assert len({key(None), key(1e-3), key(9e-3)}) == 3
+
+
+def _probed(arm, wrong, prefers, with_answer=None, gap=1.0):
+    cell = {"n": 10, "wrong": wrong, "with_answer": wrong if with_answer is None else with_answer,
+            "teacher_prefers_wrong": prefers, "median_gap": gap if wrong else None}  # fmt: skip
+    examples = [{"task": t, "prompt": f"{t}-p", "right": "7", "student": "1;#6", "teacher": "1;#7", "correct": False}
+                for t in ("math", "code")]  # fmt: skip
+    return {"arm": arm, "probe": {"examples": examples, "agreement": {"math": cell, "code": dict(cell)}}}
+
+
+def test_the_agreement_section_follows_the_numbers_and_survives_empty_cases():
+    rows = [{"arm": a, "final_kl": {"mean": kl, "sd": 0.0}} for a, kl in (("opd", 0.05), ("tropd", 0.9))]
+    runs = [_probed("opd", 8, 8), _probed("opd", 6, 3), _probed("tropd", 2, 1)]
+    agree = {a["arm"]: a for a in agreement_table(runs)}
+    assert agree["opd"]["seeds"] == 2 and agree["opd"]["math"]["wrong"] == 14
+    assert agree["opd"]["math"]["teacher_prefers_wrong"] == 11
+    text = "\n".join(probe_markdown(runs, rows))
+    assert "| opd | 14/20 | 11/14 (79%) | +1.00 | 14/20 | 11/14 (79%) | +1.00 |" in text
+    assert "in 79% (22/28) of OPD's wrong answers, more often than in 50% (2/4) of TrOPD's" in text
+    assert "final reverse KL: opd 0.05, tropd 0.90" in text and "TrOPD's students made fewer errors" in text
+    assert "| right answer | `7` |" in text and "`1;#6` ✗" in text
+    # no wrong answers at all, a run without a probe (reused from an older report), no opd: no crash
+    none = probe_markdown([_probed("opd", 0, 0), _probed("tropd", 0, 0), {"arm": "sft"}], rows)
+    assert "| opd | 0/10 | - | - |" in "\n".join(none) and any("no wrong answer" in line for line in none)
+    assert probe_markdown([{"arm": "opd"}], rows) == []
+    assert "of OPD's" not in "\n".join(probe_markdown([_probed("tropd", 3, 1)], rows))

@@ -35,6 +35,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from trainer.methods_probe import probe
 from trainer.methods_report import (
     EVAL_TASKS,
     SWEEP_ARMS,
@@ -125,6 +126,7 @@ def run_one(arm: str, extra: list[str], base: list[str]) -> dict:
     t0 = time.monotonic()
     summary = train(config, log=lambda *_: None)
     wall = time.monotonic() - t0
+    answers = probe(str(Path(config.out) / "student"), config.teacher.model, EVAL_TASKS, config.eval.n)
     threads = torch.get_num_threads()  # what train() used
     records = [json.loads(line) for line in (Path(config.out) / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
@@ -147,6 +149,7 @@ def run_one(arm: str, extra: list[str], base: list[str]) -> dict:
         "response_tokens": sum(r["response_tokens"] for r in steps),
         "wall_time_s": round(wall, 1),
         "threads": threads,
+        "probe": answers,
     }
 
 

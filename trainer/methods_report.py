@@ -119,6 +119,7 @@ def markdown(report: dict, images: str) -> str:
     lines += ["", f"![accuracy curves]({images}/accuracy.png)", "", f"![reverse KL curves]({images}/reverse_kl.png)",
               ""]  # fmt: skip
     lines += verdict(report["table"], report.get("tuning_table") or [], s.get("lr"))
+    lines += ["", *probe_markdown(report["runs"], report["table"])]
     if report["sweep_table"]:
         lines += [
             "",
@@ -267,3 +268,120 @@ def tuning_markdown(rows: list[dict]) -> list[str]:
             cells.append(f"**{text}**" if lr == r["best_lr"] else text)
         lines.append(f"| {r['arm']} | " + " | ".join(cells) + f" | {r['best_lr']:g} |")
     return [*lines, ""]
+
+
+def agreement_table(runs: list[dict]) -> list[dict]:
+    """One row per arm with a probe: its students' wrong greedy answers and the teacher's agreement with them,
+    summed over seeds, per task (trainer/methods_probe.py defines the measure)."""
+    rows = []
+    for arm in dict.fromkeys(r["arm"] for r in runs if r.get("probe")):
+        probes = [r["probe"]["agreement"] for r in runs if r["arm"] == arm and r.get("probe")]
+        row: dict = {"arm": arm, "seeds": len(probes)}
+        for t in EVAL_TASKS:
+            cells = [p[t] for p in probes if t in p]
+            gaps = [c["median_gap"] for c in cells if c.get("median_gap") is not None]
+            row[t] = {
+                **{k: sum(c[k] for c in cells) for k in ("n", "wrong", "with_answer", "teacher_prefers_wrong")},
+                "median_gap": statistics.median(gaps) if gaps else None,
+            }
+        rows.append(row)
+    return rows
+
+
+def _share(cell: dict) -> str:
+    if not cell["with_answer"]:
+        return "-"
+    k, n = cell["teacher_prefers_wrong"], cell["with_answer"]
+    return f"{k}/{n} ({100 * k / n:.0f}%)"
+
+
+def _answer(text: str, correct: bool | None = None) -> str:
+    mark = "" if correct is None else (" ✓" if correct else " ✗")
+    return f"`{text}`{mark}" if text else f"(empty){mark}"
+
+
+def probe_markdown(runs: list[dict], rows: list[dict]) -> list[str]:
+    """The section on what the final students write: greedy answers beside the teacher's (seed 0 of each method,
+    the same prompts for all), the teacher's agreement with wrong answers, and what the numbers say."""
+    agree = agreement_table(runs)
+    first = {}
+    for r in runs:
+        if r.get("probe") and r["arm"] not in first:
+            first[r["arm"]] = r["probe"]["examples"]
+    if not agree or not first:
+        return []
+    lines = [
+        "## What the final students write, and whether the teacher backs their errors",
+        "",
+        "Greedy answers of each method's final student (its first seed) to the first held-out prompts of each task, "
+        "beside the teacher's and the right final answer (✓ right, ✗ wrong).",
+        "",
+    ]
+    for t in EVAL_TASKS:
+        shown = [e for e in next(iter(first.values())) if e["task"] == t]
+        if not shown:
+            continue
+        lines += [f"| {t} | " + " | ".join(f"`{e['prompt']}`" for e in shown) + " |",
+                  "|---|" + "---|" * len(shown),
+                  "| right answer | " + " | ".join(_answer(e["right"]) for e in shown) + " |",
+                  "| teacher | " + " | ".join(_answer(e["teacher"]) for e in shown) + " |"]  # fmt: skip
+        for arm, examples in first.items():
+            mine = {e["prompt"]: e for e in examples if e["task"] == t}
+            cells = [_answer(mine[e["prompt"]]["student"], mine[e["prompt"]]["correct"]) if e["prompt"] in mine
+                     else "-" for e in shown]  # fmt: skip
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += [
+        "Teacher agreement with wrong answers: over each method's wrong greedy answers on the held-out prompts "
+        "(all seeds) that end in a final answer, a response `c#a` (scratchpad c, final answer a) against the right "
+        "final answer a*, the share where the teacher prefers the wrong answer at the student's own place, "
+        "`log p_T(a <eos> | x, c#) > log p_T(a* <eos> | x, c#)`, and the median of that difference (nats; "
+        "above 0: the teacher backs the error).",
+        "",
+        "| method | "
+        + " | ".join(f"{t} wrong | {t}: teacher prefers the wrong answer | {t} median gap" for t in EVAL_TASKS)
+        + " |",  # fmt: skip
+        "|---|" + "---|---|---|" * len(EVAL_TASKS),
+    ]
+    for a in agree:
+        cells = [f"{a[t]['wrong']}/{a[t]['n']} | {_share(a[t])} | " + ("-" if a[t]["median_gap"] is None else
+                 f"{a[t]['median_gap']:+.2f}") for t in EVAL_TASKS]  # fmt: skip
+        lines.append(f"| {a['arm']} | " + " | ".join(cells) + " |")
+    return [*lines, "", *why_opd_fails(agree, rows)]
+
+
+def why_opd_fails(agree: list[dict], rows: list[dict]) -> list[str]:
+    """Sentences chosen by the numbers: does the teacher back OPD's errors more often than TrOPD's, with OPD's
+    reverse KL low."""
+    by, kl = {a["arm"]: a for a in agree}, {r["arm"]: r["final_kl"]["mean"] for r in rows}
+    if "opd" not in by or "tropd" not in by:
+        return []
+
+    def pooled(a: dict) -> tuple[int, int]:
+        return sum(a[t]["teacher_prefers_wrong"] for t in EVAL_TASKS), sum(a[t]["with_answer"] for t in EVAL_TASKS)
+
+    (k_o, n_o), (k_t, n_t) = pooled(by["opd"]), pooled(by["tropd"])
+    if not n_o:
+        return ["OPD's students gave no wrong answer with a final answer: the measure has nothing to say here.", ""]
+    share_o = k_o / n_o
+    than = f"{100 * k_t / n_t:.0f}% ({k_t}/{n_t}) of TrOPD's" if n_t else "TrOPD's students, which had none"
+    more = "more often than" if not n_t or share_o > k_t / n_t else "no more often than"
+    kl_text = ""
+    if {"opd", "tropd"} <= kl.keys():
+        kl_text = f" (final reverse KL: opd {kl['opd']:.2f}, tropd {kl['tropd']:.2f} nats/token)"
+    wrong = {arm: sum(by[arm][t]["wrong"] for t in EVAL_TASKS) for arm in ("opd", "tropd")}
+    asked = {arm: sum(by[arm][t]["n"] for t in EVAL_TASKS) for arm in ("opd", "tropd")}
+    fewer = "fewer" if wrong["tropd"] / asked["tropd"] < wrong["opd"] / asked["opd"] else "no fewer"
+    errors = f"{wrong['tropd']}/{asked['tropd']} wrong answers against OPD's {wrong['opd']}/{asked['opd']}"
+    return [
+        f"The teacher prefers the student's wrong final answer in {100 * share_o:.0f}% ({k_o}/{n_o}) of OPD's wrong "
+        f"answers, {more} in {than}{kl_text}; TrOPD's students made {fewer} errors ({errors}). "
+        "How OPD fails, when it does: its student writes the teacher's scratchpad but miscopies a number (an "
+        "operand, a partial result), and on that prefix, which it never saw in training, the teacher confidently "
+        "continues the wrong chain; reverse KL on the student's own samples then rewards the wrong answer, and can "
+        "fall near 0 while accuracy falls. A teacher that backs the error cannot correct it after the fact: what can "
+        "is keeping the student from drifting there. That is what TrOPD's trust region is meant to do: tokens where "
+        "the student and the teacher disagree strongly get a bounded signal instead of the full log-ratio, and "
+        "teacher-written prefixes keep the student on paths the teacher knows.",
+        "",
+    ]
