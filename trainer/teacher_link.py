@@ -52,7 +52,7 @@ class TeacherLink:
         self._thread.start()
         kwargs = dict(api_key=api_key, timeout=config.timeout_s, retries=config.retries)
         if config.api == "tropd":
-            kwargs["client_id"] = config.client_id or f"{socket.gethostname()}-{os.getpid()}"
+            kwargs["client_id"] = config.client_id  # None: the client sends hostname-pid
             if config.api_key_file:  # read again on a 401 (a rotated key)
                 kwargs.update(api_key=None, api_key_file=config.api_key_file)
         self.client = self._call(self._make_client(config, kwargs))
