@@ -12,9 +12,9 @@ The answer follows vLLM's: position 0 of a prompt has no log-prob (`null`); at p
 the actual token first, then the top-k by rank without it (so k or k + 1 entries); `logprobs.top_logprobs`
 holds the first `logprobs` + 1 of those, as OpenAI's API does; log-probs below -9999 are sent as -9999.
 Where it differs, it says so: tokens are `token_id:<id>` (what vLLM sends with `--return-tokens-as-token-ids`)
-and `text` is empty, since nothing is detokenised; the rank of an actual token outside the top-k asked for
-is null (vLLM reports it); with `max_tokens: 0`, `finish_reason` is "length" and `completion_tokens` 0
-(vLLM samples one token and drops it, and reports its finish reason and count).
+and `text` is empty, since nothing is detokenised; with `max_tokens: 0`, `finish_reason` is "length" and
+`completion_tokens` 0 (vLLM samples one token and drops it, and reports its finish reason and count). A
+prompt token's `rank` is the engine's count of tokens at least as likely, inside the top-k or not, as vLLM's.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ async def complete(body: schemas.CompletionRequest, batcher, info, settings, cli
     if k is not None:
         to_score = [i for i, p in enumerate(prompts) if len(p) > 1]  # a 1-token prompt has nothing to score
         if to_score:
-            results = await batcher.score([ScoreItem(prompts[i], 1, k) for i in to_score], client)
+            results = await batcher.score([ScoreItem(prompts[i], 1, k, ranks=True) for i in to_score], client)
             scored = dict(zip(to_score, results, strict=True))
     generated = []
     if body.max_tokens == 1:
@@ -113,10 +113,13 @@ async def complete(body: schemas.CompletionRequest, batcher, info, settings, cli
     }
 
 
-def position_entries(token: int, logprob: float, top_ids, top_logprobs) -> list[tuple[int, float, int | None]]:
-    """(id, log-prob, rank) at one position: the actual token first, then the top-k by rank without it."""
+def position_entries(
+    token: int, logprob: float, top_ids, top_logprobs, rank: int | None = None
+) -> list[tuple[int, float, int | None]]:
+    """(id, log-prob, rank) at one position: the actual token first, then the top-k by rank without it. The
+    actual token's rank is its place in the top-k, else `rank` (the engine's count)."""
     top = [int(t) for t in top_ids]
-    rank = top.index(token) + 1 if token in top else None
+    rank = top.index(token) + 1 if token in top else (None if rank is None else int(rank))
     entries = [(token, _floor(logprob), rank)]
     entries += [(t, _floor(lp), r + 1) for r, (t, lp) in enumerate(zip(top, top_logprobs, strict=True)) if t != token]
     return entries
@@ -130,8 +133,9 @@ def prompt_positions(prompt: list[int], scores) -> list[list | None]:
     """Entries of every prompt position: None at position 0 (nothing before it predicts it)."""
     if scores is None:
         return [None] * len(prompt)
-    rows = zip(prompt[1:], scores.logprobs, scores.top_ids, scores.top_logprobs, strict=True)
-    return [None] + [position_entries(t, lp, ids, lps) for t, lp, ids, lps in rows]
+    ranks = scores.ranks if scores.ranks is not None else [None] * len(scores.logprobs)
+    rows = zip(prompt[1:], scores.logprobs, scores.top_ids, scores.top_logprobs, ranks, strict=True)
+    return [None] + [position_entries(t, lp, ids, lps, r) for t, lp, ids, lps, r in rows]
 
 
 def _choice(index: int, body, prompt: list[int], scores, draft, with_prompt_logprobs: bool) -> dict:

@@ -31,6 +31,7 @@ class ScoreItem:
     ids: list[int]
     start: int
     top_k: int
+    ranks: bool = False  # also the rank of each scored token in the vocabulary (ScoreResult.ranks)
 
 
 @dataclass(frozen=True)

@@ -113,7 +113,10 @@ def _unflatten(flat, first: int, k: int) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 def _flat_to_scored(flat, item: ScoreItem) -> Scored:
-    return Scored(*_unflatten(flat, item.start, item.top_k))
+    ranks = None
+    if item.ranks:  # the scored token's rank is first at each position, before the top-k's
+        ranks = np.asarray(flat.ranks, dtype=np.int32)[np.asarray(flat.start_indices[item.start :], dtype=np.int64)]
+    return Scored(*_unflatten(flat, item.start, item.top_k), ranks)
 
 
 def _flat_to_continued(completion, k: int, stops: set[int]) -> Continued:

@@ -86,7 +86,9 @@ class HFEngine:
                 target = ids[i, it.start : len(it.ids)].to(self.device)
                 chosen = logp.gather(-1, target[:, None]).squeeze(-1)
                 top_lp, top_ids = logp.topk(it.top_k, dim=-1) if it.top_k else (logp[:, :0], logp[:, :0].long())
-                out.append(_scored(chosen, top_ids, top_lp))
+                # vLLM's rank: how many tokens are at least as likely as the scored one
+                ranks = (logp >= chosen[:, None]).sum(-1) if it.ranks else None
+                out.append(_scored(chosen, top_ids, top_lp, ranks))
         return out
 
     def generate(self, prefixes: list[list[int]], spec: SamplingSpec) -> list[Continued]:
@@ -156,11 +158,12 @@ def _top_p_probs(logits, top_p: float):
     return torch.zeros_like(probs).scatter(-1, order, sorted_p)
 
 
-def _scored(chosen, top_ids, top_lp) -> Scored:
+def _scored(chosen, top_ids, top_lp, ranks=None) -> Scored:
     return Scored(
         chosen.cpu().numpy().astype(np.float32),
         top_ids.cpu().numpy().astype(np.int32),
         top_lp.cpu().numpy().astype(np.float32),
+        None if ranks is None else ranks.cpu().numpy().astype(np.int32),
     )
 
 

@@ -66,11 +66,14 @@ FINISH_REASONS = ("length", "stop")
 
 @dataclass
 class ScoreResult:
-    """Scores of `ids[start:]`: `logprobs` (N,), `top_ids` (N, k) int32, `top_logprobs` (N, k) float32."""
+    """Scores of `ids[start:]`: `logprobs` (N,), `top_ids` (N, k) int32, `top_logprobs` (N, k) float32, and
+    where the item asked for them the `ranks` (N,) int32 of the scored tokens (1: the most likely; as vLLM
+    counts, the tokens at least as likely). Ranks serve `/v1/completions` and never travel the binary protocol."""
 
     logprobs: np.ndarray
     top_ids: np.ndarray
     top_logprobs: np.ndarray
+    ranks: np.ndarray | None = None
 
     def to_torch(self):
         return _to_torch(self)

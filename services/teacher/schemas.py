@@ -153,7 +153,7 @@ class CompletionLogprobs(BaseModel):
 
 class PromptLogprob(BaseModel):
     logprob: float
-    rank: int | None = Field(description="1 for the most likely token; null when outside the top-k asked for")
+    rank: int | None = Field(description="1 for the most likely token (the count of tokens at least as likely)")
     decoded_token: str | None = None
 
 
