@@ -68,7 +68,8 @@ def test_files_train_over_http_with_vllm_checkpoint_and_resume_exactly(realworld
 def test_reverse_kl_falls_on_a_qwen3_pair_with_the_teacher_in_process(realworld, tmp_path):
     cfg = _config(realworld, tmp_path / "run", "chat", "steps=80", "teacher.api=inprocess",
                   f"teacher.model={realworld / 'teacher'}", "eval.kl_prompts=32", "optim.lr=1e-2",
-                  "rollout.prompts_per_step=8", "checkpoint_every=0")  # fmt: skip
+                  "optim.warmup_steps=10", "optim.schedule=constant", "rollout.prompts_per_step=8",
+                  "checkpoint_every=0")  # fmt: skip
     summary = train(cfg, log=lambda *_: None)
     assert summary["skipped_steps"] == 0
     before, after = summary["eval_before"]["reverse_kl"], summary["eval_after"]["reverse_kl"]

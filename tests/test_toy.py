@@ -60,6 +60,17 @@ def test_rebuild_keeps_the_model_whose_settings_did_not_change(toy_quick, tmp_pa
     assert toy.is_built(out, seed=0, quick=True)
 
 
+def test_the_drilled_tasks_are_the_students_settings_alone(monkeypatch):
+    # a world built before `general` was drilled is out of date, and its rebuild keeps the teacher
+    before = {role: toy.role_settings(role, 0, False) for role in ("teacher", "student")}
+    whole = toy.build_settings(0, False)
+    assert before["student"]["drilled"] == ["math", "code", "general"] and "drilled" not in before["teacher"]
+    monkeypatch.setattr(toy, "DRILLED", ("math", "code"))
+    assert toy.role_settings("teacher", 0, False) == before["teacher"]
+    assert toy.role_settings("student", 0, False) != before["student"]
+    assert toy.build_settings(0, False) != whole
+
+
 @pytest.mark.slow  # over 4 s on 2 cores
 def test_sft_is_deterministic_for_a_seed():
     spec = toy.SftSpec("student", steps=4, batch=8, lr=1e-3, warmup=2)
@@ -94,8 +105,8 @@ def test_student_drills_are_single_steps_worked_in_the_teachers_style():
         result = stack.run(prompt.split())
         assert len(result) == 1 and response == f"{result[0][0]};#{result[0][0]}"  # one operation, worked
         assert tasks.check("code", prompt, response)
-    with pytest.raises(ValueError, match="no drills"):
-        toy.drill(tasks.examples("general", "train", 1)[0], rng)
+    for ex in tasks.examples("general", "train", 20):  # one step: the drill is the teacher's whole answer
+        assert toy.drill(ex, rng) == (ex.prompt, ex.teacher) and tasks.check("general", ex.prompt, ex.teacher)
     pools = {name: tasks.examples(name, "train", 200) for name in toy.MIX}
     for share in (0.0, 0.5, 1.0):
         pairs = toy.mixed_batch(random.Random(1), "student", 3000, pools, drills=share)
@@ -104,6 +115,8 @@ def test_student_drills_are_single_steps_worked_in_the_teachers_style():
         code = [p for p in prompts if " " in p]
         assert abs(sum(p.count("+") + p.count("*") == 1 for p in math) / len(math) - share) < 0.06
         assert abs(sum(len(p.split()) == 3 for p in code) / len(code) - share) < 0.06
+        general = [VOCAB.decode(r) for p, r in pairs if VOCAB.decode(p)[:1] in "(["]
+        assert abs(sum(";" in r for r in general) / len(general) - share) < 0.08  # teacher-style: stack;#closing
 
 
 def test_a_build_of_the_other_kind_never_replaces_a_world_in_place(toy_quick, capsys):

@@ -50,7 +50,7 @@ def test_tropd_trains_and_reverse_kl_falls(toy_quick, service, tmp_path):
     # a few dozen steps; the reverse-KL estimate on 256 held-out prompts (student samples, same seed before and
     # after; on 64 the estimate's noise is as large as what 24 steps of 16 samples move it)
     cfg = config(toy_quick, service, tmp_path / "run", "steps=48", "checkpoint_every=24", "eval.every=24", "plot=true",
-                 "tensorboard=true", "optim.lr=2e-3", "eval.kl_prompts=256")  # fmt: skip
+                 "tensorboard=true", "optim.lr=2e-3", "optim.warmup_steps=5", "eval.kl_prompts=256")  # fmt: skip
     summary = train(cfg, log=lambda _: None)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
@@ -225,7 +225,7 @@ def test_overrides_may_follow_options():
 
 def test_dotted_override_changes_one_entry_of_a_default_mapping():
     config = load_config(None, ["data.toy.math=0.5", "out=123"])
-    assert config.data.toy == {"math": 0.5, "code": 0.3, "general": 0.1}
+    assert config.data.toy == {"math": 0.5, "code": 0.25, "general": 0.3}
     assert config.out == "123"  # a string key given a number-like value keeps it as text
 
 

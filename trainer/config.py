@@ -146,8 +146,8 @@ class RolloutConfig(_Section):
 class OptimConfig(_Section):
     lr: float = Field(3e-3, gt=0, description="AdamW learning rate after warmup")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    warmup_steps: int = Field(10, ge=0, description="steps of linear warmup from lr/warmup_steps")
-    schedule: Literal["constant", "cosine"] = Field("constant", description="lr after warmup: constant or cosine to 0")
+    warmup_steps: int = Field(50, ge=0, description="steps of linear warmup from lr/warmup_steps")
+    schedule: Literal["constant", "cosine"] = Field("cosine", description="lr after warmup: cosine to 0, or constant")
     grad_clip: float = Field(1.0, gt=0, description="gradient norm clip")
 
 
@@ -172,7 +172,7 @@ class EvalConfig(_Section):
 class DataConfig(_Section):
     source: Literal["toy", "files"] = Field("toy", description="where prompts come from: the toy world or your files")
     toy: dict[Literal["math", "code", "general"], float] = Field(
-        default_factory=lambda: {"math": 0.6, "code": 0.3, "general": 0.1}, description="toy source: task mix"
+        default_factory=lambda: {"math": 0.45, "code": 0.25, "general": 0.3}, description="toy source: task mix"
     )
     train: list[str] = Field(
         default_factory=list,
@@ -240,7 +240,7 @@ class TrainConfig(_Section):
     @classmethod
     def _moved(cls, tree):
         if isinstance(tree, dict) and "tasks" in tree:
-            raise ValueError("`tasks` is now `data.toy` (e.g. data.toy={math: 0.6, code: 0.3, general: 0.1})")
+            raise ValueError("`tasks` is now `data.toy` (e.g. data.toy={math: 0.45, code: 0.25, general: 0.3})")
         loss = tree.get("loss") if isinstance(tree, dict) else None
         # alpha at its default is every written config's (config.yaml holds all keys): only another value is old
         if isinstance(loss, dict) and loss.get("method") == "reopold" and loss.get("alpha", TOPD_ALPHA) != TOPD_ALPHA:

@@ -48,7 +48,7 @@ class SftSpec:
     batch: int
     lr: float
     warmup: int = 50
-    drills: float = 0.0  # share of math and code examples replaced by a single worked step (drill())
+    drills: float = 0.0  # share of the DRILLED tasks' examples replaced by a single worked step (drill())
 
 
 TEACHER = ModelSpec(hidden=128, layers=4, heads=4, intermediate=512)
@@ -95,10 +95,14 @@ def load_model(path: str | Path):
 
 
 def drill(ex: tasks.Example, rng: random.Random) -> tuple[str, str]:
-    """One step of a `math` or `code` example posed as its own problem and worked in the teacher's style:
-    math `97+57+60` (teacher `97+57=154;154+60=214;#214`) gives `97+57` -> `97+57=154;#154` or
-    `154+60` -> `154+60=214;#214`; code `1 7 7 * +` (teacher `1 49;50;#50`) gives `7 7 *` -> `49;#49` or
-    `1 49 +` -> `50;#50`. A student drilled so can do each step, but not chain them."""
+    """One step of an example posed as its own problem and worked in the teacher's style: math `97+57+60`
+    (teacher `97+57=154;154+60=214;#214`) gives `97+57` -> `97+57=154;#154` or `154+60` -> `154+60=214;#214`;
+    code `1 7 7 * +` (teacher `1 49;50;#50`) gives `7 7 *` -> `49;#49` or `1 49 +` -> `50;#50`. A student drilled
+    so can do each step, but not chain them. `general` is one step (write the open brackets, then close them): its
+    drill is the teacher's whole answer, `([]((` -> `(((;#)))`, so the student knows the teacher's format there
+    and has no skill to lose by taking it on."""
+    if ex.task == "general":
+        return ex.prompt, ex.teacher
     if ex.task == "math":
         lhs, rhs = rng.choice(ex.teacher.split(";")[:-1]).split("=")
         return lhs, f"{lhs}={rhs};#{rhs}"
@@ -108,12 +112,12 @@ def drill(ex: tasks.Example, rng: random.Random) -> tuple[str, str]:
     return f"{left} {right} {op}", f"{after[-1]};#{after[-1]}"
 
 
-DRILLED = ("math", "code")
+DRILLED = ("math", "code", "general")
 
 
 def mixed_batch(rng: random.Random, style: str, size: int, pools: dict[str, list[tasks.Example]], drills: float = 0.0):
     """`size` (prompt_ids, response_ids) pairs, tasks drawn by MIX, response in `style` plus eos; a share
-    `drills` of the math and code examples become single-step drills (drill())."""
+    `drills` of the examples of the DRILLED tasks become single-step drills (drill())."""
     names, weights = zip(*MIX.items(), strict=True)
     out = []
     for name in rng.choices(names, weights, k=size):
@@ -178,6 +182,7 @@ def save_model(model, path: Path) -> None:
 def build_settings(seed: int, quick: bool) -> dict:
     return {
         "version": BUILD_VERSION,
+        "drilled": list(DRILLED),
         "seed": seed,
         "quick": quick,
         "teacher": asdict(TEACHER),
@@ -189,8 +194,10 @@ def build_settings(seed: int, quick: bool) -> dict:
 def role_settings(role: str, seed: int, quick: bool) -> dict:
     """What one model of the build depends on: a model whose settings are unchanged is kept on a rebuild."""
     spec = TEACHER if role == "teacher" else STUDENT
+    # only the student is drilled: a change of the drilled tasks rebuilds it and keeps the teacher
+    drilled = {"drilled": list(DRILLED)} if role == "student" else {}
     return {"version": BUILD_VERSION, "seed": seed, "quick": quick, "model": asdict(spec),
-            "recipe": asdict(RECIPES[quick][role])}  # fmt: skip
+            "recipe": asdict(RECIPES[quick][role]), **drilled}  # fmt: skip
 
 
 def read_record(out: Path) -> dict | None:

@@ -1,7 +1,8 @@
 """`general`: close a bracket string so that it is balanced (a Dyck language over `()` and `[]`).
 
-The teacher first writes the stack of open brackets, then the closing; the student only the closing.
-Any closing that balances the string is correct:
+The teacher first writes the stack of open brackets, then the closing; the student style is the closing alone
+(the toy student's warm start drills the teacher's style here: trainer/toy.py). Any closing that balances the
+string is correct:
 
     prompt  ([]((             teacher  (((;#)))                      student  #)))
 """
