@@ -27,7 +27,7 @@ def test_trains_on_cuda(realworld, tmp_path, dtype):
         f"teacher.model={realworld / 'teacher'}", "steps=6", "device=cuda", f"dtype={dtype}",
         "rollout.prompts_per_step=8", "rollout.max_new_tokens=24", "rollout.micro_batch_sequences=3",
         "loss_chunk_tokens=64", "gradient_checkpointing=true", "eval.n=8", "eval.kl_prompts=8",
-        "tensorboard=false", "plot=false",
+        "tensorboard=false", "plot=false", "optim.warmup_steps=10", "optim.schedule=constant",
     ])  # fmt: skip
     summary = train(config, log=lambda *_: None)
     assert summary["skipped_steps"] == 0

@@ -20,7 +20,7 @@ def _args(world, out, *extra):
         "teacher.api=inprocess", f"teacher.model={world / 'teacher'}", "steps=3", "checkpoint_every=2",
         "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=12", "eval.n=4",
         "eval.kl_prompts=4", "tensorboard=false", "plot=false", "threads=1", "device=cpu", "guidance.decay_steps=2",
-        *extra,
+        "optim.warmup_steps=10", "optim.schedule=constant", *extra,
     ]  # fmt: skip
 
 

@@ -77,7 +77,7 @@ def settings(quick: bool, steps: int | None, seeds: int | None) -> dict:
     if quick:
         steps = steps or 6
         return {"steps": steps, "seeds": seeds or 1, "eval_every": max(1, steps // 2), "eval_n": 20, "kl_prompts": 16,
-                "prompts_per_step": 8, "samples_per_prompt": 1, "max_new_tokens": 32}  # fmt: skip
+                "prompts_per_step": 8, "samples_per_prompt": 1, "max_new_tokens": 32, "warmup_steps": 1}  # fmt: skip
     steps = steps or 600
     return {"steps": steps, "seeds": seeds or 3, "eval_every": max(1, steps // 4), "eval_n": 200, "kl_prompts": 64,
             "prompts_per_step": 64, "samples_per_prompt": 1, "max_new_tokens": 40}  # fmt: skip
@@ -98,6 +98,8 @@ def overrides(s: dict, student: Path, teacher: Path, engine: str, out: Path, see
         f"rollout.prompts_per_step={s['prompts_per_step']}", f"rollout.samples_per_prompt={s['samples_per_prompt']}",
         f"rollout.max_new_tokens={s['max_new_tokens']}", "tensorboard=false", "plot=false", "checkpoint_every=0",
         "keep_checkpoints=1", *([f"optim.lr={lr!r}"] if lr is not None and lr != s.get("lr") else []),
+        # a smoke run's few steps would all sit in the default warmup; a full run keeps the default (and its key)
+        *([f"optim.warmup_steps={s['warmup_steps']}"] if "warmup_steps" in s else []),
     ]  # fmt: skip
 
 

@@ -14,7 +14,8 @@ holds the first `logprobs` + 1 of those, as OpenAI's API does; log-probs below -
 Where it differs, it says so: tokens are `token_id:<id>` (what vLLM sends with `--return-tokens-as-token-ids`)
 and `text` is empty, since nothing is detokenised; with `max_tokens: 0`, `finish_reason` is "length" and
 `completion_tokens` 0 (vLLM samples one token and drops it, and reports its finish reason and count). A
-prompt token's `rank` is the engine's count of tokens at least as likely, inside the top-k or not, as vLLM's.
+prompt token's `rank` is its place in the top-k when it is there, else the engine's count of tokens at least as
+likely (vLLM's, for tokens outside the top-k asked for too).
 """
 
 from __future__ import annotations
