@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.methods_bench import ARMS, SWEEP_ARMS, lr_grid, overrides, run_key, settings
+from trainer.methods_bench import ARMS, SWEEP_ARMS, lr_grid, overrides, run_key, settings, world_id
 from trainer.methods_report import agreement_table, probe_markdown, tuning_table, verdict
 
 
@@ -91,6 +91,36 @@ def test_run_key_names_what_decides_a_run_and_not_where_it_is_written():
     assert len({key(), key(arm="opd"), key(seed=1), key(build={"version": 2}), key(steps=300)}) == 5
     nearer = overrides(s, Path("out/runs/student-sft100"), toy / "teacher", "hf", Path("a"), 0)
     assert run_key("tropd", nearer, {"version": 1}) != key()  # the sweep's students are told apart
+
+
+def test_only_runs_of_the_same_toy_world_are_carried_along(tmp_path):
+    from trainer.methods_bench import _earlier_runs, _fill
+
+    def run(key, arm="opd", **more):
+        return {"arm": arm, "seed": 0, "key": key, **more}
+
+    old, new = {"version": 1, "seed": 0}, {"version": 1, "seed": 1}
+    # an earlier report of the old world, which had carried along one run of its own world and one untagged
+    (tmp_path / "results.json").write_text(json.dumps({
+        "toy_build": old, "tuning": [], "runs": [run("a")], "sweep": [run("s", student="student-sft100")],
+        "other_runs": [run("t", world=world_id(old)), run("u")],
+    }))  # fmt: skip
+    (tmp_path / "results.partial.json").write_text(json.dumps({"toy_build": new, "runs": [run("b", "tropd")]}))
+    earlier = _earlier_runs(tmp_path, print)
+    assert set(earlier) == {"a", "s", "t", "u", "b"}  # every run can still be reused by its key
+
+    def carried(build, keys=("b",)):
+        report = {"toy_build": build}
+        _fill(report, [("runs", "tropd", 0, Path("student"), 0.003)][: len(keys)], list(keys), earlier, earlier)
+        return report
+
+    report = carried(new)
+    assert [r["key"] for r in report["runs"]] == ["b"] and "world" not in report["runs"][0]
+    assert report["other_runs"] == []  # the old world's runs (and the untagged one) stay out of the new report
+    report = carried(old, keys=())
+    assert sorted(r["key"] for r in report["other_runs"]) == ["a", "s", "t"]
+    assert {r["world"] for r in report["other_runs"]} == {world_id(old)}  # the tag is kept, for the next report
+    assert next(r for r in report["other_runs"] if r["key"] == "s")["student"] == "student-sft100"
 
 
 @pytest.mark.slow  # over 4 s on 2 cores

@@ -11,14 +11,14 @@ at each of its last two evaluations. A grad-norm spike is a step whose gradient 
 above 10 x the run's median.
 
 Writes `results.json` and PNG plots to `--out` (default: docs/results) and the report beside that folder,
-`<out>.md` (docs/results.md), its images linked from the folder. Every finished run is
-kept at once in `results.partial.json`, under a key made of the settings that decide its outcome (method,
-seed, student, budget, toy world; not the code nor the trainer's defaults: after a change to either, run
-again without `--resume`); `--resume` reuses the runs whose key matches, so a long benchmark can stop and go
-on, and a run that two parts of the report share (the sweep's own student) is trained once. Runs of earlier reports that
-the present one does not include are carried along (`other_runs`), so a report of a few methods does not
-lose the others. `--jobs N` trains N runs at a time in separate processes, each with an equal share of the
-cores.
+`<out>.md` (docs/results.md), its images linked from the folder. Every finished run is kept at once in
+`results.partial.json`, under a key made of the settings that decide its outcome (method, seed, student, budget,
+toy world; not the code nor the trainer's defaults: after a change to either, run again without `--resume`);
+`--resume` reuses the runs whose key matches, so a long benchmark can stop and go on, and a run that two parts of
+the report share (the sweep's own student) is trained once. Runs of earlier reports that the present one does
+not include are carried along (`other_runs`) when they were made in the same toy world, so a report of a few
+methods does not lose the others. `--jobs N` trains N runs at a time in separate processes, each with an equal
+share of the cores.
 """
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ def run_bench(toy_dir: str, out: str, engine: str, quick: bool, steps: int | Non
             + (f", {jobs} at a time" if jobs > 1 else ""))  # fmt: skip
 
         def finished(key: str, result: dict) -> None:
-            done[key] = {**result, "key": key}
+            done[key] = {**result, "key": key, "world": world_id(build)}
             _fill(report, plan, keys, done, earlier)
             _save_partial(report, out)
             log(f"[bench] ({len(done.keys() & set(keys))}/{len(set(keys))}) {result['arm']}, seed {result['seed']}: "
@@ -275,18 +275,26 @@ def run_bench(toy_dir: str, out: str, engine: str, quick: bool, steps: int | Non
 
 
 def _fill(report: dict, plan: list, keys: list[str], done: dict, earlier: dict) -> None:
-    """The report's sections, in plan order, from the finished runs; and the earlier reports' other runs."""
+    """The report's sections, in plan order, from the finished runs; and the earlier reports' other runs made in
+    the same toy world (a run of another world is still reused by key, never carried into this report)."""
     report["tuning"], report["runs"], report["sweep"] = [], [], []
     for (section, _arm, _seed, student, lr), key in zip(plan, keys, strict=True):
         if key in done:
-            run = {**{k: v for k, v in done[key].items() if k != "student"}, "lr": lr}
+            run = {**{k: v for k, v in done[key].items() if k not in ("student", "world")}, "lr": lr}
             report[section].append({**run, "student": student.name} if section == "sweep" else run)
-    mine = set(keys)
-    report["other_runs"] = [r for k, r in earlier.items() if k not in mine]
+    mine, world = set(keys), world_id(report.get("toy_build"))
+    report["other_runs"] = [r for k, r in earlier.items() if k not in mine and r.get("world") == world]
+
+
+def world_id(toy_build: dict | None) -> str:
+    """A short name of the toy world a run was made in (its build settings)."""
+    return hashlib.sha256(json.dumps(toy_build, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _earlier_runs(out: Path, log) -> dict:
-    """Finished runs of an earlier, stopped or finished, report in `out`, by key."""
+    """Finished runs of an earlier, stopped or finished, report in `out`, by key, each with the toy world it was
+    made in (`world`): a run of the report's own sections is of the report's world; a carried run keeps its tag,
+    and one carried without a tag (by an older version) is of an unknown world."""
     done: dict = {}
     for name in ("results.json", "results.partial.json"):  # the partial file is the newer when both exist
         path = out / name
@@ -297,10 +305,12 @@ def _earlier_runs(out: Path, log) -> dict:
         except ValueError as e:
             log(f"[bench] warning: {path} is not readable JSON ({e}); its runs are not reused")
             continue
-        sections = ("tuning", "runs", "sweep", "other_runs")
-        for r in [run for section in sections for run in earlier.get(section, [])]:
-            if isinstance(r, dict) and isinstance(r.get("key"), str):
-                done[r["key"]] = r  # a sweep run keeps its student's name: a run carried along says whose it is
+        world = world_id(earlier.get("toy_build"))
+        for section in ("tuning", "runs", "sweep", "other_runs"):
+            for r in earlier.get(section, []):
+                if isinstance(r, dict) and isinstance(r.get("key"), str):
+                    # a sweep run keeps its student's name: a run carried along says whose it is
+                    done[r["key"]] = r if section == "other_runs" else {**r, "world": world}
     return done
 
 
