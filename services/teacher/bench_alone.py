@@ -34,13 +34,17 @@ def engine_phase(spec: dict) -> list[float]:
 
     engine = load_engine(spec["engine"], spec["model"], max_top_k=spec["max_top_k"])
     passes = EnginePasses(engine, spec["requests"], spec["top_k"])
-    one_pass = passes.for_clients(1)
+    return _timed(passes.for_clients(1), spec["repeats"], passes.close)
+
+
+def _timed(one_pass, repeats: int, close) -> list[float]:
+    """`WARMUP_PASSES` untimed passes, then the seconds of `repeats` timed ones; `close` runs in any case."""
     try:
         for _ in range(WARMUP_PASSES):
             one_pass()
-        return [one_pass()[0] for _ in range(spec["repeats"])]
+        return [one_pass()[0] for _ in range(repeats)]
     finally:
-        passes.close()
+        close()
 
 
 def _engine_alone(spec: dict, workdir: Path, env: dict, timeout: float) -> list[float]:
@@ -67,12 +71,7 @@ def _service_alone(spec: dict, workdir: Path, env: dict, timeout: float) -> list
         with asyncio.Runner() as runner:
             passes = HttpPasses(runner, lambda: TeacherClient(service.url, binary=True), spec["requests"], 1,
                                 spec["top_k"])  # fmt: skip
-            try:
-                for _ in range(WARMUP_PASSES):
-                    passes()
-                return [passes()[0] for _ in range(spec["repeats"])]
-            finally:
-                passes.close()
+            return _timed(passes, spec["repeats"], passes.close)
 
 
 def measure_alone(model: str, engine: str, requests: list, top_k: int, max_top_k: int, repeats: int,
