@@ -5,7 +5,7 @@ logits dominate. Variants: `model_logits` (the plain path: `model(...).logits` a
 loss), `unchunked` (ScoringModule with chunk_tokens=0) and `chunk_<C>`. Each variant runs in a fresh process; the
 figure is the peak above a baseline taken after the model exists and a warm-up step on a 1-token batch ran (so
 that lazy initialisation is not counted; its gradients are freed, so the step's own gradients are counted): on CPU
-the growth of `getrusage(RUSAGE_SELF).ru_maxrss` after resetting the peak to the current RSS (/proc/self/clear_refs),
+the growth of the peak RSS (`VmHWM`) after resetting it to the current RSS (/proc/self/clear_refs),
 on CUDA `torch.cuda.max_memory_allocated` minus the memory allocated then.
 
     python -m trainer.memory_bench [--quick] [--device cuda]
@@ -24,7 +24,7 @@ QUICK = dict(sequences=2, response_tokens=128, chunks=(16,))
 
 
 def _reset_peak_rss() -> bool:
-    """Lower the process's peak RSS (ru_maxrss) to its current RSS (Linux >= 4.0); False where not allowed."""
+    """Lower the process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0); False where not allowed."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -78,9 +78,23 @@ def _measure(settings: dict, variant: str) -> dict:
         torch.cuda.synchronize()
         return {"peak_mb": (torch.cuda.max_memory_allocated() - baseline) / 2**20, "peak_reset": True}
     reset = _reset_peak_rss()
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    baseline = _peak_rss_kb()
     step(B, T)
-    return {"peak_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 2**10, "peak_reset": reset}
+    return {"peak_mb": (_peak_rss_kb() - baseline) / 2**10, "peak_reset": reset}
+
+
+def _peak_rss_kb() -> int:
+    """This process's peak RSS (kB): `VmHWM` of /proc/self/status, the figure that clear_refs resets. Not
+    `ru_maxrss`, which is also at least the peak of the process that started this one (it is kept across exec), so
+    that a step smaller than the parent's RSS would read as 0; `ru_maxrss` only where /proc is not there."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def peak_memory(
@@ -95,7 +109,7 @@ def peak_memory(
         "device": device, "vocab_size": vocab_size, "hidden_size": 64, "layers": 2, "top_k": top_k,
         "sequences": sequences or base["sequences"], "prompt_tokens": prompt_tokens,
         "response_tokens": response_tokens or base["response_tokens"], "chunks": list(chunks or base["chunks"]),
-        "measure": "torch.cuda.max_memory_allocated" if device.startswith("cuda") else "ru_maxrss growth",
+        "measure": "torch.cuda.max_memory_allocated" if device.startswith("cuda") else "peak RSS (VmHWM) growth",
         "baseline": "after the model, a warm-up step on a 1-token batch and freeing its gradients",
     }  # fmt: skip
     variants = (["model_logits"] if model_logits else []) + ["unchunked"] + [f"chunk_{c}" for c in settings["chunks"]]
@@ -108,7 +122,7 @@ def peak_memory(
         result = json.loads(done.stdout.strip().splitlines()[-1])
         peaks[variant] = round(result["peak_mb"], 1)
         if not result["peak_reset"]:
-            settings["measure"] = "ru_maxrss growth (peak not reset after the warm-up: an underestimate)"
+            settings["measure"] = "peak RSS growth (peak not reset after the warm-up: an underestimate)"
     return {"peak_memory_mb": peaks, "settings": settings}
 
 
