@@ -107,7 +107,16 @@ def run_key(arm: str, base: list[str], toy_build: dict | None) -> str:
     """What decides a run's outcome: its method, its overrides (all but the output directory) and the toy."""
     what = {"arm": arm, "extra": ARMS[arm], "overrides": [o for o in base if not o.startswith("out=")],
             "toy": toy_build}  # fmt: skip
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+    return _digest(what, 16)
+
+
+def world_id(toy_build: dict | None) -> str:
+    """A short name of the toy world a run was made in (its build settings)."""
+    return _digest(toy_build, 12)
+
+
+def _digest(what, n: int) -> str:
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:n]
 
 
 def _work(job: tuple[str, str, list[str], int]) -> tuple[str, dict]:
@@ -209,7 +218,7 @@ def run_bench(toy_dir: str, out: str, engine: str, quick: bool, steps: int | Non
         "runs": [],
         "sweep": [],
     }
-    earlier = _earlier_runs(out, log)
+    earlier, world = _earlier_runs(out, log), world_id(build)
     done = dict(earlier) if resume else {}
     plan: list[tuple] = []  # every run of the report: (section, arm, seed, student, lr)
     keys: list[str] = []
@@ -233,7 +242,7 @@ def run_bench(toy_dir: str, out: str, engine: str, quick: bool, steps: int | Non
             + (f", {jobs} at a time" if jobs > 1 else ""))  # fmt: skip
 
         def finished(key: str, result: dict) -> None:
-            done[key] = {**result, "key": key, "world": world_id(build)}
+            done[key] = {**result, "key": key, "world": world}
             _fill(report, plan, keys, done, earlier)
             _save_partial(report, out)
             log(f"[bench] ({len(done.keys() & set(keys))}/{len(set(keys))}) {result['arm']}, seed {result['seed']}: "
@@ -284,11 +293,6 @@ def _fill(report: dict, plan: list, keys: list[str], done: dict, earlier: dict) 
             report[section].append({**run, "student": student.name} if section == "sweep" else run)
     mine, world = set(keys), world_id(report.get("toy_build"))
     report["other_runs"] = [r for k, r in earlier.items() if k not in mine and r.get("world") == world]
-
-
-def world_id(toy_build: dict | None) -> str:
-    """A short name of the toy world a run was made in (its build settings)."""
-    return hashlib.sha256(json.dumps(toy_build, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _earlier_runs(out: Path, log) -> dict:
