@@ -17,4 +17,4 @@ export PYTHONPATH=${PYTHONPATH:-$PWD}
 "$python" -m pytest -m gpu -q -p no:cacheprovider --durations=10 tests/test_gpu.py tests/test_sample.py \
   tests/test_student.py 2>&1 | tee "$out/pytest.log"
 "$python" scripts/gpu_bench.py --out "$out/bench" 2>"$out/bench.log" | tee "$out/bench.json"
-"$python" -m trainer.memory_bench --device cuda | tee "$out/memory.json"
+"$python" -m trainer.bench.memory --device cuda | tee "$out/memory.json"

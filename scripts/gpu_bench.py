@@ -66,7 +66,7 @@ def main() -> int:
 
     from tests.realworld import build_realworld
     from trainer.config import load_config
-    from trainer.train import train
+    from trainer.run import train
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

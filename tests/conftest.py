@@ -13,10 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def toy_quick() -> Path:
-    from trainer import toy
+    from trainer.toy import world
 
     out = Path(os.environ.get("TROPD_TEST_TOY", ROOT / "artifacts" / "toy-quick"))
-    toy.build(out, seed=0, quick=True)
+    world.build(out, seed=0, quick=True)
     return out
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.methods_bench import ARMS, SWEEP_ARMS, lr_grid, overrides, run_key, settings, world_id
-from trainer.methods_report import agreement_table, probe_markdown, tuning_table, verdict
+from trainer.bench.methods import ARMS, SWEEP_ARMS, lr_grid, overrides, run_key, settings, world_id
+from trainer.bench.report import agreement_table, probe_markdown, tuning_table, verdict
 
 
 @pytest.mark.timeout(900)
@@ -94,7 +94,7 @@ def test_run_key_names_what_decides_a_run_and_not_where_it_is_written():
 
 
 def test_only_runs_of_the_same_toy_world_are_carried_along(tmp_path):
-    from trainer.methods_bench import _earlier_runs, _fill
+    from trainer.bench.methods import _earlier_runs, _fill
 
     def run(key, arm="opd", **more):
         return {"arm": arm, "seed": 0, "key": key, **more}

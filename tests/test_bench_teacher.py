@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from services.teacher.bench import PATHS
+from services.teacher.bench.throughput import PATHS
 
 TROPD = [sys.executable, "-m", "tropd", "bench", "teacher"]
 

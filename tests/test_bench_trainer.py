@@ -38,7 +38,7 @@ def test_peak_memory_is_the_measuring_process_own_not_its_parents():
     # ru_maxrss is kept across exec, so a variant's process started by a large parent read a step smaller than the
     # parent's resident memory as 0 MB; the peak is this process's own (VmHWM)
     held = bytearray(b"\x01") * (600 * 2**20)  # a parent with 600 MiB resident
-    probe = "from trainer.memory_bench import _peak_rss_kb; print(_peak_rss_kb())"
+    probe = "from trainer.bench.memory import _peak_rss_kb; print(_peak_rss_kb())"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert 0 < int(result.stdout) < 300 * 2**10 < len(held) // 2**10

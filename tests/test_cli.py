@@ -119,11 +119,11 @@ def test_toy_build_refuses_a_directory_it_did_not_make(tmp_path):
 
 
 def test_toy_build_accepts_a_volume_root(tmp_path):
-    from trainer import toy
+    from trainer.toy import world
 
     for name in ("lost+found", ".snapshot", "teacher", "student.tmp"):
         (tmp_path / name).mkdir()
     (tmp_path / "build.json").write_text("{}")
-    assert toy.foreign_files(tmp_path) == []
+    assert world.foreign_files(tmp_path) == []
     (tmp_path / "notes.txt").write_text("")
-    assert toy.foreign_files(tmp_path) == ["notes.txt"]
+    assert world.foreign_files(tmp_path) == ["notes.txt"]

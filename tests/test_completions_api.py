@@ -19,7 +19,7 @@ import pytest
 from services.teacher.launch import Launched, free_port
 from services.teacher.openai_client import stock_vllm_command
 from tests.helpers import teacher
-from trainer.tokenizer import VOCAB
+from trainer.toy.tokenizer import VOCAB
 
 KEY = "completions-test-key"
 ENV = {"TROPD_TEST_KEY": KEY, "OMP_NUM_THREADS": "1"}

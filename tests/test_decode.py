@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from trainer import sampling
-from trainer.decode import FAST_DECODER_MAX_WIDTH_X_DEPTH, LibraryDecoder, LlamaDecoder, decoder_for
+from trainer.rollout import sampling
+from trainer.rollout.decode import FAST_DECODER_MAX_WIDTH_X_DEPTH, LibraryDecoder, LlamaDecoder, decoder_for
 from tropd.errors import UserError
 
 

@@ -236,9 +236,41 @@ def test_sequence_length_limits_are_the_ones_security_md_states():
 
 def test_toy_eval_seed_picks_the_prompts():
     """`tropd toy eval --seed` picks the eval prompts (its help says so): the same seed, the same prompts."""
-    from trainer import tasks
+    from trainer.toy import tasks
 
     a, b, c = (tasks.examples("math", "eval", 20, seed) for seed in (0, 0, 1))
     assert [e.prompt for e in a] == [e.prompt for e in b] != [e.prompt for e in c]
     seed_help = next(a for a in _node(("tropd", "toy", "eval"))._actions if "--seed" in a.option_strings).help
     assert "eval prompts" in seed_help
+
+
+PATH_ROOTS = ("trainer", "services", "tropd", "tests", "scripts", "configs", "deploy", "docs", ".ci")
+PATH_RE = re.compile(r"(?<![\w./-])((?:" + "|".join(re.escape(r) for r in PATH_ROOTS) + r")/[\w./-]*)(?![\w*])")
+# named in the documents but made by the user, not in the tree: the key file a user writes from its example, and
+# kubectl's `deploy/NAME` (a Deployment, not a folder)
+NOT_IN_TREE = {"deploy/teacher.env", "deploy/tropd-teacher"}
+
+
+def _project_paths(text: str) -> set[str]:
+    """Paths of the project's tree named in the document: in code, in prose and in links."""
+    found = set()
+    for match in PATH_RE.finditer(text):
+        path = match.group(1).rstrip(".,:")
+        if "{" in path or path in NOT_IN_TREE:
+            continue
+        found.add(path.split("::", 1)[0])
+    return found
+
+
+def test_project_paths_in_the_documents_exist():
+    missing = []
+    for doc in DOCS:
+        for path in sorted(_project_paths(doc.read_text())):
+            if not (ROOT / path).exists():
+                missing.append(f"{doc.relative_to(ROOT)}: {path}")
+    assert missing == []
+
+
+def test_path_check_sees_paths_in_prose_code_and_links():
+    text = "see `trainer/losses.py`, [x](docs/design.md), trainer/toy/tasks/; not artifacts/x, a/tests/b, docs/c*.md"
+    assert _project_paths(text) == {"trainer/losses.py", "docs/design.md", "trainer/toy/tasks/"}

@@ -14,7 +14,7 @@ import pytest
 
 from services.teacher.batching import Batcher, ClientOverQuota
 from services.teacher.client import TeacherClient
-from services.teacher.engine_types import ScoreItem
+from services.teacher.engines.types import ScoreItem
 from services.teacher.fairness import FairQueue
 from services.teacher.protocol import ScoreResult
 from tests.helpers import teacher

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from trainer.config import load_config
-from trainer.train import train
+from trainer.run import train
 
 pytestmark = [
     pytest.mark.gpu,

@@ -17,7 +17,7 @@ import pytest
 
 from services.teacher.batching import Batcher, EngineFailed
 from services.teacher.cli import EXIT_ENGINE_FAILED
-from services.teacher.engine_types import ScoreItem
+from services.teacher.engines.types import ScoreItem
 from tests.helpers import teacher
 
 

@@ -1,4 +1,5 @@
-"""The project's own modules import only downwards: no cycle, and every top-level module imports on its own.
+"""The project's own modules import only downwards: no cycle, every module imports on its own, and the rooms keep
+their rules (RULES: what a room may never reach, directly or through another module).
 
 The graph is read from the source (AST), so checking it imports nothing: module-level AND function-level
 imports count (a function-level import is a cycle waiting for its first caller), `if TYPE_CHECKING:` blocks
@@ -18,7 +19,7 @@ EXTRA_FILES = ("tests/helpers.py",)
 
 
 def module_name(path_rel: Path) -> str:
-    """`trainer/tasks/__init__.py` -> `trainer.tasks`; `trainer/losses.py` -> `trainer.losses`."""
+    """`trainer/toy/tasks/__init__.py` -> `trainer.toy.tasks`; `trainer/losses.py` -> `trainer.losses`."""
     parts = list(path_rel.with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
@@ -110,6 +111,81 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         if node not in state and (cycle := visit(node)):
             return cycle
     return None
+
+
+LOOP = tuple(
+    f"trainer.{m}"
+    for m in ("config", "train", "pipeline", "methods", "losses", "student", "teacher_link", "evaluation", "parallel",
+              "models", "checkpoint", "rundir", "runlog", "plot")
+)  # fmt: skip
+LOOP_TOP = ("trainer.train", "trainer.pipeline", "trainer.evaluation", "trainer.student", "trainer.teacher_link")
+COMMANDS = ("tropd.cli", "trainer.cli", "services.teacher.cli")
+BENCHES = ("trainer.bench", "services.teacher.bench")
+
+# (a room: module names or packages, what it may never reach, why)
+RULES = [
+    (LOOP, ("trainer.toy", "trainer.run", *BENCHES, *COMMANDS), "the loop takes its prompts from a source it is given"),
+    (("trainer.rollout",), ("trainer.data", "trainer.toy", "trainer.run", *LOOP_TOP, *BENCHES, *COMMANDS),
+     "the rollout engines sample a model; they know no source and no loop"),
+    (("trainer.data",), ("trainer.rollout", "trainer.toy", "trainer.run", *LOOP_TOP, *BENCHES, *COMMANDS),
+     "the data room gives prompts; the toy world implements its protocol, one level up"),
+    (("trainer.toy",), ("trainer.run", *LOOP_TOP, *BENCHES, *COMMANDS), "the toy world is one source, below the loop"),
+    (("trainer.run",), (*BENCHES, *COMMANDS), "a run is assembled below the commands and the benchmarks"),
+    (BENCHES, COMMANDS, "the benchmarks sit below the commands that start them"),
+    (("services",), ("trainer",), "the service knows nothing of training"),
+    (("services.teacher.engines",),
+     ("services.teacher.app", "services.teacher.batching", "services.teacher.launch", *BENCHES, *COMMANDS),
+     "an engine knows nothing of the service around it"),
+    (("services.teacher.protocol", "services.teacher.client"),
+     ("services.teacher.app", "services.teacher.engines", "services.teacher.batching"),
+     "the trainer's client imports no web framework and no engine"),
+]  # fmt: skip
+
+
+def _in(name: str, room: tuple[str, ...]) -> bool:
+    return any(name == r or name.startswith(r + ".") for r in room)
+
+
+def reach(graph: dict[str, set[str]], start: str) -> dict[str, str]:
+    """Every module `start` imports, directly or not: module -> the module it was first reached through."""
+    seen: dict[str, str] = {}
+    todo = [(start, n) for n in sorted(graph.get(start, ()))]
+    while todo:
+        via, node = todo.pop()
+        if node in seen:
+            continue
+        seen[node] = via
+        todo += [(node, n) for n in sorted(graph.get(node, ())) if n not in seen]
+    return seen
+
+
+def broken_rules(graph: dict[str, set[str]]) -> list[str]:
+    broken = []
+    for room, never, why in RULES:
+        for name in sorted(n for n in graph if _in(n, room)):
+            for target, via in reach(graph, name).items():
+                if _in(target, never) and not _in(target, room):
+                    how = "directly" if via == name else f"through {via}"
+                    broken.append(f"{name} reaches {target} ({how}): {why}")
+    return sorted(broken)
+
+
+def test_rule_checker_finds_a_planted_breach():
+    graph = {"trainer.train": {"trainer.data.files"}, "trainer.data.files": {"trainer.toy.source"},
+             "trainer.toy.source": set()}  # fmt: skip
+    assert broken_rules(graph) == [
+        "trainer.data.files reaches trainer.toy.source (directly): the data room gives prompts; "
+        "the toy world implements its protocol, one level up",
+        "trainer.train reaches trainer.toy.source (through trainer.data.files): the loop takes its prompts from a "
+        "source it is given",
+    ]
+
+
+def test_the_rooms_keep_their_import_rules():
+    graph = import_graph(project_modules())
+    for room, _, _ in RULES:
+        assert any(_in(n, room) for n in graph), f"no module in {room}: update RULES to the tree"
+    assert broken_rules(graph) == []
 
 
 def test_cycle_finder_finds_a_planted_cycle():

@@ -23,8 +23,8 @@ import torch
 
 from services.teacher.client import TeacherClient
 from tests.helpers import teacher
-from trainer import tasks
-from trainer.tokenizer import VOCAB
+from trainer.toy import tasks
+from trainer.toy.tokenizer import VOCAB
 
 pytestmark = pytest.mark.reliability
 

@@ -15,7 +15,7 @@ from services.teacher.client import TeacherError
 from services.teacher.openai_client import VLLMOpenAIClient, stock_vllm
 from trainer.config import TeacherConfig
 from trainer.teacher_link import TeacherLink
-from trainer.tokenizer import VOCAB
+from trainer.toy.tokenizer import VOCAB
 from tropd.errors import UserError
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(240)]
@@ -134,7 +134,7 @@ def test_trainer_runs_against_the_stock_server(tokenizing_server, toy_quick, tmp
     import json
 
     from trainer.config import load_config
-    from trainer.train import train
+    from trainer.run import train
 
     out = tmp_path / "run"
     config = load_config(

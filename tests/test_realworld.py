@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from services.teacher.client import TeacherClient
-from services.teacher.engine_types import stop_ids, union_of_stops
-from services.teacher.engines import HFEngine
+from services.teacher.engines.hf import HFEngine
+from services.teacher.engines.types import stop_ids, union_of_stops
 from tests.helpers import teacher
 from tests.realworld import build_realworld
 

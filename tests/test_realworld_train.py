@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from tests.helpers import teacher
 from trainer.config import load_config
-from trainer.train import train
+from trainer.run import train
 from tropd.errors import UserError
 
 SMALL = [

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from trainer.decode import LibraryDecoder, decoder_for
-from trainer.sampling import sample
+from trainer.rollout.decode import LibraryDecoder, decoder_for
+from trainer.rollout.sampling import sample
 
 VOCAB, LIMIT, PAD = 300, 250, 0
 

@@ -12,8 +12,8 @@ import pytest
 from services.teacher.client import TeacherClient, TeacherError
 from services.teacher.protocol import BINARY_MEDIA_TYPE, decode_results, tokenizer_fingerprint
 from tests.helpers import teacher
-from trainer import tasks
-from trainer.tokenizer import VOCAB
+from trainer.toy import tasks
+from trainer.toy.tokenizer import VOCAB
 
 ENGINES = ["hf", pytest.param("vllm", marks=pytest.mark.vllm)]
 

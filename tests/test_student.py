@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCau
 
 from trainer import losses
 from trainer.losses import StudentScores, student_scores
-from trainer.sampling import response_forward
+from trainer.rollout.sampling import response_forward
 from trainer.student import ScoringModule, StudentStep, sequence_inputs
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -272,7 +272,7 @@ def test_ddp_micro_batches_accumulate_the_whole_batch_gradient(tmp_path):
 
 @pytest.mark.slow  # over 4 s on 2 cores
 def test_peak_memory_falls_with_chunking():
-    from trainer.memory_bench import peak_memory
+    from trainer.bench.memory import peak_memory
 
     report = peak_memory(quick=True, model_logits=False)
     peak, settings = report["peak_memory_mb"], report["settings"]

@@ -1,8 +1,8 @@
 import pytest
 
-from trainer import tasks
-from trainer.tasks import arith, grammar, stack
-from trainer.tokenizer import VOCAB
+from trainer.toy import tasks
+from trainer.toy.tasks import arith, grammar, stack
+from trainer.toy.tokenizer import VOCAB
 
 
 @pytest.mark.parametrize("task", list(tasks.TASKS))

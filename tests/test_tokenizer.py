@@ -1,8 +1,8 @@
 import pytest
 
 from services.teacher.protocol import chat_template_fingerprint, tokenizer_fingerprint
-from trainer import tasks
-from trainer.tokenizer import VOCAB, build_hf_tokenizer
+from trainer.toy import tasks
+from trainer.toy.tokenizer import VOCAB, build_hf_tokenizer
 
 
 def test_hf_tokenizer_round_trip_matches_vocab(tmp_path):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from tests.helpers import free_port, teacher
 from trainer import checkpoint
 from trainer.config import TrainConfig, load_config
-from trainer.train import train
+from trainer.run import train
 from tropd.errors import UserError
 
 SMALL = [
@@ -147,7 +147,7 @@ def test_every_method_runs(toy_quick, service, tmp_path, method):
 
 
 def test_tokenizer_mismatch_is_refused(toy_quick, service, tmp_path):
-    from trainer.tokenizer import build_hf_tokenizer
+    from trainer.toy.tokenizer import build_hf_tokenizer
 
     student = tmp_path / "student"
     shutil.copytree(toy_quick / "student", student)

@@ -289,7 +289,7 @@ def _broken_student(toy_quick: Path, where: Path, kind: str) -> Path:
         for name in ("tokenizer.json", "tokenizer_config.json"):
             (student / name).unlink(missing_ok=True)
     elif kind == "other-tokenizer":
-        from trainer.tokenizer import build_hf_tokenizer
+        from trainer.toy.tokenizer import build_hf_tokenizer
 
         tok = build_hf_tokenizer()
         tok.add_tokens(["X"])

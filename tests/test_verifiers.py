@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from trainer.verifiers import final_answer, load_verifier, score_all
+from trainer.data.verifiers import final_answer, load_verifier, score_all
 from tropd.errors import UserError
 
 # ---- exact ----

@@ -63,21 +63,21 @@ def add_toy(sub) -> None:
 
 
 def run_toy_build(args) -> int:
-    from trainer import toy
+    from trainer.toy import world
 
     out = args.out or ("artifacts/toy-quick" if args.quick else "artifacts/toy")
-    toy.build(out, seed=args.seed, quick=args.quick, force=args.force)
+    world.build(out, seed=args.seed, quick=args.quick, force=args.force)
     return 0
 
 
 def run_toy_eval(args) -> int:
-    from trainer import toy
+    from trainer.toy import world
 
     _model_dir(args.model)
     if args.teacher is not None:
         _model_dir(args.teacher, "teacher")
     names = TASK_CHOICES if args.task == "all" else (args.task,)
-    results = [toy.task_report(args.model, t, args.n, args.teacher, args.seed) for t in names]
+    results = [world.task_report(args.model, t, args.n, args.teacher, args.seed) for t in names]
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else {"results": results}))
     else:
@@ -117,7 +117,7 @@ def run_train(args) -> int:
     from trainer.config import load_config
 
     config = load_config(args.config, args.overrides)
-    from trainer.train import train
+    from trainer.run import train
 
     summary = train(config, resume=args.resume)
     if summary is not None:  # rank 0
@@ -210,7 +210,7 @@ def methods_out(args) -> str:
 
 
 def run_bench_methods(args) -> int:
-    from trainer.methods_bench import main
+    from trainer.bench.methods import main
 
     args.out = methods_out(args)
     return main(args)
@@ -229,7 +229,7 @@ def run_bench(args) -> int:
     directory_path(args.toy, "--toy")
     if not args.build:
         _model_dir(str(Path(args.toy) / "teacher"), "teacher")
-    from trainer.bench import main
+    from trainer.bench.speed import main
 
     return main(args)
 
@@ -286,9 +286,9 @@ def run_demo(args) -> int:
     import time
 
     from services.teacher.launch import launch
-    from trainer import toy
     from trainer.config import load_config
     from trainer.rundir import check_run_dir
+    from trainer.toy import world
 
     if any(item.split("=", 1)[0].strip() == "out" for item in args.overrides):
         raise UserError("tropd demo: give the run directory with --out DIR, not out=DIR")
@@ -297,8 +297,8 @@ def run_demo(args) -> int:
     check_run_dir(out, Path(config.student))
     if (out / "metrics.jsonl").is_file():
         raise UserError(f"run directory {out} already holds a run: choose another --out")
-    seed, quick = toy.built_kind(args.toy)
-    toy.build(args.toy, seed=seed, quick=quick)
+    seed, quick = world.built_kind(args.toy)
+    world.build(args.toy, seed=seed, quick=quick)
     engine = args.engine
     if engine == "auto":
         from tropd.machine import vllm_available
@@ -311,7 +311,7 @@ def run_demo(args) -> int:
     try:
         print(f"[demo] teacher ready at {teacher.url}; training the student with {config.loss.method}")
         config.teacher.url = teacher.url
-        from trainer.train import train
+        from trainer.run import train
 
         summary = train(config)
     finally:

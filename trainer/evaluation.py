@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from trainer.config import TrainConfig
-from trainer.prompt_source import PromptSource
-from trainer.sampling import sample
-from trainer.verifiers import Verifier
+from trainer.data.source import PromptSource
+from trainer.data.verifiers import Verifier
+from trainer.rollout.sampling import sample
 from tropd.errors import UserError
 
 EVAL_SEED = 1234
@@ -35,7 +35,7 @@ def pick_verifier(config: TrainConfig, source: PromptSource) -> Verifier | None:
         raise UserError("eval.verifier toy checks the toy tasks: use it with data.source=toy")
     if spec in ("exact", "math") and config.data.source == "toy":
         raise UserError(f"eval.verifier {spec} reads each record's answer, which toy prompts lack: use toy or auto")
-    from trainer.verifiers import load_verifier
+    from trainer.data.verifiers import load_verifier
 
     return load_verifier(spec)
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass, fields
 import torch
 
 from trainer.config import TrainConfig
+from trainer.data.source import PromptSource
 from trainer.methods import method_of
-from trainer.prompt_source import PromptSource
-from trainer.sampling import sample
+from trainer.rollout.sampling import sample
 
 
 @dataclass

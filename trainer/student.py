@@ -151,7 +151,7 @@ def sequence_inputs(
     """`(input_ids_B_L, attention_mask_B_L, index_B_T, targets_B_T, mask_B_T)` of prompt + response sequences,
     right-padded with `pad_id` (L = longest sequence, T = longest response). index_B_T[b, t] = len(prompt_b) - 1 + t
     is the position whose prediction is response token t; padding positions point at len(prompt_b) - 1 and target
-    `pad_id`. The layout of `trainer.sampling.response_forward`."""
+    `pad_id`. The layout of `trainer.rollout.sampling.response_forward`."""
     if len(prompts) != len(responses) or not prompts:
         raise ValueError(f"need as many prompts as responses (at least one), got {len(prompts)} and {len(responses)}")
     if any(not p for p in prompts):

@@ -61,7 +61,7 @@ class TeacherLink:
 
     async def _make_client(self, config: TeacherConfig, kwargs):
         if config.api == "inprocess":
-            from services.teacher.inprocess import InProcessTeacher
+            from services.teacher.engines.inprocess import InProcessTeacher
 
             return InProcessTeacher(config.model, config.engine, max_top_k=max(20, config.top_k))
         if config.api == "vllm-openai":
@@ -140,7 +140,7 @@ class TeacherLink:
         """A stock vLLM server reports no tokenizer fingerprint: compare behaviour instead. Its ids of a probe text
         (and of a probe chat, when the student has a chat template) must equal the student tokenizer's; the client
         then refuses ids past the student's tokenizer before they reach the server."""
-        from trainer.data import load_tokenizer
+        from trainer.data.files import load_tokenizer
 
         tokenizer = load_tokenizer(student_dir)
         self.client.vocab_size = self.client.vocab_size or len(tokenizer)

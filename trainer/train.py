@@ -27,7 +27,8 @@ import torch
 from services.teacher.client import TeacherError
 from trainer import checkpoint
 from trainer.config import TrainConfig, dump_config
-from trainer.data import PromptSource, load_source, model_vocab_size
+from trainer.data.files import model_vocab_size
+from trainer.data.source import PromptSource, SourceOpener
 from trainer.evaluation import evaluate, pick_verifier
 from trainer.methods import compute_loss, method_of
 from trainer.models import decoder_layers, load_student, quiet_transformers
@@ -130,11 +131,12 @@ def batch_on(batch: Batch, device: torch.device) -> Batch:
     return dataclasses.replace(batch, **moved)
 
 
-def train(config: TrainConfig, resume: bool = False, log=print) -> dict | None:
-    """Run (or resume) training; returns the summary (on rank 0; None on other ranks)."""
+def train(config: TrainConfig, open_source: SourceOpener, resume: bool = False, log=print) -> dict | None:
+    """Run (or resume) training on the prompts of `open_source(config.data, ...)` (the sources by name are in
+    `trainer.run`); returns the summary (on rank 0; None on other ranks)."""
     from tqdm import tqdm
 
-    run = Training(config, resume, log)  # every refusal, before any step; the teacher checked
+    run = Training(config, open_source, resume, log)  # every refusal, before any step; the teacher checked
     try:
         run.evaluate_before()
         bar = tqdm(range(run.done + 1, config.steps + 1), desc=config.loss.method, unit="step", dynamic_ncols=True,
@@ -154,10 +156,10 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict | None:
 class Training:
     """One run: prepared (refusals, teacher check, student, optimizer, restored state), stepped, finished."""
 
-    def __init__(self, config: TrainConfig, resume: bool, log=print):
+    def __init__(self, config: TrainConfig, open_source: SourceOpener, resume: bool, log=print):
         self.config, self.run_dir, self.student_dir = config, Path(config.out), Path(config.student)
         ckpt = check_start(config, self.run_dir, self.student_dir, resume)
-        self.source = load_source(config.data, self.student_dir, config.seed, log)  # a bad data file stops here
+        self.source = open_source(config.data, self.student_dir, config.seed, log)  # a bad data file stops here
         self.verifier = pick_verifier(config, self.source)
         self.device = resolve_device(config.device)
         global_batch = config.rollout.prompts_per_step * config.rollout.samples_per_prompt

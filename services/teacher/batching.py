@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from services.teacher.engine_types import SamplingSpec, ScoreItem
+from services.teacher.engines.types import SamplingSpec, ScoreItem
 from services.teacher.fairness import FairQueue
 
 ANONYMOUS = "anonymous"

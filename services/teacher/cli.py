@@ -181,7 +181,7 @@ def _client_counts(text: str) -> tuple[int, ...]:
 
 
 def run_bench_teacher(args) -> int:
-    from services.teacher import bench
+    from services.teacher.bench import throughput as bench
 
     if args.fair_share:
         return run_bench_fair_share(args)
@@ -208,7 +208,8 @@ def run_bench_teacher(args) -> int:
 
 
 def run_bench_fair_share(args) -> int:
-    from services.teacher import bench, bench_fair
+    from services.teacher.bench import fair as bench_fair
+    from services.teacher.bench import throughput as bench
 
     vocab_size, context = bench.model_limits(args.model)
     config = bench_fair.FairShareConfig(
@@ -301,7 +302,7 @@ def run_serve(args) -> int:
 
     from services.teacher.app import create_app
     from services.teacher.deadline import DeadlineH11Protocol
-    from services.teacher.engines import load_engine
+    from services.teacher.engines.load import load_engine
 
     options = {"max_model_len": args.max_model_len, "tensor_parallel_size": args.tensor_parallel_size}
     if args.gpu_memory_utilization is not None:

@@ -25,7 +25,7 @@ import time
 import uuid
 
 from services.teacher import schemas
-from services.teacher.engine_types import SamplingSpec, ScoreItem
+from services.teacher.engines.types import SamplingSpec, ScoreItem
 from services.teacher.inputs import BadInput, check_ids, check_top_k
 
 LOGPROB_FLOOR = -9999.0  # vLLM's (and OpenAI's) stand-in for -inf in JSON

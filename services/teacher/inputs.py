@@ -4,7 +4,7 @@ by every route. Each failure is a `BadInput` naming the field, which the service
 from __future__ import annotations
 
 from services.teacher import schemas
-from services.teacher.engine_types import SamplingSpec, ScoreItem
+from services.teacher.engines.types import SamplingSpec, ScoreItem
 
 
 class BadInput(Exception):

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from services.teacher.engine_types import Continued, SamplingSpec, Scored, ScoreItem, describe
+from services.teacher.engines.types import Continued, SamplingSpec, Scored, ScoreItem, describe
 
 
 class VLLMEngine:

@@ -12,8 +12,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from trainer.tasks import arith, grammar, stack
-from trainer.tasks.answers import final_answer as final_answer  # the answer parser, re-exported
+from trainer.toy.tasks import arith, grammar, stack
+from trainer.toy.tasks.answers import final_answer as final_answer  # the answer parser, re-exported
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,10 @@ import json
 import random
 from pathlib import Path
 
-from trainer import tasks
 from trainer.config import DataConfig, EvalConfig
-from trainer.prompt_source import Prompt
-from trainer.tokenizer import VOCAB
+from trainer.data.source import Prompt
+from trainer.toy import tasks
+from trainer.toy.tokenizer import VOCAB
 from tropd.errors import UserError
 
 POOL = 20000
@@ -53,7 +53,7 @@ class ToySource:
 
 
 def toy_verifier(response: str, answer: str | None, record: dict) -> float:
-    """The task's exact verifier (`trainer.tasks.check`) on a toy prompt."""
+    """The task's exact verifier (`trainer.toy.tasks.check`) on a toy prompt."""
     return float(tasks.check(record["task"], record["prompt"], response))
 
 

@@ -1,7 +1,7 @@
 """`general`: close a bracket string so that it is balanced (a Dyck language over `()` and `[]`).
 
 The teacher first writes the stack of open brackets, then the closing; the student style is the closing alone
-(the toy student's warm start drills the teacher's style here: trainer/toy.py). Any closing that balances the
+(the toy student's warm start drills the teacher's style here: trainer/toy/world.py). Any closing that balances the
 string is correct:
 
     prompt  ([]((             teacher  (((;#)))                      student  #)))
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 
-from trainer.tasks.answers import final_answer
+from trainer.toy.tasks.answers import final_answer
 
 PAIRS = {"(": ")", "[": "]"}
 

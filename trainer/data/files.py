@@ -2,10 +2,11 @@
 
 A source gives prompt token ids (as the student reads them: chat template applied), an optional reference answer,
 and the student tokenizer's facts the trainer needs (stop ids, pad id, ids never to sample, decoding). The trainer
-core draws from a source and knows no toy vocabulary and no toy task. Two sources:
+core draws from a source and knows no toy vocabulary and no toy task. Two sources, chosen by `data.source` in
+`trainer.run` (the loop never names one):
 
-    data.source: files    your JSONL / JSON / Parquet files or `datasets` save_to_disk folders (`FileSource`)
-    data.source: toy      the toy world's task mix (`trainer.toy_source.ToySource`)
+    data.source: files    your JSONL / JSON / Parquet files or `datasets` save_to_disk folders (`FileSource`, here)
+    data.source: toy      the toy world's task mix (`trainer.toy.source.ToySource`)
 
 Files are read with Hugging Face `datasets`, locally (no hub access). A record holds `messages` (a chat, rendered by
 the student tokenizer's chat template with the generation prompt) or `prompt` (plain text), and optionally `answer`.
@@ -22,19 +23,11 @@ import random
 from pathlib import Path
 
 from trainer.config import DataConfig, EvalConfig
-from trainer.prompt_source import Prompt, PromptSource
+from trainer.data.source import Prompt
 from tropd.errors import UserError, first_line
 
 ROLES = ("system", "user", "assistant", "tool")
 SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-
-def load_source(config: DataConfig, student_dir: str | Path, seed: int, log=print) -> PromptSource:
-    if config.source == "toy":
-        from trainer.toy_source import ToySource
-
-        return ToySource(config, student_dir, seed)
-    return FileSource(config, student_dir, seed, log)
 
 
 def stop_ids_of(model_dir: str | Path, tokenizer) -> tuple[int, ...]:

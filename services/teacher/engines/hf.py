@@ -1,4 +1,4 @@
-"""Engine interface of the teacher service, and the transformers (`hf`) engine.
+"""The transformers (`hf`) engine of the teacher service: the reference and the fallback.
 
 An engine scores token sequences and continues prefixes, returning numpy arrays; it never detokenises.
 The service's batcher calls it from one worker thread, so engines need not be thread-safe.
@@ -6,50 +6,9 @@ The service's batcher calls it from one worker thread, so engines need not be th
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
-from services.teacher.engine_types import Continued, SamplingSpec, Scored, ScoreItem, describe
-from tropd.errors import UserError, first_line
-from tropd.machine import vllm_available
-
-
-def load_engine(
-    name: str,
-    model_dir: str,
-    *,
-    dtype: str = "float32",
-    max_top_k: int = 20,
-    warn: Callable[[str], None] = print,
-    **vllm_options,
-):
-    """`name` is `vllm`, `hf` or `auto`: vLLM when it is installed and starts here, else hf, with one line to
-    `warn` saying why (a vLLM build for another CPU or CUDA, a model architecture it lacks...)."""
-    if name == "auto":
-        if not vllm_available():
-            return HFEngine(model_dir, dtype=dtype)
-        try:
-            return _vllm_engine(model_dir, dtype=dtype, max_top_k=max_top_k, **vllm_options)
-        except Exception as error:  # noqa: BLE001 - whatever stops vLLM, the reference engine can still serve
-            warn(f"vLLM cannot start here ({type(error).__name__}: {first_line(error)}); using the hf engine")
-            return HFEngine(model_dir, dtype=dtype)
-    if name == "vllm":
-        try:
-            return _vllm_engine(model_dir, dtype=dtype, max_top_k=max_top_k, **vllm_options)
-        except Exception as error:  # noqa: BLE001 - vLLM's own log above says more; the user needs the way out
-            raise UserError(
-                f"vLLM cannot start here ({type(error).__name__}: {first_line(error)}): use --engine hf (or auto)"
-            ) from error
-    if name == "hf":
-        return HFEngine(model_dir, dtype=dtype)
-    raise ValueError(f"unknown engine {name!r}: choose vllm, hf or auto")
-
-
-def _vllm_engine(model_dir: str, **options):
-    from services.teacher.engine_vllm import VLLMEngine
-
-    return VLLMEngine(model_dir, **options)
+from services.teacher.engines.types import Continued, SamplingSpec, Scored, ScoreItem, describe
 
 
 class HFEngine:

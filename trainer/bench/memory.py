@@ -8,7 +8,7 @@ that lazy initialisation is not counted; its gradients are freed, so the step's 
 the growth of the peak RSS (`VmHWM`) after resetting it to the current RSS (/proc/self/clear_refs),
 on CUDA `torch.cuda.max_memory_allocated` minus the memory allocated then.
 
-    python -m trainer.memory_bench [--quick] [--device cuda]
+    python -m trainer.bench.memory [--quick] [--device cuda]
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def peak_memory(
     variants = (["model_logits"] if model_logits else []) + ["unchunked"] + [f"chunk_{c}" for c in settings["chunks"]]
     peaks = {}
     for variant in variants:
-        cmd = [sys.executable, "-m", "trainer.memory_bench", "--one", variant, "--settings", json.dumps(settings)]
+        cmd = [sys.executable, "-m", "trainer.bench.memory", "--one", variant, "--settings", json.dumps(settings)]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"memory bench variant {variant} failed: {done.stderr.strip().splitlines()[-1:]}")

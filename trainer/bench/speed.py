@@ -18,9 +18,9 @@ import tempfile
 from pathlib import Path
 
 from services.teacher.launch import half_the_cores, serving
-from trainer import toy
 from trainer.config import load_config
-from trainer.train import train
+from trainer.run import train
+from trainer.toy import world
 
 
 def _run(name: str, base: list[str], extra: list[str], work: Path) -> list[dict]:
@@ -125,7 +125,7 @@ def format_extra(r: dict) -> str:
 
 def main(args) -> int:
     if args.build:
-        toy.build(args.toy, quick=args.quick, log=_stderr)
+        world.build(args.toy, quick=args.quick, log=_stderr)
     steps = args.steps or (6 if args.quick else 30)
     prompts = 16 if args.quick else 64
     threads = args.threads or half_the_cores()
@@ -133,7 +133,7 @@ def main(args) -> int:
     _stderr("[bench] (c) the student's decoders: hand-written Llama decoder vs the library's cache path")
     report["decoders"] = decoder_speed(args.quick, threads=max(threads, 1))
     _stderr("[bench] (d) peak memory of a step at a 151,936-token vocabulary: whole-batch logits vs chunks")
-    from trainer.memory_bench import peak_memory
+    from trainer.bench.memory import peak_memory
 
     report["memory"] = peak_memory(args.quick)
     report["peak_memory_mb"] = report["memory"]["peak_memory_mb"]
@@ -149,17 +149,17 @@ def _stderr(message: str) -> None:
 
 # (c) the student's decoders: sampling throughput of the hand-written Llama decoder and of the library's own
 # forward and cache, at the toy student's shape and at a 29M-parameter Llama (random weights: speed does not
-# depend on them), and which one `decoder_for`'s size rule picks. The rule in trainer/decode.py cites these.
+# depend on them), and which one `decoder_for`'s size rule picks. The rule in trainer/rollout/decode.py cites these.
 DECODER_SHAPES = {
-    "toy_student": toy.STUDENT,
-    "llama_29m": toy.ModelSpec(hidden=512, layers=8, heads=8, intermediate=1664),
+    "toy_student": world.STUDENT,
+    "llama_29m": world.ModelSpec(hidden=512, layers=8, heads=8, intermediate=1664),
 }
 
 
 def _toy_prompts(n: int) -> list[list[int]]:
     """`n` toy prompts (8-16 tokens), the task families in turn."""
-    from trainer import tasks
-    from trainer.tokenizer import VOCAB
+    from trainer.toy import tasks
+    from trainer.toy.tokenizer import VOCAB
 
     families = ("math", "code", "general")
     per = [tasks.examples(f, "eval", -(-n // len(families))) for f in families]
@@ -173,8 +173,8 @@ def _tokens_per_s(model, prompts: list[list[int]], new_tokens: int, prefer: str)
 
     import torch
 
-    from trainer.sampling import sample
-    from trainer.tokenizer import VOCAB
+    from trainer.rollout.sampling import sample
+    from trainer.toy.tokenizer import VOCAB
 
     start = time.perf_counter()
     sample(model, prompts, max_new_tokens=new_tokens, pad_id=VOCAB.pad_id, decoder=prefer,
@@ -189,7 +189,7 @@ def decoder_speed(quick: bool, threads: int = 2) -> dict:
     in turn after a warm-up, so that a moment when other jobs hold the cores slows both alike and is dropped."""
     import torch
 
-    from trainer.decode import decoder_for
+    from trainer.rollout.decode import decoder_for
 
     prompts_n, new_tokens, reps = (16, 16, 3) if quick else (64, 48, 3)
     prompts = _toy_prompts(prompts_n)
@@ -198,7 +198,7 @@ def decoder_speed(quick: bool, threads: int = 2) -> dict:
     shapes = {}
     try:
         for name, spec in DECODER_SHAPES.items():
-            model = toy.new_model(spec, seed=0).eval()
+            model = world.new_model(spec, seed=0).eval()
             speed = {"fast": 0.0, "library": 0.0}
             for prefer in speed:
                 _tokens_per_s(model, prompts, 4, prefer)

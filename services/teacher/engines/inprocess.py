@@ -10,8 +10,8 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
-from services.teacher.engine_types import SamplingSpec, ScoreItem
-from services.teacher.engines import load_engine
+from services.teacher.engines.load import load_engine
+from services.teacher.engines.types import SamplingSpec, ScoreItem
 from services.teacher.protocol import PROTOCOL_VERSION
 
 

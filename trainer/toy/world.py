@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from trainer import tasks
 from trainer.models import load_causal_lm, quiet_transformers
-from trainer.sampling import response_forward, sample
-from trainer.tasks import stack
-from trainer.tokenizer import VOCAB
+from trainer.rollout.sampling import response_forward, sample
+from trainer.toy import tasks
+from trainer.toy.tasks import stack
+from trainer.toy.tokenizer import VOCAB
 from tropd.errors import UserError
 from tropd.machine import torch_threads
 from tropd.paths import directory_path
@@ -169,7 +169,7 @@ def sft(model, spec: SftSpec, seed: int, label: str, pool_size: int = 20000, log
 
 def save_model(model, path: Path) -> None:
     """`save_pretrained` into a temporary directory, then rename: a reader never sees half a model."""
-    from trainer.tokenizer import build_hf_tokenizer
+    from trainer.toy.tokenizer import build_hf_tokenizer
 
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -35,8 +35,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from trainer.methods_probe import probe
-from trainer.methods_report import (
+from trainer.bench.probe import probe
+from trainer.bench.report import (
     EVAL_TASKS,
     SWEEP_ARMS,
     markdown,
@@ -130,7 +130,7 @@ def run_one(arm: str, extra: list[str], base: list[str]) -> dict:
     import torch
 
     from trainer.config import load_config
-    from trainer.train import train
+    from trainer.run import train
 
     config = load_config(None, [*base, *extra])
     shutil.rmtree(config.out, ignore_errors=True)  # a run trained again starts afresh (the bench owns runs/)
@@ -171,7 +171,7 @@ def _mean_acc(evaluation: dict) -> float:
 def sweep_students(toy_dir: Path, build: dict | None, work: Path, sft_steps: tuple[int, ...], seed: int,
                    log) -> list[Path]:  # fmt: skip
     """The toy student, and copies of it moved nearer the teacher by short SFT on teacher-style answers."""
-    from trainer import toy
+    from trainer.toy import world
 
     out = []
     for n in sft_steps:
@@ -180,14 +180,14 @@ def sweep_students(toy_dir: Path, build: dict | None, work: Path, sft_steps: tup
             continue
         path = work / f"student-sft{n}"
         # kept only when made the same way from the same toy world
-        spec = toy.SftSpec("teacher", n, 64, 3e-3, warmup=min(10, n))
+        spec = world.SftSpec("teacher", n, 64, 3e-3, warmup=min(10, n))
         made = {"toy": build, "seed": seed, "sft": asdict(spec)}
         stamp = path / "tropd-sweep-student.json"
         if not (path / "config.json").is_file() or not stamp.is_file() or json.loads(stamp.read_text()) != made:
             log(f"[bench] warm-starting a nearer student: {n} SFT steps on teacher-style answers")
-            model = toy.load_model(toy_dir / "student")
-            toy.sft(model, spec, seed, f"sweep{n}", log=log)
-            toy.save_model(model, path)
+            model = world.load_model(toy_dir / "student")
+            world.sft(model, spec, seed, f"sweep{n}", log=log)
+            world.save_model(model, path)
             stamp.write_text(json.dumps(made))
         out.append(path)
     return out
@@ -198,9 +198,9 @@ def run_bench(toy_dir: str, out: str, engine: str, quick: bool, steps: int | Non
               log=print) -> dict:  # fmt: skip
     """Train the report's runs (those not reused) and write results.json, the plots and the markdown report. With
     `tune`, first every method at each rate of `lr_grid` on seed 0, then its seeds at its best rate."""
-    from trainer import toy
+    from trainer.bench.plots import plot_methods
     from trainer.config import TrainConfig
-    from trainer.plot import plot_methods
+    from trainer.toy import world
 
     toy_dir, out = Path(toy_dir), Path(out)
     s = {**settings(quick, steps, seeds), "lr": TrainConfig().optim.lr}
@@ -218,7 +218,7 @@ def run_bench(toy_dir: str, out: str, engine: str, quick: bool, steps: int | Non
         "runs": [],
         "sweep": [],
     }
-    earlier, world = _earlier_runs(out, log), world_id(build)
+    earlier, world_name = _earlier_runs(out, log), world_id(build)
     done = dict(earlier) if resume else {}
     plan: list[tuple] = []  # every run of the report: (section, arm, seed, student, lr)
     keys: list[str] = []
@@ -242,7 +242,7 @@ def run_bench(toy_dir: str, out: str, engine: str, quick: bool, steps: int | Non
             + (f", {jobs} at a time" if jobs > 1 else ""))  # fmt: skip
 
         def finished(key: str, result: dict) -> None:
-            done[key] = {**result, "key": key, "world": world}
+            done[key] = {**result, "key": key, "world": world_name}
             _fill(report, plan, keys, done, earlier)
             _save_partial(report, out)
             log(f"[bench] ({len(done.keys() & set(keys))}/{len(set(keys))}) {result['arm']}, seed {result['seed']}: "
@@ -279,7 +279,7 @@ def run_bench(toy_dir: str, out: str, engine: str, quick: bool, steps: int | Non
     (out / "results.partial.json").unlink(missing_ok=True)
     plot_methods(report, out)
     report_path(out).write_text(markdown(report, images=out.resolve().name))
-    toy.quiet_transformers()
+    world.quiet_transformers()
     return report
 
 
@@ -354,7 +354,7 @@ def _line(r: dict) -> str:
 
 
 def main(args) -> int:
-    from trainer import toy
+    from trainer.toy import world
     from tropd.errors import UserError
     from tropd.paths import directory_path
 
@@ -367,12 +367,12 @@ def main(args) -> int:
         toy_dir = args.toy
         if not (Path(toy_dir) / "build.json").is_file():
             raise UserError(f"--toy {toy_dir!r}: no toy world there (no build.json); build it with `tropd toy build`")
-        record = toy.read_record(Path(toy_dir))
+        record = world.read_record(Path(toy_dir))
         if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
             raise UserError(f"--toy {toy_dir!r}: its build.json is damaged; rebuild it with `tropd toy build`")
     else:
         toy_dir = "artifacts/toy-quick" if args.quick else "artifacts/toy"
-        toy.build(toy_dir, quick=args.quick, log=_stderr)
+        world.build(toy_dir, quick=args.quick, log=_stderr)
     report = run_bench(toy_dir, args.out, args.engine, args.quick, args.steps, args.seeds, args.methods,
                        not args.no_sweep, jobs=args.jobs, resume=args.resume, tune=args.tune,
                        log=_stderr)  # fmt: skip

@@ -1,6 +1,6 @@
 """How `tropd bench teacher` times a path: C concurrent requests through the engine in-process (one engine call
 each round, as the service's batcher merges them), or through an HTTP client. Shared by the bench and its
-subprocess phases (services/teacher/bench_alone.py)."""
+subprocess phases (services/teacher/bench/alone.py)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ class EnginePasses:
         return lambda: self.worker.submit(self._pass, groups).result()
 
     def _pass(self, groups: list) -> tuple[float, list]:
-        from services.teacher.engine_types import ScoreItem
+        from services.teacher.engines.types import ScoreItem
 
         start = time.perf_counter()
         results = [self.engine.score([ScoreItem(seq, 1, self.top_k) for seq in group]) for group in groups]

@@ -4,7 +4,7 @@
 The co-resident method of `bench.py` keeps the in-process engine loaded while the service runs, so that two
 engine processes bind their threads to the same cores. Here each phase has only its own process alive:
 
-  A  the engine in a subprocess (`python -m services.teacher.bench_alone SPEC OUT`): it loads, times its
+  A  the engine in a subprocess (`python -m services.teacher.bench.alone SPEC OUT`): it loads, times its
      passes, writes the seconds to OUT and exits before anything else starts;
   B  `tropd teacher serve` alone, timed through `TeacherClient` (binary body, 1 client).
 
@@ -29,8 +29,8 @@ WARMUP_PASSES = 2
 
 def engine_phase(spec: dict) -> list[float]:
     """In the subprocess: load the engine, time `repeats` passes of 1 client (one engine call per request)."""
-    from services.teacher.bench_passes import EnginePasses
-    from services.teacher.engines import load_engine
+    from services.teacher.bench.passes import EnginePasses
+    from services.teacher.engines.load import load_engine
 
     engine = load_engine(spec["engine"], spec["model"], max_top_k=spec["max_top_k"])
     passes = EnginePasses(engine, spec["requests"], spec["top_k"])
@@ -51,7 +51,7 @@ def _engine_alone(spec: dict, workdir: Path, env: dict, timeout: float) -> list[
     spec_path, out = workdir / "spec.json", workdir / "engine-seconds.json"
     spec_path.write_text(json.dumps(spec))
     out.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "services.teacher.bench_alone", str(spec_path), str(out)]
+    command = [sys.executable, "-m", "services.teacher.bench.alone", str(spec_path), str(out)]
     with open(workdir / "engine.log", "ab") as log:
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout)
     if done.returncode != 0 or not out.is_file():
@@ -61,7 +61,7 @@ def _engine_alone(spec: dict, workdir: Path, env: dict, timeout: float) -> list[
 
 
 def _service_alone(spec: dict, workdir: Path, env: dict, timeout: float) -> list[float]:
-    from services.teacher.bench_passes import HttpPasses
+    from services.teacher.bench.passes import HttpPasses
     from services.teacher.client import TeacherClient
     from services.teacher.launch import serving
 

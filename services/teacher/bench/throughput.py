@@ -40,9 +40,9 @@ from pathlib import Path
 import numpy as np
 
 from services.teacher.app import Settings
-from services.teacher.bench_alone import measure_alone
-from services.teacher.bench_fair import run_contention
-from services.teacher.bench_passes import EnginePasses, HttpPasses
+from services.teacher.bench.alone import measure_alone
+from services.teacher.bench.fair import run_contention
+from services.teacher.bench.passes import EnginePasses, HttpPasses
 from services.teacher.launch import serving
 from services.teacher.openai_client import stock_vllm
 from tropd.errors import UserError
@@ -206,7 +206,7 @@ def run_bench(config: BenchConfig, progress=print) -> dict:
 
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     progress("bench: (a) loading the vLLM engine in-process (it idles while the servers start)")
-    from services.teacher.engine_vllm import VLLMEngine
+    from services.teacher.engines.vllm import VLLMEngine
 
     engine = EnginePasses(VLLMEngine(config.model, max_top_k=max_top_k), requests, config.top_k)
     try:

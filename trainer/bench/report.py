@@ -272,7 +272,7 @@ def tuning_markdown(rows: list[dict]) -> list[str]:
 
 def agreement_table(runs: list[dict]) -> list[dict]:
     """One row per arm with a probe: its students' wrong greedy answers and the teacher's agreement with them,
-    summed over seeds, per task (trainer/methods_probe.py defines the measure)."""
+    summed over seeds, per task (trainer/bench/probe.py defines the measure)."""
     rows = []
     for arm in dict.fromkeys(r["arm"] for r in runs if r.get("probe")):
         probes = [r["probe"]["agreement"] for r in runs if r["arm"] == arm and r.get("probe")]

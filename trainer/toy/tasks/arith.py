@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 
-from trainer.tasks.answers import final_answer
+from trainer.toy.tasks.answers import final_answer
 
 
 def make(rng: random.Random) -> tuple[str, str, str]:

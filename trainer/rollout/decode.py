@@ -22,7 +22,7 @@ PREFERENCES = ("auto", "fast", "library")
 
 # LlamaDecoder beats the library's cache path only where per-call overhead outweighs arithmetic. Measured through
 # `sample` on CPU, 2 torch threads, 64 toy prompts (8-16 tokens), 48 new tokens, float32, random weights; tok/s
-# LlamaDecoder / library (ratio), best of 3-4 runs in turn (`trainer.bench.decoder_speed` measures the two ends):
+# LlamaDecoder / library (ratio), best of 3-4 runs in turn (`trainer.bench.speed.decoder_speed` measures the two ends):
 #   hidden x layers      quiet machine               busy machine (other jobs on the same 2 cores)
 #   96 x 3 (toy, 0.45M)  21,310 / 15,358 (1.39)      12,746 / 11,009 (1.16)
 #   128 x 4 .. 256 x 4   1.04 - 1.14                 1.10 - 1.20

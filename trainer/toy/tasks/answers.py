@@ -1,6 +1,6 @@
 """The answer of a toy task's response, as both styles write it (`...;#214` and `#214`).
 
-A leaf module: the task families (`arith`, `stack`, `grammar`) check answers with it, and `trainer.tasks`,
+A leaf module: the task families (`arith`, `stack`, `grammar`) check answers with it, and `trainer.toy.tasks`,
 which lists those families, re-exports it.
 """
 

@@ -1,6 +1,6 @@
 """Sampling from a causal LM with a KV cache: left-padded prompts, temperature, top-p, stop ids, banned ids.
 
-The model decodes through `trainer.decode.decoder_for(model)`: its own forward and cache, or for a small plain
+The model decodes through `trainer.rollout.decode.decoder_for(model)`: its own forward and cache, or for a small plain
 Llama on CPU a hand-written decoder that is measured faster there. Sampling runs on the model's device; the
 returned tensors are on CPU.
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.decode import decoder_for
+from trainer.rollout.decode import decoder_for
 
 
 @dataclass
@@ -110,7 +110,7 @@ def sample(
     Token t of row b is drawn by inverse CDF from `uniforms_B_T[b, t]` (drawn on CPU from `generator` when not
     given): a row's sample then does not depend on which other rows share its batch, so data-parallel ranks
     that each take a slice of the global batch sample exactly what one process would. `decoder` is "auto",
-    "fast" or "library" (`trainer.decode.decoder_for`). `all_done(mine)`, when given, is a collective that
+    "fast" or "library" (`trainer.rollout.decode.decoder_for`). `all_done(mine)`, when given, is a collective that
     says whether every process's rows have finished: ranks that share sharded weights must make the same
     number of forward calls, so each decodes until all are done.
     """

@@ -21,9 +21,9 @@ import statistics
 
 import torch
 
-from trainer import tasks, toy
-from trainer.sampling import response_forward
-from trainer.tokenizer import VOCAB
+from trainer.rollout.sampling import response_forward
+from trainer.toy import tasks, world
+from trainer.toy.tokenizer import VOCAB
 
 SHOWN = 3  # greedy answers shown per task
 MEASURED = 100  # prompts per task for the agreement measure (the first SHOWN are among them)
@@ -57,13 +57,13 @@ def teacher_gap(teacher, example: tasks.Example, response: str) -> float | None:
 def probe(student_dir: str, teacher_dir: str, task_names: tuple[str, ...], n: int = MEASURED) -> dict:
     """Greedy answers of the student and the teacher on the first `n` eval prompts of each task: the first few
     shown side by side, and the teacher's agreement with the student's wrong answers (module docstring)."""
-    toy.quiet_transformers()
-    student, teacher = toy.load_model(student_dir), toy.load_model(teacher_dir)
+    world.quiet_transformers()
+    student, teacher = world.load_model(student_dir), world.load_model(teacher_dir)
     examples, agreement = [], {}
     for task in task_names:
         exs = tasks.examples(task, "eval", n)
         prompts = [e.prompt for e in exs]
-        mine, theirs = toy.generate(student, prompts), toy.generate(teacher, prompts)
+        mine, theirs = world.generate(student, prompts), world.generate(teacher, prompts)
         for e, s, t in list(zip(exs, mine, theirs, strict=True))[:SHOWN]:
             examples.append({"task": task, "prompt": e.prompt, "right": right_answer(e), "student": s, "teacher": t,
                              "correct": tasks.check(task, e.prompt, s)})  # fmt: skip

@@ -1,6 +1,6 @@
 """What a prompt source gives the trainer: `Prompt`s, and the `PromptSource` interface every source implements.
 
-A leaf module: the sources (`trainer.data.FileSource`, `trainer.toy_source.ToySource`) and the trainer core that
+A leaf module: the sources (`trainer.data.files.FileSource`, `trainer.toy.source.ToySource`) and the trainer core that
 draws from them import it, so no source imports another to learn the interface.
 """
 
@@ -9,9 +9,10 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
-from trainer.config import EvalConfig
+from trainer.config import DataConfig, EvalConfig
 
 
 @dataclass(frozen=True)
@@ -38,3 +39,7 @@ class PromptSource(Protocol):
     def default_verifier(self) -> str: ...
 
     def verifiers(self) -> dict[str, Callable[[str, str | None, dict], float]]: ...  # the source's own, by name
+
+
+# (data config, student directory, seed, log) -> the source: how the loop is handed its prompts (`trainer.run`)
+SourceOpener = Callable[[DataConfig, str | Path, int, Callable[..., None]], PromptSource]
