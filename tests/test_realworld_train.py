@@ -88,7 +88,7 @@ def test_chunked_and_micro_batched_steps_train_like_whole_ones(realworld, tmp_pa
               "checkpoint_every=0", "rollout.prompts_per_step=6", "optim.warmup_steps=10", "optim.schedule=constant",
               *extra]  # fmt: skip
     train(_config(realworld, tmp_path / "whole", "text", *common, "loss_chunk_tokens=0"), log=lambda *_: None)
-    parts = ["loss_chunk_tokens=5", "rollout.micro_batch_sequences=5", "rollout.sample_batch_sequences=4"]
+    parts = ["loss_chunk_tokens=5", "rollout.micro_batch_sequences=5", "rollout.sample_batch_tokens=40"]
     train(_config(realworld, tmp_path / "parts", "text", *common, *parts), log=lambda *_: None)
     _same(_weights(tmp_path / "whole"), _weights(tmp_path / "parts"), atol=2e-5)
 

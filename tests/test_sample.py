@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from trainer.rollout.decode import LibraryDecoder, decoder_for
-from trainer.rollout.sampling import sample
+from trainer.rollout.decode import LibraryDecoder, LlamaDecoder, decoder_for
+from trainer.rollout.sampling import batch_rows, blocked_ids, draw, sample, sample_in_batches
 
 VOCAB, LIMIT, PAD = 300, 250, 0
 
@@ -133,11 +133,14 @@ def test_a_bfloat16_model_samples_with_float32_log_probs():
 def test_all_done_keeps_decoding_until_every_process_is_done():
     model, prompts = _qwen3(), _prompts(4)
     calls: list[bool] = []
-    roll = sample(model, prompts, max_new_tokens=12, pad_id=PAD, vocab_limit=LIMIT, temperature=0.0,
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    roll = sample(model, prompts, max_new_tokens=12, pad_id=PAD, vocab_limit=LIMIT, temperature=0.0, check_every=2,
                   stop_ids=range(LIMIT), all_done=lambda mine: calls.append(mine) or len(calls) >= 5)  # fmt: skip
     assert roll.lengths_B.tolist() == [1, 1, 1, 1]  # every id stops: each row is done after one token
-    assert calls == [True] * 5 and roll.response_ids_B_T.shape[1] == 5  # the others' rows kept it going
-    assert roll.response_ids_B_T[:, 1:].eq(PAD).all()
+    assert calls == [True] * 5  # asked every 2 tokens, after tokens 2, 4, ..., 10: the others' rows kept it going
+    assert len(forwards) == 1 + 9  # the prefill, then a step after each of tokens 1..9
+    assert roll.response_ids_B_T.shape[1] == 1  # columns past every row's end are not returned
 
 
 def test_bad_arguments_are_clear_errors():
@@ -161,3 +164,118 @@ def test_sampling_on_cuda_matches_cpu():
     assert on_gpu.response_ids_B_T.device.type == "cpu" and on_gpu.lengths_B.device.type == "cpu"
     assert torch.equal(on_gpu.response_ids_B_T, on_cpu.response_ids_B_T)
     torch.testing.assert_close(on_gpu.logprobs_B_T, on_cpu.logprobs_B_T, atol=1e-3, rtol=1e-3)
+
+
+def _reference(model, prompts, *, max_new_tokens, stop_ids=(), banned_ids=(), vocab_limit=None, temperature=1.0,
+               top_p=1.0, uniforms_B_T=None):  # fmt: skip
+    """The slow, obviously right sampler: one row at a time, a full forward over the whole sequence for every token
+    (no cache, no padding, no batch), the same draw from the same uniform. (tokens, log-probs) per row."""
+    out = []
+    for b, prompt in enumerate(prompts):
+        seq, tokens, logprobs = list(prompt), [], []
+        for t in range(max_new_tokens):
+            with torch.no_grad():
+                logits_1_V = model(torch.tensor([seq])).logits[:, -1].float()
+            logits_1_V = logits_1_V.masked_fill(blocked_ids(logits_1_V.shape[-1], banned_ids, vocab_limit, "cpu"),
+                                                float("-inf"))  # fmt: skip
+            u = None if temperature == 0 else uniforms_B_T[b, t : t + 1]
+            tok = int(draw(logits_1_V, u, temperature, top_p)[0])
+            tokens.append(tok)
+            logprobs.append(float(torch.log_softmax(logits_1_V, -1)[0, tok]))
+            seq.append(tok)
+            if tok in stop_ids:
+                break
+        out.append((tokens, logprobs))
+    return out
+
+
+def _llama_toy_shaped(seed: int = 0):
+    """A Llama of the toy student's shape (the hand-written decoder's path on CPU)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+@pytest.mark.parametrize(("temperature", "top_p", "check_every"), [(1.0, 1.0, 1), (1.0, 0.9, 3), (0.0, 1.0, 2)])
+def test_samples_equal_a_row_by_row_reference_as_finished_rows_leave(
+    arch, temperature, top_p, check_every, monkeypatch
+):
+    """Rows of different lengths (many stop ids) leave the batch every `check_every` tokens; every row's tokens
+    and log-probs are still those of a sampler that runs it alone, uncached, to its end."""
+    model = _qwen3(seed=6) if arch == "qwen3" else _llama_toy_shaped(seed=6)
+    prompts, n = _prompts(12, seed=6), 20
+    uniforms = _uniforms(12, n, seed=8)
+    options = dict(max_new_tokens=n, stop_ids=tuple(range(1, 40)), vocab_limit=LIMIT, banned_ids=(41,),
+                   temperature=temperature, top_p=top_p)  # fmt: skip
+    decoder = type(decoder_for(model))
+    assert decoder is (LibraryDecoder if arch == "qwen3" else LlamaDecoder)
+    kept: list[int] = []
+    keep = decoder.keep
+    monkeypatch.setattr(decoder, "keep", lambda self, rows: kept.append(len(rows)) or keep(self, rows))
+    roll = sample(model, prompts, pad_id=PAD, uniforms_B_T=uniforms, check_every=check_every, **options)
+    lengths = roll.lengths_B.tolist()
+    assert len(set(lengths)) > 2 and kept, "rows of different lengths, some of which left the batch"
+    for (tokens, logprobs), row, got_lp, n_b in zip(
+        _reference(model, prompts, uniforms_B_T=uniforms, **options), roll.response_ids_B_T, roll.logprobs_B_T,
+        lengths, strict=True,
+    ):  # fmt: skip
+        assert row[:n_b].tolist() == tokens and bool(row[n_b:].eq(PAD).all())
+        torch.testing.assert_close(got_lp[:n_b], torch.tensor(logprobs), atol=1e-4, rtol=1e-4)
+
+
+def test_prefill_sends_only_the_last_position_through_a_real_vocabulary_head():
+    """Qwen3's 151,936-row head: B x P x V float32 logits of 16 prompts of 300 tokens would be 2.9 GB."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=151936,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config).eval()
+    positions: list[int] = []
+    model.lm_head.register_forward_hook(lambda _m, args, _out: positions.append(args[0].shape[1]))
+    prompts = [list(range(1, 300 - i)) for i in range(16)]
+    roll = sample(model, prompts, max_new_tokens=3, pad_id=PAD, generator=torch.Generator().manual_seed(0))
+    assert positions == [1, 1, 1] and roll.response_ids_B_T.shape == (16, 3)
+
+
+def test_batches_are_bounded_in_tokens_and_change_no_sample():
+    assert batch_rows([[1] * 5] * 4, 3, 0) == [slice(0, 4)]
+    assert batch_rows([[1] * 5] * 4, 3, 16) == [slice(0, 2), slice(2, 4)]  # 2 rows x (5 + 3) = 16
+    assert batch_rows([[1] * 2, [1] * 9, [1] * 2], 3, 12) == [slice(0, 1), slice(1, 2), slice(2, 3)]  # 12 < 2 x 12
+    assert batch_rows([[1] * 30], 3, 8) == [slice(0, 1)]  # a row alone over the bound is a batch of its own
+    model, prompts = _qwen3(seed=7), _prompts(9, seed=7)
+    options = dict(max_new_tokens=10, pad_id=PAD, vocab_limit=LIMIT, stop_ids=(1, 2, 3))
+    whole = sample_in_batches(model, prompts, batch_tokens=0, generator=torch.Generator().manual_seed(1), **options)
+    for bound in (1, 25, 60):
+        part = sample_in_batches(model, prompts, batch_tokens=bound, generator=torch.Generator().manual_seed(1),
+                                 **options)  # fmt: skip
+        assert part == whole
+    greedy = sample_in_batches(model, prompts, batch_tokens=30, temperature=0.0, **options)
+    assert greedy == sample(model, prompts, temperature=0.0, **options).responses()
+
+
+def test_sampling_under_bfloat16_autocast_runs_the_forward_in_bfloat16():
+    """`autocast_dtype` runs the sampling forward as the training forward runs (float32 weights, bfloat16 matmuls),
+    so that the policy that samples is the one that trains; the log-probs stay float32."""
+    model, prompts = _qwen3(seed=8), _prompts(6, seed=8)
+    head_dtypes: list[torch.dtype] = []
+    model.lm_head.register_forward_hook(lambda _m, _args, out: head_dtypes.append(out.dtype))
+    options = dict(max_new_tokens=8, pad_id=PAD, vocab_limit=LIMIT, generator=torch.Generator().manual_seed(0))
+    roll = sample(model, prompts, autocast_dtype=torch.bfloat16, **options)
+    assert set(head_dtypes) == {torch.bfloat16} and next(model.parameters()).dtype == torch.float32
+    assert roll.logprobs_B_T.dtype == torch.float32 and bool(torch.isfinite(roll.logprobs_B_T).all())
+    head_dtypes.clear()
+    sample(model, prompts, **options)
+    assert set(head_dtypes) == {torch.float32}

@@ -197,6 +197,8 @@ def _cli(*args):
         (["--config", "configs/toy-reopold.yaml", "loss.alpha=0.5"], "use loss.method=topd"),
         (["--config", "configs/toy-tropd.yaml", "guidance.schedule=cosine"], "guidance.schedule"),
         (["--config", "configs/toy-tropd.yaml", "guidance.prefix_loss=kl"], "guidance.prefix_loss"),
+        (["--config", "configs/toy-tropd.yaml", "rollout.sample_batch_sequences=8"], "rollout.sample_batch_tokens"),
+        (["--config", "configs/toy-tropd.yaml", "dtype=float16"], "dtype"),
     ],
 )
 def test_bad_config_is_a_one_line_error(args, needle):

@@ -140,7 +140,12 @@ class RolloutConfig(_Section):
     micro_batch_sequences: int = Field(
         0, ge=0, description="sequences per forward/backward (0: the whole batch); gradients accumulate, same result"
     )
-    sample_batch_sequences: int = Field(0, ge=0, description="sequences sampled at once (0: the whole batch)")
+    sample_batch_tokens: int = Field(
+        65536,
+        ge=0,
+        description="KV-cache tokens sampled at once, rows x (longest prompt + max_new_tokens), in rollouts and eval "
+        "alike (0: the whole batch at once); the same samples whatever it is",
+    )
 
 
 class OptimConfig(_Section):
@@ -204,8 +209,10 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: cuda when available (torchrun: cuda:LOCAL_RANK)"
     )
-    dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="bfloat16: autocast forward, float32 master weights and optimizer state"
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="auto: bfloat16 on a CUDA device that supports it, float32 on CPU; bfloat16: autocast for "
+        "sampling and training alike, float32 master weights and optimizer state",
     )
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp", description="under torchrun: DDP, or FSDP2 (fully_shard) for big students"
@@ -239,6 +246,13 @@ class TrainConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _moved(cls, tree):
+        rollout = tree.get("rollout") if isinstance(tree, dict) else None
+        if isinstance(rollout, dict) and "sample_batch_sequences" in rollout:
+            raise ValueError(
+                "rollout.sample_batch_sequences is now rollout.sample_batch_tokens, a bound in tokens of the KV "
+                "cache (rows x (longest prompt + max_new_tokens)), which eval uses too: e.g. "
+                "rollout.sample_batch_tokens=65536 (the default)"
+            )
         if isinstance(tree, dict) and "tasks" in tree:
             raise ValueError("`tasks` is now `data.toy` (e.g. data.toy={math: 0.45, code: 0.25, general: 0.3})")
         loss = tree.get("loss") if isinstance(tree, dict) else None

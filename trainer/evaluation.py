@@ -14,11 +14,11 @@ import torch
 from trainer.config import TrainConfig
 from trainer.data.source import PromptSource
 from trainer.data.verifiers import Verifier
-from trainer.rollout.sampling import sample
+from trainer.models import autocast_dtype
+from trainer.rollout.sampling import sample_in_batches
 from tropd.errors import UserError
 
 EVAL_SEED = 1234
-EVAL_BATCH = 512
 
 
 def pick_verifier(config: TrainConfig, source: PromptSource) -> Verifier | None:
@@ -49,21 +49,19 @@ def evaluate(
     was_training = model.training
     model.eval()
     budget = config.eval.max_new_tokens or config.rollout.max_new_tokens
+    # batches bounded in KV-cache tokens, as the rollouts' (`rollout.sample_batch_tokens`), under the same autocast
     stops = dict(stop_ids=source.stop_ids, pad_id=source.pad_id, banned_ids=source.banned_ids,
-                 vocab_limit=source.vocab_limit, all_done=all_done)  # fmt: skip
+                 vocab_limit=source.vocab_limit, all_done=all_done, max_new_tokens=budget,
+                 batch_tokens=config.rollout.sample_batch_tokens, autocast_dtype=autocast_dtype(config))  # fmt: skip
     accuracy = {}
     if verifier is not None:
         for name, prompts in source.eval_sets(config.eval).items():
-            responses = []
-            for i in range(0, len(prompts), EVAL_BATCH):
-                ids = [p.ids for p in prompts[i : i + EVAL_BATCH]]
-                responses += sample(model, ids, max_new_tokens=budget, temperature=0.0, **stops).responses()
+            responses = sample_in_batches(model, [p.ids for p in prompts], temperature=0.0, **stops)
             texts = [source.decode(r) for r in responses]
             scores = [float(verifier(t, p.answer, p.record)) for t, p in zip(texts, prompts, strict=True)]
             accuracy[name] = sum(scores) / max(1, len(scores))
     prompts = [p.ids for p in source.kl_prompts(config.eval)]
-    roll = sample(model, prompts, max_new_tokens=budget, generator=torch.Generator().manual_seed(EVAL_SEED), **stops)
-    responses = roll.responses()
+    responses = sample_in_batches(model, prompts, generator=torch.Generator().manual_seed(EVAL_SEED), **stops)
     s_lp = student_lp(prompts, responses)
     scored = link.score([p + r for p, r in zip(prompts, responses, strict=True)], [len(p) for p in prompts], 0)
     t_lp = torch.zeros_like(s_lp)

@@ -45,3 +45,17 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     inner = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     return list(layers) if layers is not None else []
+
+
+def resolve_dtype(choice: str, device: torch.device) -> str:
+    """`dtype: auto` on this device: bfloat16 on a CUDA device that supports it, float32 elsewhere."""
+    if choice != "auto":
+        return choice
+    return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+
+
+def autocast_dtype(config) -> torch.dtype | None:
+    """The autocast of the sampling and training forwards alike (None: plain float32). `config.dtype` resolved."""
+    if config.dtype == "auto":
+        raise ValueError("dtype auto is resolved when a run starts (trainer.models.resolve_dtype)")
+    return torch.bfloat16 if config.dtype == "bfloat16" else None

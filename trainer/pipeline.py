@@ -18,7 +18,8 @@ import torch
 from trainer.config import TrainConfig
 from trainer.data.source import PromptSource
 from trainer.methods import method_of
-from trainer.rollout.sampling import sample
+from trainer.models import autocast_dtype
+from trainer.rollout.sampling import sample_in_batches
 
 
 @dataclass
@@ -179,18 +180,14 @@ class Rollouts:
         return Pending(batch, future, self.top_k)
 
     def _sample(self, starts: list[list[int]], budget: int, uniforms_B_T: torch.Tensor) -> list[list[int]]:
-        """Student samples of `starts`, `rollout.sample_batch_sequences` rows at a time (0: all at once)."""
+        """Student samples of `starts`, in batches of at most `rollout.sample_batch_tokens` KV-cache tokens."""
         src, r = self.source, self.config.rollout
-        size = r.sample_batch_sequences or max(1, len(starts))
-        out: list[list[int]] = []
-        for i in range(0, len(starts), size):
-            roll = sample(
-                self.model, starts[i : i + size], max_new_tokens=budget, stop_ids=src.stop_ids, pad_id=src.pad_id,
-                banned_ids=src.banned_ids, vocab_limit=src.vocab_limit, temperature=r.temperature, top_p=r.top_p,
-                uniforms_B_T=uniforms_B_T[i : i + size], all_done=self.all_done,
-            )  # fmt: skip
-            out += roll.responses()
-        return out
+        return sample_in_batches(
+            self.model, starts, max_new_tokens=budget, batch_tokens=r.sample_batch_tokens, stop_ids=src.stop_ids,
+            pad_id=src.pad_id, banned_ids=src.banned_ids, vocab_limit=src.vocab_limit, temperature=r.temperature,
+            top_p=r.top_p, uniforms_B_T=uniforms_B_T, all_done=self.all_done,
+            autocast_dtype=autocast_dtype(self.config),
+        )  # fmt: skip
 
     def _prefixes(self, step: int, prompts: list[list[int]]) -> list[list[int]]:
         share = prefix_share(self.config, step)

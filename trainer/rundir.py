@@ -23,7 +23,7 @@ RESUME_FREE = ("steps", "out", "student", "threads", "checkpoint_every", "keep_c
                "teacher.resolve_replicas", "teacher.skip_tokenizer_check",
                "teacher.timeout_s", "teacher.retries", "teacher.max_concurrency", "teacher.request_sequences",
                "teacher.client_id", "device", "parallel", "gradient_checkpointing", "loss_chunk_tokens",
-               "rollout.micro_batch_sequences", "rollout.sample_batch_sequences")  # fmt: skip
+               "rollout.micro_batch_sequences", "rollout.sample_batch_tokens")  # fmt: skip
 
 
 TEACHER_KEYS = ("model", "engine", "dtype", "tokenizer_sha256", "chat_template_sha256", "vocab_size")

@@ -141,8 +141,8 @@ class LanguageModelView(torch.nn.Module):
     def config(self):
         return _unwrapped(self.root).model.config
 
-    def forward(self, input_ids=None, attention_mask=None, **kwargs):
-        return self.root(input_ids, attention_mask, lm=kwargs)
+    def forward(self, input_ids=None, attention_mask=None, logits_to_keep=0, **kwargs):
+        return self.root(input_ids, attention_mask, lm={**kwargs, "logits_to_keep": logits_to_keep})
 
 
 def sequence_inputs(

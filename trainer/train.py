@@ -31,7 +31,7 @@ from trainer.data.files import model_vocab_size
 from trainer.data.source import PromptSource, SourceOpener
 from trainer.evaluation import evaluate, pick_verifier
 from trainer.methods import compute_loss, method_of
-from trainer.models import decoder_layers, load_student, quiet_transformers
+from trainer.models import autocast_dtype, decoder_layers, load_student, quiet_transformers, resolve_dtype
 from trainer.parallel import DataParallel, resolve_device
 from trainer.pipeline import Batch, Pending, Rollouts
 from trainer.rundir import TEACHER_KEYS, check_resumed_models, check_start
@@ -98,7 +98,7 @@ class Student:
         self.module = dp.wrap(self.scorer, decoder_layers(self.model))  # FSDP2 shards the scorer in place
         # under FSDP every forward gathers shards: the sampler runs through the sharded root, in lockstep
         self.sampler = LanguageModelView(self.module) if dp.sharded else self.model
-        self.autocast = torch.bfloat16 if config.dtype == "bfloat16" else None
+        self.autocast = autocast_dtype(config)
 
     def step(self, batch: Batch, top_ids_B_T_K, **wants) -> StudentStep:
         return StudentStep(
@@ -157,11 +157,16 @@ class Training:
     """One run: prepared (refusals, teacher check, student, optimizer, restored state), stepped, finished."""
 
     def __init__(self, config: TrainConfig, open_source: SourceOpener, resume: bool, log=print):
+        self.device = resolve_device(config.device)
+        # `dtype: auto` resolved here, so that config.yaml, a resume's check and every part see the run's precision
+        config = config.model_copy(update={"dtype": resolve_dtype(config.dtype, self.device)})
         self.config, self.run_dir, self.student_dir = config, Path(config.out), Path(config.student)
         ckpt = check_start(config, self.run_dir, self.student_dir, resume)
         self.source = open_source(config.data, self.student_dir, config.seed, log)  # a bad data file stops here
         self.verifier = pick_verifier(config, self.source)
-        self.device = resolve_device(config.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls (a float32 run's) on tensor cores
+            torch.backends.cudnn.allow_tf32 = True
         global_batch = config.rollout.prompts_per_step * config.rollout.samples_per_prompt
         self.dp = DataParallel(global_batch, self.device, config.parallel)
         torch.set_num_threads(torch_threads(config.threads, share=self.dp.local_world))
@@ -190,8 +195,9 @@ class Training:
         log(f"[train] student on {self.device} ({config.dtype}), output head in chunks of {student.chunk} positions"
             if student.chunk else f"[train] student on {self.device} ({config.dtype})")  # fmt: skip
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay
-        )
+            self.model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay,
+            fused=True if self.device.type == "cuda" else None,  # one kernel for all parameters on CUDA
+        )  # fmt: skip
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
         self.rollouts = Rollouts(config, student.sampler, self.link, self.source, student.logprobs, rank=dp.rank,
                                  world=dp.world, all_done=dp.all_true if dp.sharded else None)  # fmt: skip

@@ -36,7 +36,10 @@ def add_teacher(sub) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     serve.add_argument("--port", type=_port, default=8000, help="port (default: 8000; 0 picks a free one)")
     serve.add_argument("--max-top-k", type=non_negative_int, default=20, help="largest top-k served (default: 20)")
-    serve.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="default float32")
+    serve.add_argument(
+        "--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+        help="auto (default): bfloat16 on a CUDA device that supports it, float32 on CPU",
+    )  # fmt: skip
     serve.add_argument(
         "--api-key-env",
         metavar="NAME",

@@ -188,6 +188,13 @@ class LlamaDecoder:
         attend_B_P_N = F.pad(attend, (0, extra), value=False)
         return self._forward(F.embedding(ids_B_P, self.embed), positions_B_P, attend_B_P_N)
 
+    def keep(self, rows: torch.Tensor) -> bool:
+        """Keep only `rows` of the batch (finished rows leave it)."""
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+        self.valid_B_N = self.valid_B_N[rows]
+        return True
+
     def step(self, tokens_B: torch.Tensor, positions_B: torch.Tensor) -> torch.Tensor:
         self.valid_B_N[:, self.length] = True
         attend_B_1_N = self.valid_B_N[:, None, :]
@@ -195,16 +202,19 @@ class LlamaDecoder:
 
 
 class LibraryDecoder:
-    """The same prefill/step calls through the model's own forward and cache, for any causal LM."""
+    """The same prefill/step calls through the model's own forward and cache, for any causal LM. Only the last
+    position's logits are computed (`logits_to_keep=1`), so a prefill of B prompts of P tokens holds B x V logits,
+    not B x P x V (Qwen's 151,936-row head makes the latter tens of GB)."""
 
     def __init__(self, model):
         self.model = model
         self.cache = None
         self.mask_B_N: torch.Tensor | None = None
+        self.last_only = {"logits_to_keep": 1} if _takes(model, "logits_to_keep") else {}
 
     def _run(self, ids, positions) -> torch.Tensor:
         out = self.model(input_ids=ids, attention_mask=self.mask_B_N, position_ids=positions,
-                         past_key_values=self.cache, use_cache=True)  # fmt: skip
+                         past_key_values=self.cache, use_cache=True, **self.last_only)  # fmt: skip
         self.cache = out.past_key_values
         return out.logits[:, -1, :]
 
@@ -215,3 +225,20 @@ class LibraryDecoder:
     def step(self, tokens_B: torch.Tensor, positions_B: torch.Tensor) -> torch.Tensor:
         self.mask_B_N = torch.cat([self.mask_B_N, torch.ones_like(self.mask_B_N[:, :1])], dim=-1)
         return self._run(tokens_B[:, None], positions_B[:, None])
+
+    def keep(self, rows: torch.Tensor) -> bool:
+        """Keep only `rows` of the batch (finished rows leave it); False where the cache cannot select rows."""
+        if not hasattr(self.cache, "batch_select_indices"):
+            return False
+        self.cache.batch_select_indices(rows)
+        self.mask_B_N = self.mask_B_N[rows]
+        return True
+
+
+def _takes(model, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False

@@ -9,6 +9,7 @@ Shapes: B prompts, P padded prompt length, T generated tokens, V vocabulary (row
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -85,6 +86,17 @@ def _device_of(model) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
+# Every CHECK_EVERY tokens the loop asks which rows are still running: one host sync (the only one), the test of
+# whether all rows have finished, and the moment rows that have finished leave the batch (when at most
+# LEAVE_BELOW of it is still running), so that the tail of one long response does not carry the whole batch.
+CHECK_EVERY = 8
+LEAVE_BELOW = 0.75
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -102,22 +114,30 @@ def sample(
     uniforms_B_T: torch.Tensor | None = None,
     decoder: str = "auto",
     all_done: Callable[[bool], bool] | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    check_every: int = CHECK_EVERY,
 ) -> Samples:
     """Sample continuations; `temperature == 0` is greedy decoding. A row finishes at any of `stop_ids` (and
     `eos_id` when given) or after `max_new_tokens`; ids in `banned_ids` or at or above `vocab_limit` are never
-    sampled. Runs on the model's device (any dtype: logits are cast to float32); the Samples are on CPU.
+    sampled. Runs on the model's device (any dtype: logits are cast to float32), under autocast to
+    `autocast_dtype` when given (the training forward's, so that the policy that samples is the one that trains);
+    the Samples are on CPU.
 
     Token t of row b is drawn by inverse CDF from `uniforms_B_T[b, t]` (drawn on CPU from `generator` when not
     given): a row's sample then does not depend on which other rows share its batch, so data-parallel ranks
-    that each take a slice of the global batch sample exactly what one process would. `decoder` is "auto",
-    "fast" or "library" (`trainer.rollout.decode.decoder_for`). `all_done(mine)`, when given, is a collective that
-    says whether every process's rows have finished: ranks that share sharded weights must make the same
-    number of forward calls, so each decodes until all are done.
+    that each take a slice of the global batch sample exactly what one process would, and rows that have
+    finished may leave the batch (every `check_every` tokens). `decoder` is "auto", "fast" or "library"
+    (`trainer.rollout.decode.decoder_for`). `all_done(mine)`, when given, is a collective that says whether every
+    process's rows have finished: ranks that share sharded weights must make the same number of forward calls,
+    so each decodes until all are done.
+
+    Shapes: B rows asked for, A rows still in the batch (`active_A` are their row numbers).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("sample needs at least one prompt, and no empty prompt")
-    if max_new_tokens < 1 or temperature < 0:
-        raise ValueError(f"need max_new_tokens >= 1 and temperature >= 0, not {max_new_tokens} and {temperature}")
+    if max_new_tokens < 1 or temperature < 0 or check_every < 1:
+        raise ValueError(f"need max_new_tokens >= 1, temperature >= 0 and check_every >= 1, not {max_new_tokens}, "
+                         f"{temperature} and {check_every}")  # fmt: skip
     device = _device_of(model)
     B = len(prompts)
     if temperature != 0:
@@ -131,35 +151,80 @@ def sample(
     stops = sorted(set(stop_ids) | ({eos_id} if eos_id is not None else set()))
     stops_S = torch.tensor(stops, dtype=torch.long, device=device)
     runner = decoder_for(model, decoder)
-    logits_B_V = runner.prefill(ids_B_P, mask_B_P, position_B_P, max_new_tokens).float()
-    blocked_V = blocked_ids(logits_B_V.shape[-1], banned_ids, vocab_limit, device)
-    next_pos_B = position_B_P[:, -1] + 1
-    tokens, logprobs = [], []
+    with _autocast(device, autocast_dtype):
+        logits_A_V = runner.prefill(ids_B_P, mask_B_P, position_B_P, max_new_tokens).float()
+    blocked_V = blocked_ids(logits_A_V.shape[-1], banned_ids, vocab_limit, device)
+    active_A = torch.arange(B, device=device)
+    next_pos_A = position_B_P[:, -1] + 1
+    tokens_B_T = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs_B_T = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
     finished_B = torch.zeros(B, dtype=torch.bool, device=device)
     lengths_B = torch.zeros(B, dtype=torch.long, device=device)
     for t in range(max_new_tokens):
-        logits_B_V = logits_B_V.masked_fill(blocked_V, float("-inf"))
-        u_B = None if temperature == 0 else uniforms_B_T[:, t]
-        tok_B = torch.where(finished_B, pad_id, draw(logits_B_V, u_B, temperature, top_p))
-        logp_B = torch.log_softmax(logits_B_V, dim=-1).gather(-1, tok_B[:, None]).squeeze(-1)
-        tokens.append(tok_B)
-        logprobs.append(torch.where(finished_B, 0.0, logp_B))
-        lengths_B += (~finished_B).long()
-        finished_B |= torch.isin(tok_B, stops_S)
+        logits_A_V = logits_A_V.masked_fill(blocked_V, float("-inf"))
+        done_A = finished_B[active_A]
+        u_A = None if temperature == 0 else uniforms_B_T[active_A, t]
+        tok_A = torch.where(done_A, pad_id, draw(logits_A_V, u_A, temperature, top_p))
+        logp_A = torch.log_softmax(logits_A_V, dim=-1).gather(-1, tok_A[:, None]).squeeze(-1)
+        tokens_B_T[active_A, t] = tok_A
+        logprobs_B_T[active_A, t] = torch.where(done_A, 0.0, logp_A)
+        lengths_B[active_A] += (~done_A).long()
+        finished_B[active_A] = done_A | torch.isin(tok_A, stops_S)
         if t == max_new_tokens - 1:
             break
-        mine = bool(finished_B.all())
-        if all_done(mine) if all_done is not None else mine:
-            break
-        logits_B_V = runner.step(tok_B, next_pos_B).float()
-        next_pos_B = next_pos_B + 1
-    return Samples(
-        prompts,
-        torch.stack(tokens, 1).cpu(),
-        lengths_B.cpu(),
-        torch.stack(logprobs, 1).cpu(),
-        finished_B.cpu(),
-    )
+        if (t + 1) % check_every == 0:
+            running_A = ~finished_B[active_A]
+            running = int(running_A.sum())  # the host sync
+            if all_done(running == 0) if all_done is not None else running == 0:
+                break
+            if 0 < running <= LEAVE_BELOW * len(active_A):
+                keep_A = running_A.nonzero()[:, 0]
+                if runner.keep(keep_A):
+                    active_A, next_pos_A, tok_A = active_A[keep_A], next_pos_A[keep_A], tok_A[keep_A]
+        with _autocast(device, autocast_dtype):
+            logits_A_V = runner.step(tok_A, next_pos_A).float()
+        next_pos_A = next_pos_A + 1
+    T = int(lengths_B.max())  # later columns hold padding only (rows are checked every `check_every` tokens)
+    return Samples(prompts, tokens_B_T[:, :T].cpu(), lengths_B.cpu(), logprobs_B_T[:, :T].cpu(), finished_B.cpu())
+
+
+def batch_rows(prompts: list[list[int]], max_new_tokens: int, batch_tokens: int) -> list[slice]:
+    """Consecutive batches of rows whose KV cache, rows x (longest prompt of the batch + `max_new_tokens`), stays
+    within `batch_tokens` (0: one batch); a row that alone exceeds it is a batch of its own."""
+    if batch_tokens <= 0:
+        return [slice(0, len(prompts))]
+    batches, start, longest = [], 0, 0
+    for i, p in enumerate(prompts):
+        wider = max(longest, len(p))
+        if i > start and (i - start + 1) * (wider + max_new_tokens) > batch_tokens:
+            batches.append(slice(start, i))
+            start, wider = i, len(p)
+        longest = wider
+    batches.append(slice(start, len(prompts)))
+    return batches
+
+
+def sample_in_batches(
+    model,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    batch_tokens: int,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    uniforms_B_T: torch.Tensor | None = None,
+    **options,
+) -> list[list[int]]:
+    """The responses of `sample` over batches bounded in tokens (`batch_rows`). The uniforms are drawn for all rows
+    at once first, so the responses are the same whatever the batches."""
+    if temperature != 0 and uniforms_B_T is None:
+        uniforms_B_T = torch.rand((len(prompts), max_new_tokens), generator=generator)
+    responses: list[list[int]] = []
+    for rows in batch_rows(prompts, max_new_tokens, batch_tokens):
+        roll = sample(model, prompts[rows], max_new_tokens=max_new_tokens, temperature=temperature,
+                      uniforms_B_T=None if uniforms_B_T is None else uniforms_B_T[rows], **options)  # fmt: skip
+        responses += roll.responses()
+    return responses
 
 
 def response_forward(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int):

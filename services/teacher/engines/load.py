@@ -13,13 +13,15 @@ def load_engine(
     name: str,
     model_dir: str,
     *,
-    dtype: str = "float32",
+    dtype: str = "auto",
     max_top_k: int = 20,
     warn: Callable[[str], None] = print,
     **vllm_options,
 ):
     """`name` is `vllm`, `hf` or `auto`: vLLM when it is installed and starts here, else hf, with one line to
-    `warn` saying why (a vLLM build for another CPU or CUDA, a model architecture it lacks...)."""
+    `warn` saying why (a vLLM build for another CPU or CUDA, a model architecture it lacks...). `dtype` "auto" is
+    resolved here (`resolve_dtype`), before it reaches vLLM, whose own "auto" means the model config's dtype."""
+    dtype = resolve_dtype(dtype)
     if name == "auto":
         if not vllm_available():
             return HFEngine(model_dir, dtype=dtype)
@@ -44,3 +46,12 @@ def _vllm_engine(model_dir: str, **options):
     from services.teacher.engines.vllm import VLLMEngine
 
     return VLLMEngine(model_dir, **options)
+
+
+def resolve_dtype(dtype: str) -> str:
+    """`auto`: bfloat16 on a CUDA device that supports it, float32 on CPU; any other value as it is."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
