@@ -284,3 +284,46 @@ def _build(out: Path) -> None:
     (tmp / "build.json").write_text(json.dumps(record, indent=1) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
+
+
+# ---- real shapes: Qwen3's output head and prompts of hundreds of tokens ------------------------------------
+QWEN3_ROWS = 151936
+
+
+def long_record(rng: random.Random, tokenizer, prompt_tokens: int) -> dict:
+    """A text prompt of at least `prompt_tokens` tokens: documents to read, then a question."""
+    question, answer = request(rng)
+    context = ""
+    while len(tokenizer(context)["input_ids"]) < prompt_tokens:
+        context += " ".join(sentence(rng) for _ in range(4)) + "\n"
+    return {"prompt": f"{context}Question: {question}\nAnswer:", "answer": answer}
+
+
+def build_real_shaped(realworld: Path, out: Path, rows: int = QWEN3_ROWS, prompt_tokens: int = 380,
+                      n_train: int = 64, n_eval: int = 256) -> Path:  # fmt: skip
+    """Under `out`: `student/`, the real world's student with `rows` embedding rows (Qwen3's 151,936 by default:
+    tied, so the output head has as many) and the same tokenizer; `train-long.jsonl` and `eval-long.jsonl`, text
+    prompts of at least `prompt_tokens` tokens. The real world's teacher (fewer rows) scores it. Made once per `out`
+    and settings (a few seconds)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(out)
+    stamp = {"rows": rows, "prompt_tokens": prompt_tokens, "n_train": n_train, "n_eval": n_eval, "version": 1}
+    try:
+        if json.loads((out / "build.json").read_text()) == stamp:
+            return out
+    except (OSError, ValueError):
+        pass
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    tokenizer = AutoTokenizer.from_pretrained(realworld / "student")
+    model = AutoModelForCausalLM.from_pretrained(realworld / "student", dtype="float32")
+    model.resize_token_embeddings(rows, mean_resizing=False)
+    model.save_pretrained(out / "student", safe_serialization=True)
+    tokenizer.save_pretrained(out / "student", save_jinja_files=False)
+    shutil.copy(realworld / "student" / "generation_config.json", out / "student" / "generation_config.json")
+    rng = random.Random(f"long/{SEED}")
+    for split, n in (("train", n_train), ("eval", n_eval)):
+        write_jsonl(out / f"{split}-long.jsonl", [long_record(rng, tokenizer, prompt_tokens) for _ in range(n)])
+    (out / "build.json").write_text(json.dumps(stamp))
+    return out

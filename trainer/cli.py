@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from tropd.argtypes import non_negative_int, positive_int
@@ -109,6 +110,12 @@ def add_train(sub) -> None:
     )
     train.add_argument("--config", help="YAML config file (default: built-in defaults)")
     train.add_argument("--resume", action="store_true", help="continue the run in `out` from its last checkpoint")
+    train.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the memory plan (each part's predicted peak per device) and exit without training",
+    )
+    train.add_argument("--json", action="store_true", help="with --plan: one JSON object (peak_bytes, parts)")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (dotted keys)")
     train.set_defaults(run=run_train)
 
@@ -117,6 +124,16 @@ def run_train(args) -> int:
     from trainer.config import load_config
 
     config = load_config(args.config, args.overrides)
+    if args.json and not args.plan:
+        raise UserError("--json goes with --plan")
+    if args.plan:
+        from trainer.run import plan
+        from tropd.modeldir import check_model_dir
+
+        check_model_dir(config.student, "student")
+        result = plan(config, log=lambda *a: print(*a, file=sys.stderr))
+        print(json.dumps(result.as_json(), indent=2) if args.json else result.table())
+        return 0
     from trainer.run import train
 
     summary = train(config, resume=args.resume)

@@ -229,6 +229,12 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept in the run directory")
     tensorboard: bool = Field(True, description="write TensorBoard logs beside metrics.jsonl")
     plot: bool = Field(True, description="write curves.png at the end")
+    memory_limit_gb: float | None = Field(
+        None,
+        gt=0,
+        description="memory a process may use, for the memory plan's check at start (default: the CUDA device's "
+        "total memory, or on CPU the machine's or its cgroup's limit)",
+    )
     threads: int | None = Field(
         None,
         ge=1,

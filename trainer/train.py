@@ -34,14 +34,13 @@ from trainer.methods import compute_loss, method_of
 from trainer.models import autocast_dtype, decoder_layers, load_student, quiet_transformers, resolve_dtype
 from trainer.parallel import DataParallel, resolve_device
 from trainer.pipeline import Batch, Pending, Rollouts
+from trainer.plan import check_fits, chunk_tokens, plan_run
 from trainer.rundir import TEACHER_KEYS, check_resumed_models, check_start
 from trainer.runlog import RunLog
 from trainer.student import LanguageModelView, ScoringModule, StudentStep
 from trainer.teacher_link import TeacherLink
 from tropd.errors import UserError, first_line
 from tropd.machine import torch_threads
-
-LOGITS_BUDGET_BYTES = 256 * 2**20  # float32 logits held at once when loss_chunk_tokens is not set
 
 
 def restored_inflight(saved: list | None, dp: DataParallel, top_k: int, ckpt: Path) -> list[Pending]:
@@ -69,21 +68,6 @@ def lr_lambda(config: TrainConfig):
         return 1.0
 
     return factor
-
-
-def chunk_tokens(config: TrainConfig, vocab_size: int) -> int:
-    """Positions per chunk of the output head: `loss_chunk_tokens`, else 0 (all at once, through the model's own
-    forward) when a whole batch's float32 logits fit LOGITS_BUDGET_BYTES (the toy's 26 tokens), else as many
-    positions as fit it (Qwen's 151,936 tokens: 441)."""
-    if config.loss_chunk_tokens is not None:
-        return config.loss_chunk_tokens
-    r = config.rollout
-    longest = (
-        config.data.max_prompt_tokens + r.max_new_tokens if config.data.source == "files" else 64 + r.max_new_tokens
-    )
-    if r.prompts_per_step * r.samples_per_prompt * longest * vocab_size * 4 <= LOGITS_BUDGET_BYTES:
-        return 0
-    return max(1, LOGITS_BUDGET_BYTES // (4 * vocab_size))
 
 
 class Student:
@@ -175,6 +159,11 @@ class Training:
         self.log = log if self.dp.main else _silent
         self.link = None
         try:
+            # before anything large is allocated (the teacher in process, the student): a run that cannot fit stops
+            self.plan = plan_run(config, self.source.longest_prompt(), str(self.device), self.dp.world)
+            self.log(f"[train] memory plan: peak {self.plan.peak_bytes / 2**30:.2f} GiB per device "
+                     f"({self.plan.peak_phase}) of {self.plan.limit_bytes / 2**30:.2f} GiB")  # fmt: skip
+            check_fits(self.plan)
             self.link = TeacherLink(config.teacher)
             self._prepare(ckpt, resume)
         except BaseException:

@@ -112,6 +112,9 @@ class FileSource:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def longest_prompt(self) -> int:
+        return max(len(p.ids) for prompts in (self.train, *self.evals.values()) for p in prompts)
+
     def default_verifier(self) -> str:
         return "exact" if self.has_answers else "none"
 

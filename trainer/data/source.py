@@ -36,6 +36,8 @@ class PromptSource(Protocol):
 
     def decode(self, ids: list[int]) -> str: ...
 
+    def longest_prompt(self) -> int: ...  # tokens of the longest prompt it may give (the memory plan's)
+
     def default_verifier(self) -> str: ...
 
     def verifiers(self) -> dict[str, Callable[[str, str | None, dict], float]]: ...  # the source's own, by name

@@ -45,6 +45,9 @@ class ToySource:
     def decode(self, ids: list[int]) -> str:
         return VOCAB.decode(ids)
 
+    def longest_prompt(self) -> int:
+        return max(len(VOCAB.prompt_ids(e.prompt)) for pool in self.pools.values() for e in pool)
+
     def default_verifier(self) -> str:
         return "toy"
 
