@@ -233,14 +233,17 @@ class Training:
         """One optimizer step (skipped when a teacher value, the loss or the gradient is not finite); eval and
         checkpoint when due. Returns the step's metrics record on rank 0, None on the others."""
         config, dp, device, model = self.config, self.dp, self.device, self.model
+        peaks = PhasePeaks(device)
         t0 = time.perf_counter()
         while len(self.inflight) < config.max_staleness + 1 and self.next_sample <= config.steps:
             self.inflight.append(self.rollouts.make(self.next_sample))
             self.next_sample += 1
             self.cursor += config.rollout.prompts_per_step
         t_sampled = time.perf_counter()
+        peaks.end("rollout")
         batch = batch_on(self.inflight.popleft().resolve(), device)
         t_scored = time.perf_counter()
+        peaks.end("score")
         model.train()
         mask = batch.mask_B_T
         record = {"step": step, "cursor": self.cursor - config.max_staleness * config.rollout.prompts_per_step}
@@ -278,6 +281,7 @@ class Training:
                 "source": batch.source,
                 "prefix_share": float(batch.prefix_mask_B_T.sum()) / max(1, batch.tokens),
                 "response_tokens": batch.tokens,
+                "prompt_tokens": sum(len(p) for p in batch.prompts),
                 "grad_norm": grad_norm,
                 "lr": self.scheduler.get_last_lr()[0],
                 "skipped_steps": self.skipped,
@@ -289,7 +293,8 @@ class Training:
             }
         )
         if device.type == "cuda":
-            record["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            peaks.end("step")
+            record.update(peaks.record)  # peak_memory_mb over the step, and peak_<phase>_mb for each phase
         if config.eval.every and step % config.eval.every == 0 and step < config.steps:
             self.last_eval = record["eval"] = self.run_eval()
         due = step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0)
@@ -359,6 +364,25 @@ class Training:
                 self.link.close()
         finally:
             self.dp.close()
+
+
+class PhasePeaks:
+    """On CUDA, the peak memory allocated (`torch.cuda.max_memory_allocated`, MB) in each phase of a step:
+    `peak_rollout_mb`, `peak_score_mb` (waiting for the teacher's scores), `peak_step_mb`; and `peak_memory_mb`, the
+    highest. Nothing on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.record = device, {}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def end(self, phase: str) -> None:
+        if self.device.type != "cuda":
+            return
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        self.record[f"peak_{phase}_mb"] = peak
+        self.record["peak_memory_mb"] = max(peak, self.record.get("peak_memory_mb", 0.0))
+        torch.cuda.reset_peak_memory_stats(self.device)
 
 
 def _norm(value) -> float:
