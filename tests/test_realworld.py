@@ -234,3 +234,22 @@ def test_drafts_stop_at_every_stop_id_and_never_continue_past_one(service, realw
     chosen = tokens[1]
     (cut,) = run(_call(service.url, "continue_", [prefix], 40, temperature=0, stop_ids=[chosen]))
     assert cut.token_ids.tolist() == tokens[: tokens.index(chosen) + 1] and cut.finish_reason == "stop"
+
+
+def test_hf_scoring_in_groups_keeps_only_the_scored_positions_and_changes_no_number(realworld, monkeypatch):
+    """The hf engine scores in groups bounded by their logits, computed from the earliest start only: the same
+    numbers as one group of every position."""
+    from services.teacher.engines import hf
+    from services.teacher.engines.types import ScoreItem
+
+    engine = HFEngine(str(realworld / "teacher"))
+    g = torch.Generator().manual_seed(0)
+    items = [ScoreItem(torch.randint(0, 600, (int(n),), generator=g).tolist(), int(s), 5)
+             for n, s in ((40, 30), (25, 3), (33, 20), (12, 11), (50, 49))]  # fmt: skip
+    together = engine.score(items)
+    monkeypatch.setattr(hf, "LOGITS_BUDGET_BYTES", 2 * 20 * engine.info.vocab_size * 4)
+    assert len(hf.logit_groups(items, engine.info.vocab_size)) > 2
+    apart = engine.score(items)
+    for a, b in zip(together, apart, strict=True):
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+        np.testing.assert_array_equal(a.top_ids, b.top_ids)

@@ -120,6 +120,12 @@ def format_extra(r: dict) -> str:
     lines += ["", f"(d) peak memory of one tropd step, vocabulary {settings.get('vocab_size')}, "
               f"{settings.get('sequences')} x {settings.get('response_tokens')} response tokens (MB)"]  # fmt: skip
     lines += [f"    {name:<14} | {mb:8.0f}" for name, mb in m["peak_memory_mb"].items()]
+    rs = r["rollout"]["settings"]
+    lines += ["", f"(e) rollouts ({rs['rows']} rows x up to {rs['new_tokens']} new tokens, a stop id in every "
+              f"{rs['stop_every']} ids, {rs['threads']} thread(s), CPU) | generated tok/s | mean length"]  # fmt: skip
+    for name, x in r["rollout"]["shapes"].items():
+        lines.append(f"    {name:<16} ({x['params'] / 1e6:.1f}M, V={x['vocab']}) | {x['tokens_per_s']:10.0f} | "
+                     f"{x['mean_length']:.1f}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -137,6 +143,8 @@ def main(args) -> int:
 
     report["memory"] = peak_memory(args.quick)
     report["peak_memory_mb"] = report["memory"]["peak_memory_mb"]
+    _stderr("[bench] (e) rollouts: the sampler's tokens/s with rows that stop at different lengths")
+    report["rollout"] = rollout_speed(args.quick, threads=max(threads, 1))
     print(json.dumps(report) if args.json else format_report(report) + "\n" + format_extra(report))
     return 0
 
@@ -215,4 +223,67 @@ def decoder_speed(quick: bool, threads: int = 2) -> dict:
     finally:
         torch.set_num_threads(before)
     settings = {"prompts": prompts_n, "new_tokens": new_tokens, "threads": threads, "device": "cpu", "best_of": reps}
+    return {"settings": settings, "shapes": shapes}
+
+
+# (e) rollouts as training makes them: rows that stop at different lengths (a stop id every STOP_EVERY ids of the
+# vocabulary, so random weights stop after about that many tokens), at the toy student, a 29M Llama and a Qwen3 of
+# Qwen's 151,936-token vocabulary (narrow layers: the head is what a real vocabulary costs), prompts of 8-16 tokens
+# (toy) or 96 (the others).
+STOP_EVERY = 24
+
+
+def rollout_models() -> dict:
+    """The three students of (e), random weights (speed does not depend on them), with their prompts."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    qwen = Qwen3ForCausalLM(Qwen3Config(vocab_size=151936, hidden_size=256, intermediate_size=768,
+                                        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                        head_dim=64, max_position_embeddings=1024))  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    return {
+        "toy_student": (world.new_model(world.STUDENT, seed=0), None),
+        "llama_29m": (world.new_model(DECODER_SHAPES["llama_29m"], seed=0), 96),
+        "qwen3_real_vocab": (qwen, 96),
+    } | {"_generator": g}
+
+
+def rollout_speed(quick: bool, threads: int = 2) -> dict:
+    """Generated tokens per second of `sample` at temperature 1 over rows that stop at different lengths, best of
+    3 after a warm-up. Quick: 16 rows x up to 32 tokens; else 64 x up to 128."""
+    import time
+
+    import torch
+
+    from trainer.rollout.sampling import sample
+
+    rows, new_tokens, reps = (16, 32, 3) if quick else (64, 128, 3)
+    models = rollout_models()
+    g = models.pop("_generator")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    shapes = {}
+    try:
+        for name, (model, prompt_len) in models.items():
+            model.eval()
+            vocab = model.get_output_embeddings().weight.shape[0]
+            prompts = (_toy_prompts(rows) if prompt_len is None
+                       else torch.randint(1, vocab, (rows, prompt_len), generator=g).tolist())  # fmt: skip
+            stops = range(0, vocab, STOP_EVERY)
+            best, lengths = 0.0, 0.0
+            for rep in range(reps + 1):
+                start = time.perf_counter()
+                roll = sample(model, prompts, max_new_tokens=new_tokens, pad_id=0, stop_ids=stops,
+                              generator=torch.Generator().manual_seed(rep))  # fmt: skip
+                generated = int(roll.lengths_B.sum())
+                if rep:  # the first is the warm-up
+                    best = max(best, generated / (time.perf_counter() - start))
+                    lengths = generated / rows
+            shapes[name] = {"params": sum(p.numel() for p in model.parameters()), "vocab": vocab,
+                            "tokens_per_s": best, "mean_length": lengths}  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+    settings = {"rows": rows, "new_tokens": new_tokens, "stop_every": STOP_EVERY, "threads": threads, "best_of": reps}
     return {"settings": settings, "shapes": shapes}

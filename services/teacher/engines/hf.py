@@ -6,9 +6,28 @@ The service's batcher calls it from one worker thread, so engines need not be th
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 
 from services.teacher.engines.types import Continued, SamplingSpec, Scored, ScoreItem, describe
+
+LOGITS_BUDGET_BYTES = 256 * 2**20  # float32 logits of one scoring group
+
+
+def logit_groups(items: list[ScoreItem], vocab: int) -> list[list[ScoreItem]]:
+    """Consecutive groups whose scored positions' float32 logits, rows x (longest - earliest start + 1) x vocab,
+    fit LOGITS_BUDGET_BYTES; an item over it alone is a group of its own."""
+    groups: list[list[ScoreItem]] = []
+    group: list[ScoreItem] = []
+    for it in items:
+        trial = [*group, it]
+        kept = max(len(x.ids) for x in trial) - min(x.start for x in trial) + 1
+        if group and len(trial) * kept * vocab * 4 > LOGITS_BUDGET_BYTES:
+            groups.append(group)
+            trial = [it]
+        group = trial
+    return [*groups, group] if group else groups
 
 
 class HFEngine:
@@ -25,23 +44,35 @@ class HFEngine:
         config = AutoConfig.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(self.device)
         self.model.eval()
+        self.keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         max_len = getattr(config, "max_position_embeddings", None) or 2048
         self.info = describe(model_dir, "hf", dtype, config.vocab_size, max_len, config.eos_token_id)
 
     def score(self, items: list[ScoreItem]) -> list[Scored]:
+        """The items in groups whose float32 logits, of the scored positions only, fit LOGITS_BUDGET_BYTES (a
+        151,936-token vocabulary makes every position's logits of a batch of long prompts tens of GB)."""
+        out: list[Scored] = []
+        for group in logit_groups(items, self.info.vocab_size):
+            out += self._score(group)
+        return out
+
+    def _score(self, items: list[ScoreItem]) -> list[Scored]:
         torch = self.torch
         width = max(len(it.ids) for it in items)
+        first = min(it.start for it in items) - 1  # the first position whose logits a score needs
         ids = torch.zeros((len(items), width), dtype=torch.long)
         attn = torch.zeros_like(ids)
         for i, it in enumerate(items):
             ids[i, : len(it.ids)] = torch.tensor(it.ids)
             attn[i, : len(it.ids)] = 1
+        keep = {"logits_to_keep": width - first} if self.keeps_logits else {}
         with torch.inference_mode():
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device)).logits
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device), **keep).logits
+            offset = first if keep else 0  # logits[:, j] is position j + offset
             out = []
             for i, it in enumerate(items):
                 # row p predicts token p + 1: rows start-1 .. n-2 score tokens start .. n-1
-                logp = torch.log_softmax(logits[i, it.start - 1 : len(it.ids) - 1].float(), dim=-1)
+                logp = torch.log_softmax(logits[i, it.start - 1 - offset : len(it.ids) - 1 - offset].float(), dim=-1)
                 target = ids[i, it.start : len(it.ids)].to(self.device)
                 chosen = logp.gather(-1, target[:, None]).squeeze(-1)
                 top_lp, top_ids = logp.topk(it.top_k, dim=-1) if it.top_k else (logp[:, :0], logp[:, :0].long())
