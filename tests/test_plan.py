@@ -153,3 +153,17 @@ def test_the_plan_is_refused_for_an_unreadable_model(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(UserError, match="memory plan: cannot read the model config"):
         read_shape(tmp_path)
+
+
+def test_dtype_auto_is_bfloat16_on_cuda_only():
+    import torch
+
+    from trainer.models import autocast_dtype, resolve_dtype
+
+    assert resolve_dtype("auto", torch.device("cpu")) == "float32"
+    assert resolve_dtype("bfloat16", torch.device("cpu")) == "bfloat16"
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        assert resolve_dtype("auto", torch.device("cuda")) == "bfloat16"
+    assert autocast_dtype(load_config(None, ["dtype=bfloat16"])) is torch.bfloat16
+    with pytest.raises(ValueError, match="resolved when a run starts"):
+        autocast_dtype(load_config(None, []))

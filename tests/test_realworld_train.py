@@ -65,11 +65,13 @@ def test_files_train_over_http_with_vllm_checkpoint_and_resume_exactly(realworld
     assert (saved / "tokenizer.json").read_bytes() == (realworld / "student" / "tokenizer.json").read_bytes()
 
 
-def test_reverse_kl_falls_on_a_qwen3_pair_with_the_teacher_in_process(realworld, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_reverse_kl_falls_on_a_qwen3_pair_with_the_teacher_in_process(realworld, tmp_path, dtype):
+    """bfloat16: sampling and the training forward under the same autocast (float32 master weights)."""
     cfg = _config(realworld, tmp_path / "run", "chat", "steps=80", "teacher.api=inprocess",
                   f"teacher.model={realworld / 'teacher'}", "eval.kl_prompts=32", "optim.lr=1e-2",
                   "optim.warmup_steps=10", "optim.schedule=constant", "rollout.prompts_per_step=8",
-                  "checkpoint_every=0")  # fmt: skip
+                  "checkpoint_every=0", f"dtype={dtype}")  # fmt: skip
     summary = train(cfg, log=lambda *_: None)
     assert summary["skipped_steps"] == 0
     before, after = summary["eval_before"]["reverse_kl"], summary["eval_after"]["reverse_kl"]

@@ -201,6 +201,15 @@ class DataConfig(_Section):
     max_prompt_tokens: int = Field(1024, ge=1, description="longer prompts are skipped and counted, never truncated")
 
 
+class DistConfig(_Section):
+    timeout_s: float = Field(
+        1800,
+        gt=0,
+        description="how long a rank waits in a collective (NCCL/gloo) before the run fails: longer than "
+        "the longest eval or checkpoint one rank makes while the others wait",
+    )
+
+
 class TrainConfig(_Section):
     student: str = Field("artifacts/toy/student", description="student model directory (Hugging Face layout)")
     out: str = Field("runs/tropd", description="run directory")
@@ -248,6 +257,7 @@ class TrainConfig(_Section):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    dist: DistConfig = Field(default_factory=DistConfig)
 
     @model_validator(mode="before")
     @classmethod

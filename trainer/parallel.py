@@ -33,21 +33,25 @@ class DataParallel:
     equals the gradient of the mean over all ranks' tokens, as one process with the global batch would get.
     """
 
-    def __init__(self, global_batch: int, device: torch.device, parallel: str = "ddp"):
+    def __init__(self, global_batch: int, device: torch.device, parallel: str = "ddp", timeout_s: float = 1800,
+                 compute_dtype: torch.dtype | None = None):  # fmt: skip
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         # ranks on this machine, which share its cores
         self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world)))
         self.rank = 0
         self.parallel = parallel
         self.device = device
+        self.compute_dtype = compute_dtype  # FSDP2's parameter dtype in forward and backward (None: float32)
         if self.world > 1:
             if global_batch % self.world:
                 raise UserError(
                     f"prompts_per_step x samples_per_prompt = {global_batch} must divide by the {self.world} ranks"
                 )
+            from datetime import timedelta
+
             import torch.distributed as dist
 
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
             self.rank = dist.get_rank()
 
     @property
@@ -97,11 +101,14 @@ class DataParallel:
         if self.world == 1:
             return module
         if self.parallel == "fsdp":
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+            # bf16 runs: parameters gathered and computed in bf16, gradients reduced in float32 (the master weights
+            # and optimizer state stay float32 shards)
+            mp = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
             for layer in layers:
-                fully_shard(layer)
-            return fully_shard(module)
+                fully_shard(layer, mp_policy=mp)
+            return fully_shard(module, mp_policy=mp)
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None

@@ -22,7 +22,7 @@ RESUME_FREE = ("steps", "out", "student", "threads", "checkpoint_every", "keep_c
                "eval.", "teacher.url", "teacher.api", "teacher.model", "teacher.engine", "teacher.api_key_env",
                "teacher.resolve_replicas", "teacher.skip_tokenizer_check",
                "teacher.timeout_s", "teacher.retries", "teacher.max_concurrency", "teacher.request_sequences",
-               "teacher.client_id", "memory_limit_gb", "device", "parallel", "gradient_checkpointing",
+               "teacher.client_id", "memory_limit_gb", "dist.", "device", "parallel", "gradient_checkpointing",
                "loss_chunk_tokens",
                "rollout.micro_batch_sequences", "rollout.sample_batch_tokens")  # fmt: skip
 

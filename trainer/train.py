@@ -152,7 +152,9 @@ class Training:
             torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls (a float32 run's) on tensor cores
             torch.backends.cudnn.allow_tf32 = True
         global_batch = config.rollout.prompts_per_step * config.rollout.samples_per_prompt
-        self.dp = DataParallel(global_batch, self.device, config.parallel)
+        self.dp = DataParallel(
+            global_batch, self.device, config.parallel, config.dist.timeout_s, autocast_dtype(config)
+        )
         torch.set_num_threads(torch_threads(config.threads, share=self.dp.local_world))
         torch.manual_seed(config.seed)
         quiet_transformers()
