@@ -42,3 +42,56 @@ def test_two_processes_match_one(realworld, tmp_path, parallel):
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), (key, (a[key] - b[key]).abs().max())
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
+
+
+def _torchrun(*args):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(free_port()), "-m", "tropd", "train", *args]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def _one(*args):
+    return subprocess.run([sys.executable, "-m", "tropd", "train", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_a_checkpoint_resumes_under_another_world_size_and_from_ddp_to_fsdp(realworld, tmp_path):
+    """The optimizer state is saved by parameter name, whole: FSDP over 2 processes -> 1 process, and DDP over 2 ->
+    FSDP over 2, both end where one straight process of 3 steps ends."""
+    straight = _one(*_args(realworld, tmp_path / "straight", "checkpoint_every=0"))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    for name, (first, before), (then, after) in (
+        ("fsdp-then-one", (_torchrun, "parallel=fsdp"), (_one, "parallel=ddp")),
+        ("ddp-then-fsdp", (_torchrun, "parallel=ddp"), (_torchrun, "parallel=fsdp")),
+    ):
+        out = tmp_path / name
+        part = first(*_args(realworld, out, "steps=2", before))
+        assert part.returncode == 0, part.stderr[-3000:]
+        rest = then(*_args(realworld, out, "steps=3", after), "--resume")
+        assert rest.returncode == 0, rest.stderr[-3000:]
+        a = load_file(tmp_path / "straight" / "student" / "model.safetensors")
+        b = load_file(out / "student" / "model.safetensors")
+        for key in a:
+            assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), (name, key, (a[key] - b[key]).abs().max())
+
+
+def test_a_checkpoint_of_an_earlier_version_resumes_without_fsdp_and_is_refused_with_it():
+    """Earlier checkpoints keyed the optimizer state by parameter index: loaded as they are in one process (or
+    DDP); under FSDP one line says how to go on."""
+    from trainer.parallel import DataParallel
+    from tropd.errors import UserError
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    legacy = optimizer.state_dict()
+    assert all(isinstance(k, int) for k in legacy["state"])
+    fresh = torch.optim.AdamW(model.parameters(), lr=0.1)
+    DataParallel(1, torch.device("cpu")).load_optimizer(model, fresh, legacy)
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], legacy["state"][0]["exp_avg"])
+
+    class Sharded(DataParallel):
+        sharded = True
+
+    with pytest.raises(UserError, match="earlier version .* resume with parallel=ddp"):
+        Sharded(1, torch.device("cpu"), "fsdp").load_optimizer(model, fresh, legacy)

@@ -40,8 +40,9 @@ def save(
     tokenizer_from: Path,
     full_state: tuple[dict, dict] | None = None,
 ) -> Path:
-    """Write checkpoint `step`. `full_state` is (model state dict, optimizer state dict) gathered from sharded
-    ranks (FSDP); without it the model's and optimizer's own state dicts are saved."""
+    """Write checkpoint `step`. `full_state` is (model state dict or None, optimizer state dict) as
+    `DataParallel.full_state` gives them (the model state gathered from FSDP's shards, else None: the model's own);
+    without it the model's and optimizer's own state dicts are saved."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:06d}"

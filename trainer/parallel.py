@@ -63,11 +63,11 @@ class DataParallel:
         """FSDP2 under torchrun: every rank holds a shard, so every forward is a collective that all ranks run."""
         return self.world > 1 and self.parallel == "fsdp"
 
-    def full_state(self, model, root, optimizer) -> tuple[dict, dict] | None:
-        """FSDP: the model's and the optimizer's full state dicts, gathered on CPU on rank 0 (every rank calls);
-        None when each rank holds whole weights."""
-        if not self.sharded:
-            return None
+    def full_state(self, model, root, optimizer) -> tuple[dict | None, dict]:
+        """(model state, optimizer state) for a checkpoint, on CPU on rank 0 (every rank calls: under FSDP a
+        collective). The optimizer state is always the full one keyed by parameter names (the state-dict API of
+        `torch.distributed.checkpoint`), the same for one process, DDP and FSDP of any world size, so a checkpoint
+        resumes under another; the model state is gathered under FSDP, None otherwise (the model's own is whole)."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
@@ -75,21 +75,29 @@ class DataParallel:
         )
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        optimizer_state = get_optimizer_state_dict(root, optimizer, options=options)
+        if not self.sharded:
+            return None, optimizer_state
         state = get_model_state_dict(model, options=options)
         seen: set[int] = set()
         for name, param in model.named_parameters(remove_duplicate=False):  # tied weights are saved once, as usual
             if id(param) in seen:
                 state.pop(name, None)
             seen.add(id(param))
-        return state, get_optimizer_state_dict(root, optimizer, options=options)
+        return state, optimizer_state
 
     def load_optimizer(self, root, optimizer, state: dict) -> None:
-        """Load a checkpoint's optimizer state: a full state dict, sharded again under FSDP."""
-        if not self.sharded:
-            optimizer.load_state_dict(state)
-            return
+        """Load a checkpoint's optimizer state (full, keyed by parameter names), sharded again under FSDP. A
+        checkpoint of an earlier version keyed its state by parameter index: it resumes without FSDP only."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+        if any(isinstance(key, int) for key in state.get("state", {})):
+            if self.sharded:
+                raise UserError("--resume: this checkpoint was written by an earlier version (optimizer state by "
+                                "parameter index), which resumes only without FSDP: resume with parallel=ddp, then "
+                                "checkpoint again")  # fmt: skip
+            optimizer.load_state_dict(state)
+            return
         set_optimizer_state_dict(root, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
     def all_true(self, flag: bool) -> bool:

@@ -300,7 +300,7 @@ class Training:
         if config.eval.every and step % config.eval.every == 0 and step < config.steps:
             self.last_eval = record["eval"] = self.run_eval()
         due = step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0)
-        # collectives: every rank gathers FSDP's full state and its batches sampled ahead
+        # collectives: every rank gathers the full state (FSDP's shards) and its batches sampled ahead
         full_state = dp.full_state(model, self.student.module, self.optimizer) if due else None
         ahead = dp.gather([pending.saved() for pending in self.inflight]) if due else None
         if not dp.main:
