@@ -4,6 +4,7 @@ state gathered for checkpoints)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -18,8 +19,8 @@ def _args(world, out, *extra):
     return [
         f"student={world / 'student'}", f"out={out}", "data.source=files", f"data.train=[{world / 'train-chat.jsonl'}]",
         "teacher.api=inprocess", f"teacher.model={world / 'teacher'}", "steps=3", "checkpoint_every=2",
-        "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=12", "eval.n=4",
-        "eval.kl_prompts=4", "tensorboard=false", "plot=false", "threads=1", "device=cpu", "guidance.decay_steps=2",
+        "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=12", "eval.n=5",
+        "eval.kl_prompts=5", "tensorboard=false", "plot=false", "threads=1", "device=cpu", "guidance.decay_steps=2",
         "optim.warmup_steps=10", "optim.schedule=constant", *extra,
     ]  # fmt: skip
 
@@ -42,6 +43,13 @@ def test_two_processes_match_one(realworld, tmp_path, parallel):
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), (key, (a[key] - b[key]).abs().max())
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
+    # evaluation spread over the ranks (each its share of the prompts, gathered on rank 0) gives one process's numbers
+    one_eval, two_eval = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("one", "two"))
+    for when in ("eval_before", "eval_after"):
+        assert one_eval[when]["accuracy"] == two_eval[when]["accuracy"]
+        assert abs(one_eval[when]["reverse_kl"] - two_eval[when]["reverse_kl"]) < 1e-3 * abs(
+            one_eval[when]["reverse_kl"]
+        )
 
 
 def _torchrun(*args):

@@ -15,7 +15,7 @@ from trainer.config import TrainConfig
 from trainer.data.source import PromptSource
 from trainer.data.verifiers import Verifier
 from trainer.models import autocast_dtype
-from trainer.rollout.sampling import sample_in_batches
+from trainer.rollout.sampling import batch_rows, sample
 from tropd.errors import UserError
 
 EVAL_SEED = 1234
@@ -40,35 +40,72 @@ def pick_verifier(config: TrainConfig, source: PromptSource) -> Verifier | None:
     return load_verifier(spec)
 
 
+def spread(rows: list[slice], rank: int, world: int) -> list[list[int]]:
+    """This rank's row numbers in each of the global batches `rows`: every `world`-th row from `rank` on, padded
+    with the batch's first row to the same count on every rank (a padding row is sampled again and counted once),
+    so that every rank makes the same calls with as many rows (sharded ranks run each forward together)."""
+    mine = []
+    for batch in rows:
+        share = list(range(batch.start, batch.stop))[rank::world]
+        width = -(-(batch.stop - batch.start) // world)
+        mine.append(share + [batch.start] * (width - len(share)))
+    return mine
+
+
 @torch.no_grad()
 def evaluate(
-    model, link, source: PromptSource, config: TrainConfig, verifier: Verifier | None, student_lp, all_done=None
-) -> dict:
-    """{"accuracy": {set: share}, "reverse_kl": nats/token}; `student_lp(prompts, responses)` gives the student's
-    log-probs of the responses (B_T, on CPU); `all_done` keeps sharded ranks decoding in lockstep (see `sample`)."""
+    model, link, source: PromptSource, config: TrainConfig, verifier: Verifier | None, student_lp, dp=None
+) -> dict | None:
+    """{"accuracy": {set: share}, "reverse_kl": nats/token} on rank 0, None on the others. `student_lp(prompts,
+    responses)` gives the student's log-probs of the responses (B_T, on CPU). With `dp` (a `DataParallel` of
+    several ranks) the prompts are spread over the ranks, each sampling, scoring and verifying its share of every
+    batch, and rank 0 gathers the results: the same numbers as one process (every row is sampled from its own
+    draws); sharded ranks decode in lockstep (see `sample`)."""
+    rank, world = (dp.rank, dp.world) if dp is not None else (0, 1)
     was_training = model.training
     model.eval()
     budget = config.eval.max_new_tokens or config.rollout.max_new_tokens
+    bound = config.rollout.sample_batch_tokens
     # batches bounded in KV-cache tokens, as the rollouts' (`rollout.sample_batch_tokens`), under the same autocast
     stops = dict(stop_ids=source.stop_ids, pad_id=source.pad_id, banned_ids=source.banned_ids,
-                 vocab_limit=source.vocab_limit, all_done=all_done, max_new_tokens=budget,
-                 batch_tokens=config.rollout.sample_batch_tokens, autocast_dtype=autocast_dtype(config))  # fmt: skip
-    accuracy = {}
+                 vocab_limit=source.vocab_limit, all_done=dp.all_true if dp is not None and dp.sharded else None,
+                 max_new_tokens=budget, autocast_dtype=autocast_dtype(config))  # fmt: skip
+
+    def run(ids: list[list[int]], uniforms_B_T: torch.Tensor | None) -> list[tuple[int, list[int]]]:
+        """This rank's (row number, response)s: global batches of `bound` x world tokens, a share each."""
+        responses: list[tuple[int, list[int]]] = []
+        for rows in spread(batch_rows(ids, budget, bound * world), rank, world):
+            roll = sample(model, [ids[i] for i in rows], temperature=0.0 if uniforms_B_T is None else 1.0,
+                          uniforms_B_T=None if uniforms_B_T is None else uniforms_B_T[rows], **stops)  # fmt: skip
+            responses += zip(rows, roll.responses(), strict=True)
+        return responses
+
+    correct: dict[str, dict[int, float]] = {}
     if verifier is not None:
         for name, prompts in source.eval_sets(config.eval).items():
-            responses = sample_in_batches(model, [p.ids for p in prompts], temperature=0.0, **stops)
-            texts = [source.decode(r) for r in responses]
-            scores = [float(verifier(t, p.answer, p.record)) for t, p in zip(texts, prompts, strict=True)]
-            accuracy[name] = sum(scores) / max(1, len(scores))
+            correct[name] = {i: float(verifier(source.decode(r), prompts[i].answer, prompts[i].record))
+                             for i, r in run([p.ids for p in prompts], None)}  # fmt: skip
     prompts = [p.ids for p in source.kl_prompts(config.eval)]
-    responses = sample_in_batches(model, prompts, generator=torch.Generator().manual_seed(EVAL_SEED), **stops)
-    s_lp = student_lp(prompts, responses)
-    scored = link.score([p + r for p, r in zip(prompts, responses, strict=True)], [len(p) for p in prompts], 0)
+    uniforms = torch.rand((len(prompts), budget), generator=torch.Generator().manual_seed(EVAL_SEED))
+    rows, responses = zip(*run(prompts, uniforms), strict=True)
+    mine = [prompts[i] for i in rows]
+    s_lp = student_lp(mine, list(responses))
+    scored = link.score([p + r for p, r in zip(mine, responses, strict=True)], [len(p) for p in mine], 0)
     t_lp = torch.zeros_like(s_lp)
     mask = torch.zeros_like(s_lp, dtype=torch.bool)
     for i, r in enumerate(scored.result()):
         t_lp[i, : len(r.logprobs)] = torch.from_numpy(r.logprobs)
         mask[i, : len(responses[i])] = True
     model.train(was_training)
-    d = (s_lp - t_lp)[mask]
-    return {"accuracy": accuracy, "reverse_kl": float(d.mean()) if d.numel() else float("nan")}
+    kl = {row: (s_lp[i] - t_lp[i])[mask[i]].double() for i, row in enumerate(rows)}
+    parts = dp.gather((correct, kl)) if dp is not None and world > 1 else [(correct, kl)]
+    if parts is None:
+        return None
+    accuracy = {}
+    for name in correct:
+        scores = {i: s for c, _ in parts for i, s in c[name].items()}  # a row sampled twice counts once
+        accuracy[name] = sum(scores.values()) / max(1, len(scores))
+    d = {i: v for _, k in parts for i, v in k.items()}
+    tokens = sum(v.numel() for v in d.values())
+    return {"accuracy": accuracy, "reverse_kl": float(sum(v.sum() for v in d.values()) / tokens) if tokens
+            else float("nan")}  # fmt: skip

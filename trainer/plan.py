@@ -211,7 +211,8 @@ def make_plan(config: TrainConfig, shape: Shape, *, device: str, world: int, lim
     if config.eval.before_after or config.eval.every:
         budget = config.eval.max_new_tokens or T
         kl_rows = max(1, config.eval.kl_prompts // world)
-        phases.update(_sampling("eval", config, shape, prompt_tokens, budget, max(config.eval.n, kl_rows), size, cpu))
+        eval_rows = max(-(-config.eval.n // world), kl_rows)  # each rank samples its share of every eval set
+        phases.update(_sampling("eval", config, shape, prompt_tokens, budget, eval_rows, size, cpu))
         width = prompt_tokens + budget
         scored = min(kl_rows, r.micro_batch_sequences or kl_rows)
         # the decoder's forward (its attention), then the head's chunks: one after the other

@@ -213,13 +213,9 @@ class Training:
         self.start_time = time.monotonic()
 
     def run_eval(self) -> dict | None:
-        """On rank 0; under FSDP on every rank (each forward is a collective), rank 0 keeping the result."""
-        dp = self.dp
-        if not (dp.main or dp.sharded):
-            return None
-        lockstep = dp.all_true if dp.sharded else None
+        """On every rank, each with its share of the prompts; rank 0 gets the result, the others None."""
         return evaluate(self.student.sampler, self.link, self.source, self.config, self.verifier,
-                        self.student.logprobs, lockstep)  # fmt: skip
+                        self.student.logprobs, self.dp)  # fmt: skip
 
     def evaluate_before(self) -> None:
         config, dp, run_dir = self.config, self.dp, self.run_dir
