@@ -237,3 +237,23 @@ def test_a_top_k_over_the_vocabulary_is_capped_at_the_vocabulary(toy_quick, tmp_
         answer = httpx.post(f"{svc.url}/v1/score", json={"sequences": [seq], "top_k": VOCAB.size + 1})
         assert answer.status_code == 422 and answer.json()["error"]["field"] == "top_k"
         assert httpx.get(f"{svc.url}/readyz").status_code == 200
+
+
+def test_a_temperature_above_the_engines_range_is_a_422_naming_it_never_a_500(service):
+    """vLLM samples at temperatures up to 2 and raises above; the service refuses such a request with a 422 that
+    names `temperature` (on /v1/continue and on /v1/completions), and the hf engine serves it."""
+    info = httpx.get(f"{service.url}/v1/info").json()
+    requests = [
+        ("/v1/continue", {"prefixes": [[0]], "max_tokens": 4, "temperature": 5, "top_k": 0}),
+        ("/v1/completions", {"prompt": [[1, 5, 6]], "max_tokens": 1, "temperature": 5}),
+    ]
+    for route, body in requests:
+        response = httpx.post(f"{service.url}{route}", json=body, timeout=60)
+        if info["engine"] == "vllm":
+            assert response.status_code == 422, response.text
+            assert response.json()["error"]["field"] == "temperature", response.text
+        else:
+            assert response.status_code == 200, response.text
+    at_the_limit = {"prefixes": [[0]], "max_tokens": 4, "temperature": 2, "top_k": 0}
+    assert httpx.post(f"{service.url}/v1/continue", json=at_the_limit, timeout=60).status_code == 200
+    assert httpx.get(f"{service.url}/readyz").status_code == 200  # and the service serves on

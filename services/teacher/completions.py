@@ -26,7 +26,7 @@ import uuid
 
 from services.teacher import schemas
 from services.teacher.engines.types import SamplingSpec, ScoreItem
-from services.teacher.inputs import BadInput, check_ids, check_top_k
+from services.teacher.inputs import BadInput, check_ids, check_temperature, check_top_k
 
 LOGPROB_FLOOR = -9999.0  # vLLM's (and OpenAI's) stand-in for -inf in JSON
 
@@ -68,6 +68,8 @@ def check_request(body: schemas.CompletionRequest, info, settings) -> list[list[
     for name in ("logprobs", "prompt_logprobs"):
         if getattr(body, name) is not None:
             check_top_k(getattr(body, name), settings, name)
+    if body.max_tokens == 1:  # the temperature samples the generated token (prompt log-probs ignore it)
+        check_temperature(body.temperature, info)
     prompts = _prompts(body)
     # one position of headroom: the engines' scoring and the generated token both need it
     check_ids("prompt", prompts, info.vocab_size, info.max_model_len - 1, settings)

@@ -4,7 +4,7 @@ by every route. Each failure is a `BadInput` naming the field, which the service
 from __future__ import annotations
 
 from services.teacher import schemas
-from services.teacher.engines.types import SamplingSpec, ScoreItem
+from services.teacher.engines.types import MAX_TEMPERATURE, SamplingSpec, ScoreItem
 
 
 class BadInput(Exception):
@@ -65,6 +65,7 @@ def continue_items(body: schemas.ContinueRequest, info, settings):
     for j, t in enumerate(body.stop_ids):
         if not 0 <= t < info.vocab_size:
             raise BadInput(f"stop_ids[{j}]", f"token id {t} outside the vocabulary [0, {info.vocab_size})")
+    check_temperature(body.temperature, info)
     spec = SamplingSpec(
         max_tokens=body.max_tokens,
         temperature=float(body.temperature),
@@ -74,3 +75,14 @@ def continue_items(body: schemas.ContinueRequest, info, settings):
         top_k=body.top_k,
     )
     return body.prefixes, spec
+
+
+def check_temperature(temperature: float | None, info) -> None:
+    """A sampling temperature above what the engine takes (MAX_TEMPERATURE) is the client's to change: a 422."""
+    limit = MAX_TEMPERATURE.get(info.engine)
+    if temperature is not None and limit is not None and temperature > limit:
+        raise BadInput(
+            "temperature",
+            f"temperature {temperature} is above {limit}, the most the {info.engine} engine samples at (a teacher "
+            "served with --engine hf takes up to 100)",
+        )

@@ -44,6 +44,11 @@ class SamplingSpec:
     top_k: int = 0
 
 
+# the highest sampling temperature an engine takes (vLLM refuses more than 2); the service refuses a request above
+# it with a 422 naming `temperature`, never passing it on to fail inside the engine
+MAX_TEMPERATURE = {"vllm": 2.0}
+
+
 @dataclass
 class ModelInfo:
     model: str
