@@ -146,12 +146,12 @@ def test_killing_the_engine_process_makes_the_service_unhealthy_and_exit(toy_qui
         for pid in engine_processes:
             os.kill(pid, signal.SIGKILL)
         probes = {}
-        while time.monotonic() - killed < 10 and len(probes) < 2:
-            for path in ("/readyz", "/healthz"):
+        while time.monotonic() - killed < 10 and len(probes) < 3:
+            for path in ("/readyz", "/healthz", "/health"):
                 if path not in probes and httpx.get(f"{svc.url}{path}", timeout=5).status_code == 503:
                     probes[path] = time.monotonic() - killed
             time.sleep(0.05)
-        assert set(probes) == {"/readyz", "/healthz"}, probes
+        assert set(probes) == {"/readyz", "/healthz", "/health"}, probes
         assert svc.process.wait(30) == EXIT_ENGINE_FAILED, svc.log()[-3000:]
         exited = time.monotonic() - killed
         stop.set()

@@ -36,6 +36,7 @@ LIMITS = ["--max-request-tokens", str(MAX_TOKENS), "--max-inflight-tokens", str(
           "--max-sequences", str(MAX_SEQUENCES), "--max-body-bytes", str(MAX_BODY)]  # fmt: skip
 OPERATIONS = [
     ("GET", "/healthz"),
+    ("GET", "/health"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
     ("GET", "/v1/info"),
@@ -376,7 +377,7 @@ def test_every_route_needs_the_key_and_the_key_is_never_logged(toy_quick, tmp_pa
     with teacher(toy_quick / "teacher", "hf", tmp_path, *args, env=env) as svc:
         documented = httpx.get(f"{svc.url}/openapi.json", headers=good).json()["paths"]
         paths = [*documented, "/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect", "/nothing/here"]
-        open_paths = {"/healthz": 200, "/metrics": 200}
+        open_paths = {"/healthz": 200, "/health": 200, "/metrics": 200}
         tried = 0
         with httpx.Client(base_url=svc.url, timeout=10) as client:
             for path in paths:

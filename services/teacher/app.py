@@ -35,8 +35,18 @@ from services.teacher.protocol import (
 )
 
 log = logging.getLogger("tropd.teacher")
-OPEN_PATHS = {"/healthz"}
-ROUTES = {"/healthz", "/readyz", "/metrics", "/v1/info", "/v1/score", "/v1/continue", "/v1/models", "/v1/completions"}
+OPEN_PATHS = {"/healthz", "/health"}  # /health: vLLM's stock server's, which its clients (TRL's) poll
+ROUTES = {
+    "/healthz",
+    "/health",
+    "/readyz",
+    "/metrics",
+    "/v1/info",
+    "/v1/score",
+    "/v1/continue",
+    "/v1/models",
+    "/v1/completions",
+}
 ENGINE_ROUTES = {"/v1/score", "/v1/continue", "/v1/completions"}
 
 
@@ -281,6 +291,11 @@ def create_app(engine, settings: Settings | None = None) -> FastAPI:
     @app.get("/healthz", summary="alive (503 once the engine has failed)", responses=unhealthy)
     async def healthz():
         return failed() or {"status": "ok"}
+
+    @app.get("/health", summary="as vLLM's stock server: 200 while serving, 503 once the engine has failed",
+             responses=unhealthy)  # fmt: skip
+    async def health():
+        return failed() or Response(status_code=200)
 
     @app.get("/readyz", summary="model loaded and serving", responses=unhealthy)
     async def readyz():

@@ -79,7 +79,7 @@ def continue_items(body: schemas.ContinueRequest, info, settings):
 
 def check_temperature(temperature: float | None, info) -> None:
     """A sampling temperature above what the engine takes (MAX_TEMPERATURE) is the client's to change: a 422."""
-    limit = MAX_TEMPERATURE.get(info.engine)
+    limit = MAX_TEMPERATURE.get(getattr(info, "engine", None))
     if temperature is not None and limit is not None and temperature > limit:
         raise BadInput(
             "temperature",
