@@ -17,8 +17,11 @@ from trainer.bench.report import agreement_table, probe_markdown, tuning_table, 
 @pytest.mark.timeout(900)
 def test_quick_run_reports_every_method(toy_quick, tmp_path):
     out = tmp_path / "results"
-    command = [sys.executable, "-m", "tropd", "bench", "methods", "--quick", "--json", "--toy", str(toy_quick),
-               "--out", str(out)]  # fmt: skip
+    # 2 steps a run (evaluated after each), not --quick's 6: the 15 runs train, evaluate and report all the same.
+    # Still long (about a minute on 2 cores): 15 runs of which each loads its models and evaluates 3 times, and the
+    # sweep's 10 SFT steps
+    command = [sys.executable, "-m", "tropd", "bench", "methods", "--quick", "--steps", "2", "--json", "--toy",
+               str(toy_quick), "--out", str(out)]  # fmt: skip
     result = subprocess.run([*command, "--jobs", "2"], capture_output=True, text=True, timeout=880)
     assert result.returncode == 0, result.stderr[-3000:]
     # the sweep's first student is the toy student itself: its opd and tropd runs are the table's, trained once
@@ -146,7 +149,9 @@ def test_a_quick_run_never_defaults_to_the_published_report():
 def test_tune_runs_every_method_at_three_rates_and_reports_them(toy_quick, tmp_path):
     out = tmp_path / "results"
     command = [sys.executable, "-m", "tropd", "bench", "methods", "--quick", "--tune", "--json", "--toy",
-               str(toy_quick), "--out", str(out), "--methods", "opd,tropd", "--steps", "2", "--no-sweep"]  # fmt: skip
+               str(toy_quick), "--out", str(out), "--methods", "opd,tropd", "--steps", "2", "--no-sweep",
+               "--jobs", "2"]  # fmt: skip
+    # 2 at a time (1 torch thread each): a quarter of the time of one at a time on 2 cores; the runs are the same
     result = subprocess.run(command, capture_output=True, text=True, timeout=580)
     assert result.returncode == 0, result.stderr[-3000:]
     # 2 methods x 3 rates on seed 0, then 1 seed (--quick) at the best rate: the tuning run itself, not trained again

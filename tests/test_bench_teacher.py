@@ -41,13 +41,21 @@ def test_bad_arguments_are_one_line_errors(args, needle):
     assert needle in result.stderr and "Traceback" not in result.stderr
 
 
+# Long (about 2-4 minutes on 2 cores): five vLLM start-ups (the engine in-process, the service, the stock server, then
+# the engine and the service each alone) and two contention rounds of at least 3 engine batches each (the service's
+# default batch size), none of which a command-line option shortens. The options here shorten what they can: one
+# timed round, 1 s contention windows, and requests of 16 sequences (the contention clients keep two engine batches
+# in flight: fewer, larger requests fill them with less HTTP overhead than the --quick default of 4 sequences).
+QUICKER = ("--repeats", "1", "--contention-seconds", "1", "--sequences", "64", "--request-sequences", "16")
+
+
 @pytest.mark.vllm
 @pytest.mark.timeout(660)
 def test_quick_run_reports_every_measurement(toy_quick):
-    result = run("--quick", "--json", "--model", str(toy_quick / "teacher"), timeout=640)
+    result = run("--quick", *QUICKER, "--json", "--model", str(toy_quick / "teacher"), timeout=640)
     assert result.returncode == 0, result.stderr[-4000:]  # never 134 (an abort at exit)
     report = json.loads(result.stdout)  # stdout holds the JSON object alone: vLLM's prints went to stderr
-    assert report["clients"] == [1, 4] and report["scored_tokens"] == 16 * 63
+    assert report["clients"] == [1, 4] and report["scored_tokens"] == 64 * 63 and report["repeats"] == 1
     got = {(m["path"], m["clients"]): m for m in report["measurements"]}
     assert set(got) == {(path, c) for path in PATHS for c in (1, 4)}
     for (path, _), m in got.items():

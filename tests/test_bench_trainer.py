@@ -4,8 +4,11 @@ import sys
 
 
 def test_bench_trainer_quick_reports_every_measurement(toy_quick):
+    # 4 steps an arm, not --quick's 6 (the means skip the first 2). Still long (about a minute on 2 cores): two
+    # teacher services, four short runs, the decoders, six peak-memory subprocesses and the rollout shapes, none of
+    # which has a smaller setting than --quick
     command = [sys.executable, "-m", "tropd", "bench", "trainer", "--quick", "--json", "--toy", str(toy_quick),
-               "--threads", "1"]  # fmt: skip
+               "--threads", "1", "--steps", "4"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
