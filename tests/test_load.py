@@ -79,6 +79,7 @@ class RssSampler(threading.Thread):
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs /proc to sample the server's memory")
+@pytest.mark.timeout(900)  # about 2 minutes on 2 idle cores, over 8 when other work shares them
 def test_load_8_clients_2000_requests(toy_quick, tmp_path):
     seqs = pool()
     ref = reference_logprobs(toy_quick / "teacher", seqs)
