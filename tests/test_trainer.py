@@ -15,27 +15,33 @@ import torch
 from pydantic import BaseModel
 from safetensors.torch import load_file
 
+from services.teacher.launch import half_the_cores
 from tests.helpers import free_port, teacher
 from trainer import checkpoint
 from trainer.config import TrainConfig, load_config
 from trainer.run import train
 from tropd.errors import UserError
 
+# The teacher and the trainer get half the cores each, as `tropd demo` gives them: with every core each, their OpenMP
+# threads spin against each other (and against any other load), which made a step of the toy student 10-50 times
+# slower on 2 cores (0.15 s alone, 2-8 s beside other jobs).
+THREADS = half_the_cores()
 SMALL = [
     "rollout.prompts_per_step=8",
     "rollout.samples_per_prompt=2",
     "rollout.max_new_tokens=32",
-    "eval.n=20",
-    "eval.kl_prompts=24",
+    "eval.n=4",
+    "eval.kl_prompts=8",
     "eval.every=0",
     "tensorboard=false",
     "plot=false",
+    f"threads={THREADS}",
 ]
 
 
 @pytest.fixture(scope="module")
 def service(toy_quick, tmp_path_factory):
-    with teacher(toy_quick / "teacher", "hf", tmp_path_factory.mktemp("logs")) as svc:
+    with teacher(toy_quick / "teacher", "hf", tmp_path_factory.mktemp("logs"), "--threads", str(THREADS)) as svc:
         yield svc
 
 
