@@ -1,4 +1,4 @@
-"""Load: 8 concurrent clients, 2,000 requests of random sizes against one real service (transformers engine).
+"""Load: 8 concurrent clients, 1,000 requests of random sizes against one real service (transformers engine).
 
 Every response is checked against an independent transformers forward pass; there must be no error at
 all (the clients do not retry). Latency percentiles and throughput are printed, and written as JSON to
@@ -29,7 +29,7 @@ from trainer.toy.tokenizer import VOCAB
 pytestmark = pytest.mark.reliability
 
 CLIENTS = 8
-REQUESTS_PER_CLIENT = 250
+REQUESTS_PER_CLIENT = 125  # 1,000 requests: about 13 s of load on 2 quiet cores (2,000 took twice as long)
 MAX_TOP_K = 20
 # one torch thread in the server: on 2 shared cores, OpenMP threads that spin against other processes slow
 # every forward pass by an order of magnitude
@@ -79,8 +79,8 @@ class RssSampler(threading.Thread):
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs /proc to sample the server's memory")
-@pytest.mark.timeout(900)  # about 2 minutes on 2 idle cores, over 8 when other work shares them
-def test_load_8_clients_2000_requests(toy_quick, tmp_path):
+@pytest.mark.timeout(900)  # about 25 s on 2 quiet cores, minutes when other work shares them
+def test_load_8_clients_1000_requests(toy_quick, tmp_path):
     seqs = pool()
     ref = reference_logprobs(toy_quick / "teacher", seqs)
 
@@ -134,7 +134,7 @@ def test_load_8_clients_2000_requests(toy_quick, tmp_path):
     assert service.process.returncode == 0, service.log()[-3000:]
 
     requests = len(latencies)
-    assert requests == CLIENTS * REQUESTS_PER_CLIENT >= 2000
+    assert requests == CLIENTS * REQUESTS_PER_CLIENT >= 1000
     rss = sampler.samples_mib
     q = len(rss) // 4
     assert q >= 5, f"too few RSS samples: {len(rss)}"
