@@ -47,9 +47,84 @@ def reference(toy_quick):
     return score
 
 
+# ---- vLLM teacher services shared between modules ---------------------------------------------------------
+# A vLLM start-up takes 20-50 s on 2 cores. Tests that only send requests to a vLLM teacher share one service per
+# world (the modules named below); tests that stop, kill or reconfigure a teacher start their own. A shared service
+# starts when a test first asks for it and stops after the last test of the session that uses its fixture, so
+# that an idle vLLM process (and its KV cache, 15% of the memory) does not outlive its users; it must exit 0 then.
+
+
+class SharedService:
+    """One teacher service, started on the first `get()` and stopped after the last test that uses `fixture`."""
+
+    def __init__(self, fixture: str, start):
+        self.fixture, self._start, self._service = fixture, start, None
+
+    @property
+    def running(self) -> bool:
+        return self._service is not None
+
+    def get(self):
+        if self._service is None:
+            self._service = self._start()
+        return self._service
+
+    def stop(self) -> None:
+        service, self._service = self._service, None
+        if service is not None:
+            assert service.stop() == 0, service.log()[-3000:]  # a graceful exit on SIGTERM, no crash at exit
+
+
+_SHARED: dict[str, SharedService] = {}
+
+
+def _shared(fixture: str, start):
+    _SHARED[fixture] = shared = SharedService(fixture, start)
+    yield shared
+    shared.stop()
+    del _SHARED[fixture]
+
+
+@pytest.fixture(scope="session")
+def toy_vllm_teacher(toy_quick, tmp_path_factory):
+    """`tropd teacher serve --engine vllm` on the quick toy teacher, default settings (tests/test_service.py,
+    tests/test_completions_api.py)."""
+    from tests.helpers import start_teacher
+
+    logs = tmp_path_factory.mktemp("toy-vllm-teacher")
+    yield from _shared("toy_vllm_teacher", lambda: start_teacher(toy_quick / "teacher", "vllm", logs))
+
+
+@pytest.fixture(scope="session")
+def realworld_vllm_teacher(realworld, tmp_path_factory):
+    """`tropd teacher serve --engine vllm` on the real-shaped world's teacher, its top-k limit the model's whole
+    vocabulary, padded rows included (tests/test_realworld.py, tests/test_realworld_train.py)."""
+    import json
+
+    from tests.helpers import start_teacher
+
+    vocab = json.loads((realworld / "teacher" / "config.json").read_text())["vocab_size"]
+    logs = tmp_path_factory.mktemp("realworld-vllm-teacher")
+
+    def start():
+        return start_teacher(realworld / "teacher", "vllm", logs, "--max-top-k", str(vocab))
+
+    yield from _shared("realworld_vllm_teacher", start)
+
+
+@pytest.fixture(autouse=True)
+def _stop_shared_services_after_their_last_test(request):
+    yield
+    if any(shared.running for shared in _SHARED.values()):
+        later = request.session.items[request.session.items.index(request.node) + 1 :]
+        for shared in list(_SHARED.values()):
+            if not any(shared.fixture in item.fixturenames for item in later):
+                shared.stop()
+
+
 # Fixtures that build or load a model world, start a service or train: a test that uses one is `slow`, and
 # `make test-fast` (pytest -m "not slow") leaves it out. Markers of whole kinds of slow tests do the same.
-SLOW_FIXTURES = {"toy_quick", "realworld", "reference"}
+SLOW_FIXTURES = {"toy_quick", "realworld", "reference", "toy_vllm_teacher", "realworld_vllm_teacher"}
 SLOW_MARKERS = {"vllm", "gpu", "reliability"}
 
 

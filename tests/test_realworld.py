@@ -139,7 +139,10 @@ def test_stop_ids_are_the_union_of_the_three_eos_settings(realworld, tok):
 
 
 @pytest.fixture(scope="module", params=ENGINES)
-def service(request, realworld, models, tmp_path_factory):
+def service(request, realworld, models, realworld_vllm_teacher, tmp_path_factory):
+    if request.param == "vllm":  # one vLLM service, shared with tests/test_realworld_train.py (tests/conftest.py)
+        yield realworld_vllm_teacher.get()
+        return
     vocab = models["teacher"].config.vocab_size  # a top-k of the whole vocabulary reaches the padded rows
     with teacher(
         realworld / "teacher", request.param, tmp_path_factory.mktemp("logs"), "--max-top-k", str(vocab)

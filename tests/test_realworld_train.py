@@ -11,14 +11,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import teacher
+from services.teacher.launch import half_the_cores
 from trainer.config import load_config
 from trainer.run import train
 from tropd.errors import UserError
 
+# torch threads: half the cores, the other half left to a teacher service; with every core, the trainer's OpenMP
+# threads spin against the service's (and any other load) and a step takes many times as long
 SMALL = [
     "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=16", "eval.n=8",
-    "eval.kl_prompts=8", "eval.every=0", "tensorboard=false", "plot=false", "teacher.top_k=8", "threads=2",
+    "eval.kl_prompts=8", "eval.every=0", "tensorboard=false", "plot=false", "teacher.top_k=8",
+    f"threads={half_the_cores()}",
 ]  # fmt: skip
 
 
@@ -41,13 +44,14 @@ def _same(a, b, atol):
 
 @pytest.mark.vllm
 @pytest.mark.parametrize("form", ["chat", "text"])
-def test_files_train_over_http_with_vllm_checkpoint_and_resume_exactly(realworld, tmp_path, form):
-    with teacher(realworld / "teacher", "vllm", tmp_path) as svc:
-        url = f"teacher.url={svc.url}"
-        common = [url, "checkpoint_every=2", "guidance.decay_steps=3"]
-        summary = train(_config(realworld, tmp_path / "a", form, "steps=4", *common), log=lambda *_: None)
-        train(_config(realworld, tmp_path / "b", form, "steps=2", *common), log=lambda *_: None)
-        train(_config(realworld, tmp_path / "b", form, "steps=4", *common), resume=True, log=lambda *_: None)
+def test_files_train_over_http_with_vllm_checkpoint_and_resume_exactly(realworld, realworld_vllm_teacher, tmp_path,
+                                                                       form):  # fmt: skip
+    # the vLLM teacher is the one tests/test_realworld.py sends its requests to (tests/conftest.py): one start-up
+    url = f"teacher.url={realworld_vllm_teacher.get().url}"
+    common = [url, "checkpoint_every=2", "guidance.decay_steps=3"]
+    summary = train(_config(realworld, tmp_path / "a", form, "steps=4", *common), log=lambda *_: None)
+    train(_config(realworld, tmp_path / "b", form, "steps=2", *common), log=lambda *_: None)
+    train(_config(realworld, tmp_path / "b", form, "steps=4", *common), resume=True, log=lambda *_: None)
     _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"), atol=1e-6)
     assert summary["skipped_steps"] == 0 and summary["teacher"]["engine"] == "vllm"
     for when in ("eval_before", "eval_after"):
