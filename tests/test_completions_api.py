@@ -225,10 +225,11 @@ def assert_same_completion(ours: dict, stock: dict, generated: bool, atol: float
 
 @pytest.mark.vllm
 @pytest.mark.timeout(600)
-def test_the_same_answers_as_vllms_stock_server(service, toy_quick, tmp_path):
+def test_the_same_answers_as_vllms_stock_server(service, toy_vllm_teacher, toy_quick, tmp_path):
     """Our service on its vLLM engine answers as the stock server does: log-probs to 1e-5, every rank equal (the
     same engine, the same batches: each request is one batch on both sides). The hf engine (another kernel) agrees
-    to 1e-4. One server at a time: two vLLM processes would bind the same cores."""
+    to 1e-4. Our vLLM service is the one tests/test_service.py sends its requests to (tests/conftest.py, no key);
+    it idles while the stock server runs."""
     seqs = sequences(5, seed=3)
     requests = [
         {"prompt": seqs[0], "max_tokens": 0, "echo": True, "logprobs": 1},  # ArcticTraining's request
@@ -253,8 +254,7 @@ def test_the_same_answers_as_vllms_stock_server(service, toy_quick, tmp_path):
 
     generated = [body["max_tokens"] == 1 for body in requests] + [False]
     from_hf = answers(service.url, AUTH)
-    with teacher(toy_quick / "teacher", "vllm", tmp_path, "--api-key-env", "TROPD_TEST_KEY", env=ENV) as ours_vllm:
-        from_vllm = answers(ours_vllm.url, AUTH)
+    from_vllm = answers(toy_vllm_teacher.get().url)
     with stock_server(toy_quick / "teacher", tmp_path / "stock.log") as stock:
         from_stock = answers(stock.url)
     for mine, hf, theirs, gen in zip(from_vllm, from_hf, from_stock, generated, strict=True):

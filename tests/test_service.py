@@ -19,7 +19,10 @@ ENGINES = ["hf", pytest.param("vllm", marks=pytest.mark.vllm)]
 
 
 @pytest.fixture(scope="module", params=ENGINES)
-def service(request, toy_quick, tmp_path_factory):
+def service(request, toy_quick, toy_vllm_teacher, tmp_path_factory):
+    if request.param == "vllm":  # one vLLM service, shared with tests/test_completions_api.py (tests/conftest.py)
+        yield toy_vllm_teacher.get()
+        return
     with teacher(toy_quick / "teacher", request.param, tmp_path_factory.mktemp("logs")) as svc:
         yield svc
     assert svc.process.returncode == 0, svc.log()[-3000:]  # graceful exit on SIGTERM, no crash at exit
