@@ -47,8 +47,11 @@ RUN = [
     "threads=1",
 ]
 # one torch thread per process: on 2 shared cores, OpenMP threads that spin against other processes slow
-# every forward pass by an order of magnitude
+# every forward pass by an order of magnitude. `tropd teacher serve` sets its torch threads itself (every core
+# unless --threads says otherwise): the teachers started here with `launch` get --threads 1 (tests.helpers gives
+# those it starts half the cores)
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+SERVE = ("--threads", "1")
 
 
 def trainer_args(toy_quick: Path, url: str, out: Path, *extra: str, resume: bool = False) -> list[str]:
@@ -124,7 +127,9 @@ def baseline(toy_quick, healthy, tmp_path_factory) -> Path:
 
 def test_teacher_killed_mid_run_and_restarted(toy_quick, baseline, tmp_path):
     port, log = free_port(), tmp_path / "trainer.log"
-    service = launch(toy_quick / "teacher", "hf", tmp_path / "teacher-1.log", port=port, env=ONE_THREAD, timeout=240)
+    service = launch(
+        toy_quick / "teacher", "hf", tmp_path / "teacher-1.log", *SERVE, port=port, env=ONE_THREAD, timeout=240
+    )
     trainer = start_trainer(trainer_args(toy_quick, service.url, tmp_path / "run"), log)
     try:
         wait_for(lambda: len(step_records(tmp_path / "run")) >= 3, trainer, 240, log)
@@ -133,7 +138,7 @@ def test_teacher_killed_mid_run_and_restarted(toy_quick, baseline, tmp_path):
         killed_after = len(step_records(tmp_path / "run"))
         time.sleep(3)
         restarted = time.monotonic()
-        service = launch(toy_quick / "teacher", "hf", tmp_path / "teacher-2.log", port=port, env=ONE_THREAD,
+        service = launch(toy_quick / "teacher", "hf", tmp_path / "teacher-2.log", *SERVE, port=port, env=ONE_THREAD,
                          timeout=240)  # fmt: skip
         outage_s = time.monotonic() - restarted + 3
         assert trainer.wait(timeout=240) == 0, log.read_text()[-3000:]
@@ -229,7 +234,7 @@ def test_flaky_slow_teacher_gives_the_healthy_result(toy_quick, baseline, tmp_pa
 
 def test_teacher_gone_for_good_is_a_clear_error(toy_quick, tmp_path):
     log = tmp_path / "trainer.log"
-    service = launch(toy_quick / "teacher", "hf", tmp_path / "teacher.log", env=ONE_THREAD, timeout=240)
+    service = launch(toy_quick / "teacher", "hf", tmp_path / "teacher.log", *SERVE, env=ONE_THREAD, timeout=240)
     trainer = start_trainer(trainer_args(toy_quick, service.url, tmp_path / "run", "checkpoint_every=1",
                                          "teacher.retries=2"), log)  # fmt: skip
     try:
@@ -333,7 +338,9 @@ def test_two_replicas_share_the_load_and_one_killed_changes_nothing(toy_quick, h
     """teacher.url lists two replicas: both serve; one SIGKILLed mid-run is taken out, its requests go to the
     other at once, it is started again meanwhile, and the weights equal the single-teacher run's."""
     log, port = tmp_path / "trainer.log", free_port()
-    other = launch(toy_quick / "teacher", "hf", tmp_path / "replica.log", port=port, env=ONE_THREAD, timeout=240)
+    other = launch(
+        toy_quick / "teacher", "hf", tmp_path / "replica.log", *SERVE, port=port, env=ONE_THREAD, timeout=240
+    )
     urls = f"[{healthy.url},{other.url}]"
     trainer = start_trainer(trainer_args(toy_quick, urls, tmp_path / "run"), log)
     try:
@@ -341,7 +348,7 @@ def test_two_replicas_share_the_load_and_one_killed_changes_nothing(toy_quick, h
         served_before = _scored(other.url)
         other.process.kill()
         other.process.wait()
-        other = launch(toy_quick / "teacher", "hf", tmp_path / "replica-2.log", port=port, env=ONE_THREAD,
+        other = launch(toy_quick / "teacher", "hf", tmp_path / "replica-2.log", *SERVE, port=port, env=ONE_THREAD,
                        timeout=240)  # fmt: skip
         assert trainer.wait(timeout=240) == 0, log.read_text()[-3000:]
     finally:
@@ -359,7 +366,9 @@ def test_a_replica_back_in_service_is_probed_and_used_again(toy_quick, healthy, 
     from services.teacher.client import TeacherClient
 
     port = free_port()
-    other = launch(toy_quick / "teacher", "hf", tmp_path / "replica-1.log", port=port, env=ONE_THREAD, timeout=240)
+    other = launch(
+        toy_quick / "teacher", "hf", tmp_path / "replica-1.log", *SERVE, port=port, env=ONE_THREAD, timeout=240
+    )
     sequences = [[1, 5, 6, 7, 8, 9]] * 4
 
     async def go():
@@ -374,7 +383,7 @@ def test_a_replica_back_in_service_is_probed_and_used_again(toy_quick, healthy, 
             for _ in range(4):  # every request is answered: by the live replica, at once
                 assert len(await client.score(sequences, 1, 2)) == 4
             assert not b.in_service
-            other = launch(toy_quick / "teacher", "hf", tmp_path / "replica-2.log", port=port, env=ONE_THREAD,
+            other = launch(toy_quick / "teacher", "hf", tmp_path / "replica-2.log", *SERVE, port=port, env=ONE_THREAD,
                            timeout=240)  # fmt: skip
             served = b.requests
             deadline = time.monotonic() + 90
