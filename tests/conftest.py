@@ -50,8 +50,11 @@ def reference(toy_quick):
 # ---- vLLM teacher services shared between modules ---------------------------------------------------------
 # A vLLM start-up takes 20-50 s on 2 cores. Tests that only send requests to a vLLM teacher share one service per
 # world (the modules named below); tests that stop, kill or reconfigure a teacher start their own. A shared service
-# starts when a test first asks for it and stops after the last test of the session that uses its fixture, so
-# that an idle vLLM process (and its KV cache, 15% of the memory) does not outlive its users; it must exit 0 then.
+# starts when a test first asks for it and stops after the last test of the session that uses its fixture (it must
+# exit 0 then), so that an idle vLLM process does not outlive its users. Since it may idle beside other tests' vLLM
+# processes meanwhile, its KV cache is 1 GiB (as docker-compose.yml's teacher has it; 1.7 GB resident in all on the
+# toy teacher) instead of vLLM's CPU default of 15% of the machine's memory.
+SHARED_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 class SharedService:
@@ -87,12 +90,12 @@ def _shared(fixture: str, start):
 
 @pytest.fixture(scope="session")
 def toy_vllm_teacher(toy_quick, tmp_path_factory):
-    """`tropd teacher serve --engine vllm` on the quick toy teacher, default settings (tests/test_service.py,
+    """`tropd teacher serve --engine vllm` on the quick toy teacher, default options (tests/test_service.py,
     tests/test_completions_api.py)."""
     from tests.helpers import start_teacher
 
     logs = tmp_path_factory.mktemp("toy-vllm-teacher")
-    yield from _shared("toy_vllm_teacher", lambda: start_teacher(toy_quick / "teacher", "vllm", logs))
+    yield from _shared("toy_vllm_teacher", lambda: start_teacher(toy_quick / "teacher", "vllm", logs, env=SHARED_ENV))
 
 
 @pytest.fixture(scope="session")
@@ -107,7 +110,7 @@ def realworld_vllm_teacher(realworld, tmp_path_factory):
     logs = tmp_path_factory.mktemp("realworld-vllm-teacher")
 
     def start():
-        return start_teacher(realworld / "teacher", "vllm", logs, "--max-top-k", str(vocab))
+        return start_teacher(realworld / "teacher", "vllm", logs, "--max-top-k", str(vocab), env=SHARED_ENV)
 
     yield from _shared("realworld_vllm_teacher", start)
 
