@@ -25,17 +25,24 @@ def _args(world, out, *extra):
     ]  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def one(realworld, tmp_path_factory):
+    """The one-process run that both two-process runs are compared with: trained once."""
+    out = tmp_path_factory.mktemp("one-process") / "one"
+    result = subprocess.run([sys.executable, "-m", "tropd", "train", *_args(realworld, out)], capture_output=True,
+                            text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
 @pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
-def test_two_processes_match_one(realworld, tmp_path, parallel):
-    one = subprocess.run([sys.executable, "-m", "tropd", "train", *_args(realworld, tmp_path / "one")],
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert one.returncode == 0, one.stderr[-3000:]
+def test_two_processes_match_one(realworld, one, tmp_path, parallel):
     two_args = _args(realworld, tmp_path / "two", f"parallel={parallel}")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                str(free_port()), "-m", "tropd", "train", *two_args]  # fmt: skip
     two = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
-    a = load_file(tmp_path / "one" / "student" / "model.safetensors")
+    a = load_file(one / "student" / "model.safetensors")
     b = load_file(tmp_path / "two" / "student" / "model.safetensors")
     init = load_file(realworld / "student" / "model.safetensors")
     assert a.keys() == b.keys() == init.keys()
@@ -44,7 +51,7 @@ def test_two_processes_match_one(realworld, tmp_path, parallel):
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), (key, (a[key] - b[key]).abs().max())
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
     # evaluation spread over the ranks (each its share of the prompts, gathered on rank 0) gives one process's numbers
-    one_eval, two_eval = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("one", "two"))
+    one_eval, two_eval = (json.loads((run / "summary.json").read_text()) for run in (one, tmp_path / "two"))
     for when in ("eval_before", "eval_after"):
         assert one_eval[when]["accuracy"] == two_eval[when]["accuracy"]
         assert abs(one_eval[when]["reverse_kl"] - two_eval[when]["reverse_kl"]) < 1e-3 * abs(
