@@ -293,7 +293,7 @@ def create_app(engine, settings: Settings | None = None) -> FastAPI:
         return failed() or {"status": "ok"}
 
     @app.get("/health", summary="as vLLM's stock server: 200 while serving, 503 once the engine has failed",
-             responses=unhealthy)  # fmt: skip
+             response_class=Response, responses=unhealthy)  # fmt: skip
     async def health():
         return failed() or Response(status_code=200)
 
