@@ -30,15 +30,16 @@ def realworld() -> Path:
 
 @pytest.fixture(scope="module")
 def reference(toy_quick):
-    """An independent transformers float32 forward pass, one sequence at a time."""
+    """An independent transformers float32 forward pass, one sequence at a time; log-softmax(logits / temperature)
+    in float64."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(toy_quick / "teacher", dtype=torch.float32).eval()
 
-    def score(seq: list[int], start: int, k: int):
+    def score(seq: list[int], start: int, k: int, temperature: float = 1.0):
         with torch.no_grad():
-            logp = torch.log_softmax(model(torch.tensor([seq])).logits[0].double(), -1)
+            logp = torch.log_softmax(model(torch.tensor([seq])).logits[0].double() / temperature, -1)
         rows = logp[start - 1 : len(seq) - 1]
         chosen = rows.gather(-1, torch.tensor(seq[start:])[:, None])[:, 0]
         top = rows.topk(k, -1)

@@ -223,9 +223,16 @@ def assert_same_completion(ours: dict, stock: dict, generated: bool, atol: float
                     assert entry["rank"] == y[token]["rank"] or not ranks and entry["rank"] > len(x) - 1
 
 
+@pytest.fixture(scope="module")
+def stock(toy_quick, tmp_path_factory):
+    """One stock server for the module's comparisons with it."""
+    with stock_server(toy_quick / "teacher", tmp_path_factory.mktemp("stock") / "stock.log") as server:
+        yield server
+
+
 @pytest.mark.vllm
 @pytest.mark.timeout(600)
-def test_the_same_answers_as_vllms_stock_server(service, toy_vllm_teacher, toy_quick, tmp_path):
+def test_the_same_answers_as_vllms_stock_server(service, toy_vllm_teacher, stock):
     """Our service on its vLLM engine answers as the stock server does: log-probs to 1e-5, every rank equal (the
     same engine, the same batches: each request is one batch on both sides). The hf engine (another kernel) agrees
     to 1e-4. Our vLLM service is the one tests/test_service.py sends its requests to (tests/conftest.py, no key);
@@ -255,8 +262,41 @@ def test_the_same_answers_as_vllms_stock_server(service, toy_vllm_teacher, toy_q
     generated = [body["max_tokens"] == 1 for body in requests] + [False]
     from_hf = answers(service.url, AUTH)
     from_vllm = answers(toy_vllm_teacher.get().url)
-    with stock_server(toy_quick / "teacher", tmp_path / "stock.log") as stock:
-        from_stock = answers(stock.url)
+    from_stock = answers(stock.url)
     for mine, hf, theirs, gen in zip(from_vllm, from_hf, from_stock, generated, strict=True):
         assert_same_completion(mine, theirs, gen)
         assert_same_completion(hf, theirs, gen, atol=1e-4, ranks=False)
+
+
+def trl_sequence_logprobs(url: str, seqs: list[list[int]], prompt_lengths: list[int], temperature: float = 1.0):
+    """TRL's teacher-server scoring (`VLLMClient.get_sequence_logprobs`, which its server-teacher distillation
+    trainers call), unchanged: it waits for `GET /health`, reads `GET /v1/models`, then posts token-id prompts with
+    `max_tokens: 1` and `prompt_logprobs`."""
+    from trl.generation.vllm_client import VLLMClient
+
+    client = VLLMClient(base_url=url, connection_timeout=60)
+    return client.get_sequence_logprobs(seqs, prompt_lengths, top_logprobs=5, temperature=temperature)
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(600)
+def test_trls_client_gets_the_stock_servers_numbers(toy_quick, toy_vllm_teacher, stock, tmp_path, reference):
+    """TRL's client connects to the service on either engine (no key: TRL sends none) and gets what the stock server
+    gives: log-probs within 1e-5 on the vllm engine (1e-4 on hf), the same top-k ids. At T = 0.7 the service scores
+    log-softmax(logits / 0.7) where the stock server ignores the temperature."""
+    seqs = sequences(6, seed=5)
+    lengths = [1 + i % 4 for i in range(len(seqs))]
+    theirs = trl_sequence_logprobs(stock.url, seqs, lengths)
+    with teacher(toy_quick / "teacher", "hf", tmp_path) as hf:
+        ours = {"hf": trl_sequence_logprobs(hf.url, seqs, lengths)}
+        cooled = trl_sequence_logprobs(hf.url, seqs, lengths, temperature=0.7)
+    ours["vllm"] = trl_sequence_logprobs(toy_vllm_teacher.get().url, seqs, lengths)
+    for engine, got in ours.items():
+        atol = 1e-5 if engine == "vllm" else 1e-4
+        assert got["logprob_token_ids"] == theirs["logprob_token_ids"], engine
+        assert got["actual_token_ids"] == theirs["actual_token_ids"], engine
+        for key in ("logprobs", "actual_logprobs"):
+            for a, b in zip(got[key], theirs[key], strict=True):
+                np.testing.assert_allclose(np.array(a), np.array(b), atol=atol, err_msg=f"{engine} {key}")
+    for seq, n, actual in zip(seqs, lengths, cooled["actual_logprobs"], strict=True):
+        np.testing.assert_allclose(np.array(actual)[:, 0], reference(seq, n, 1, temperature=0.7)[0], atol=1e-5)

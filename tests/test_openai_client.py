@@ -149,3 +149,9 @@ def test_trainer_runs_against_the_stock_server(tokenizing_server, toy_quick, tmp
     steps = [r for r in steps if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4] and summary["skipped_steps"] == 0
     assert all(np.isfinite(r["loss"]) and r["teacher_latency_s"] > 0 for r in steps)
+
+
+def test_a_scoring_temperature_is_refused_at_start_on_a_stock_server(tokenizing_server, toy_quick):
+    """vLLM's stock server takes prompt log-probs at temperature 1 whatever the request says: refused, not ignored."""
+    with pytest.raises(UserError, match=r"teacher.temperature=0.7 .*temperature 1 only"):
+        checked_link(tokenizing_server.url, toy_quick / "student", temperature=0.7)

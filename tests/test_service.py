@@ -43,9 +43,9 @@ def run(coro):
     return asyncio.run(coro)
 
 
-async def _score(url, seqs, start, k, binary=True):
+async def _score(url, seqs, start, k, binary=True, temperature=1.0):
     async with TeacherClient(url, binary=binary) as client:
-        return await client.score(seqs, start, k)
+        return await client.score(seqs, start, k, temperature)
 
 
 def test_info(service, toy_quick):
@@ -71,6 +71,25 @@ def test_scores_match_transformers(service, reference):
         for got, want in zip(r.top_ids, top_ids, strict=True):
             assert set(got.tolist()) == set(want.tolist())
         assert np.all(np.diff(r.top_logprobs, axis=1) <= 0)
+
+
+def test_scores_at_a_temperature_match_transformers(service, reference):
+    """Scores at T = 0.7 are log-softmax(logits / 0.7), also when one engine batch mixes temperatures."""
+    info = httpx.get(f"{service.url}/v1/info").json()
+    assert info["score_temperature"] is True
+    seqs = sequences(8, seed=3)
+
+    async def both():
+        return await asyncio.gather(_score(service.url, seqs, 2, 5, temperature=0.7), _score(service.url, seqs, 2, 5))
+
+    cooled, plain = run(both())
+    tol = 1e-5 if info["engine"] == "hf" else 1e-4
+    for seq, r, r1 in zip(seqs, cooled, plain, strict=True):
+        chosen, top_ids, top_lp = reference(seq, 2, 5, temperature=0.7)
+        np.testing.assert_allclose(r.logprobs, chosen, atol=tol)
+        np.testing.assert_allclose(r.top_logprobs, top_lp, atol=tol)
+        np.testing.assert_allclose(r1.logprobs, reference(seq, 2, 5)[0], atol=1e-4)  # the other temperature's
+        assert not np.allclose(r.logprobs, r1.logprobs, atol=1e-3)
 
 
 def test_binary_and_json_agree_exactly(service):
@@ -157,6 +176,8 @@ BAD_INPUTS = [
     ({"sequences": [[1, 2, 3]], "extra": 1}, 422, "extra"),
     ({"sequences": "nope"}, 422, "sequences"),
     ({"sequences": [[1, 2, 10**30]]}, 422, "sequences[0][2]"),
+    ({"sequences": [[1, 2, 3]], "temperature": 0}, 422, "temperature"),
+    ({"sequences": [[1, 2, 3]], "temperature": 101}, 422, "temperature"),
 ]
 
 

@@ -1,7 +1,8 @@
-"""Hostile input and access control against the real teacher service (transformers engine) over HTTP.
+"""Hostile input and access control against the real teacher service over HTTP (the transformers engine; the
+generated requests go to the vLLM engine too).
 
 - schemathesis generates requests from the service's own OpenAPI schema (/openapi.json), valid and
-  invalid: no 5xx, every response conforms to the schema;
+  invalid, on each engine: no 5xx, every response conforms to the schema;
 - hand-written bad inputs not covered in test_service.py: each a clear 4xx naming the field;
 - slow (slowloris-style) and vanishing clients do not block other clients, and a read deadline
   (--read-timeout-s) closes requests that do not arrive in time with 408; a full queue sheds load with
@@ -76,9 +77,14 @@ def fuzzed(toy_quick, tmp_path_factory):
     assert svc.process.returncode == 0, svc.log()[-3000:]
 
 
-@pytest.fixture(scope="module")
-def api_schema(fuzzed):
-    return schemathesis.openapi.from_url(f"{fuzzed.url}/openapi.json")
+@pytest.fixture(scope="module", params=["hf", pytest.param("vllm", marks=pytest.mark.vllm)])
+def api_schema(request, toy_vllm_teacher):
+    """The schema of the service each engine's generated requests go to: `fuzzed` (hf), or the session's shared
+    vLLM teacher (its own limits, which its schema states), which must count no internal error either."""
+    svc = request.getfixturevalue("fuzzed") if request.param == "hf" else toy_vllm_teacher.get()
+    yield schemathesis.openapi.from_url(f"{svc.url}/openapi.json")
+    assert httpx.post(f"{svc.url}/v1/score", json=OK).status_code == 200
+    assert 'tropd_errors_total{kind="internal"}' not in httpx.get(f"{svc.url}/metrics").text
 
 
 def test_schema_states_the_model_limits(fuzzed):

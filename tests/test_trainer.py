@@ -320,6 +320,25 @@ def test_inprocess_teacher(toy_quick, tmp_path):
     assert summary["teacher"]["engine"] == "hf" and summary["skipped_steps"] == 0
 
 
+def test_teacher_temperature_is_the_temperature_of_the_scores(toy_quick, reference):
+    """teacher.temperature: the trainer's scores are log-softmax(logits / T) of the teacher (here in process)."""
+    from trainer.config import TeacherConfig
+    from trainer.teacher_link import TeacherLink
+    from trainer.toy.tokenizer import VOCAB
+
+    seq = VOCAB.prompt_ids("12+30=") + VOCAB.encode("42") + [VOCAB.eos_id]
+    link = TeacherLink(TeacherConfig(api="inprocess", model=str(toy_quick / "teacher"), temperature=0.5))
+    try:
+        link.check(str(toy_quick / "student"), top_k=3)
+        (result,) = link.score([seq], [4], 3).result()
+    finally:
+        link.close()
+    chosen, top_ids, top_lp = reference(seq, 4, 3, temperature=0.5)
+    assert result.logprobs.tolist() == pytest.approx(chosen.tolist(), abs=1e-5)
+    assert result.top_logprobs.ravel().tolist() == pytest.approx(top_lp.ravel().tolist(), abs=1e-5)
+    assert result.top_ids.tolist() == top_ids.tolist()
+
+
 @pytest.mark.parametrize("path", sorted(str(p) for p in Path("configs").glob("*.yaml")))
 def test_example_configs_load(path):
     config = load_config(path)

@@ -40,6 +40,14 @@ class TeacherConfig(_Section):
         None, description="file holding the bearer key (a mounted Secret), read again on a 401 (a rotated key)"
     )
     top_k: int = Field(8, ge=0, le=1024, description="teacher top-k for forward-KL terms")
+    temperature: float = Field(
+        1.0,
+        ge=0.01,
+        le=100,
+        description="the teacher's scores are log-softmax(logits / temperature) (above 1 softens the teacher the "
+        "student learns from, in training and in eval's reverse KL); a teacher that cannot honour it (a stock vLLM "
+        "server, an engine without a logits scale) is refused at start",
+    )
     timeout_s: float = Field(120.0, gt=0, description="seconds one request may take before it is retried")
     retries: int = Field(
         12, ge=0, description="retries with back-off on connection errors, timeouts, 429, 502, 503 and 504"

@@ -31,6 +31,8 @@ PROBE_CHAT = [{"role": "user", "content": "What is 17 * 23?"}]
 class TeacherLink:
     def __init__(self, config: TeacherConfig):
         self.config = config
+        # sent only when not 1: clients of teachers that score at 1 alone take no temperature (refused at check)
+        self._temperature = {"temperature": config.temperature} if config.temperature != 1.0 else {}
         self.urls = [config.url] if isinstance(config.url, str) else list(config.url)
         if config.resolve_replicas and config.api == "tropd":
             self.urls = resolved_replicas(self.urls)
@@ -101,6 +103,10 @@ class TeacherLink:
             raise UserError(f"teacher.top_k={top_k} but the teacher serves at most top-k {max_top_k}")
         if isinstance(vocab, int) and top_k > vocab:
             raise UserError(f"teacher.top_k={top_k} is larger than the teacher's vocabulary ({vocab} ids)")
+        if self._temperature and not info.get("score_temperature", False):
+            raise UserError(f"teacher.temperature={self.config.temperature} but this teacher ({info.get('engine')} "
+                            "engine) scores at temperature 1 only: set teacher.temperature=1, or serve the teacher "
+                            "with `tropd teacher` (either engine)")  # fmt: skip
         return info
 
     def _info(self) -> dict:
@@ -177,7 +183,7 @@ class TeacherLink:
         n = self.config.request_sequences
         parts = await asyncio.gather(
             *(
-                self._timed(self.client.score(sequences[i : i + n], starts[i : i + n], top_k))
+                self._timed(self.client.score(sequences[i : i + n], starts[i : i + n], top_k, **self._temperature))
                 for i in range(0, len(sequences), n)
             )
         )

@@ -143,14 +143,20 @@ class TeacherClient:
         self.identity = {key: info.get(key) for key in IDENTITY_KEYS}
 
     async def score(
-        self, sequences: Sequence[Sequence[int]], start: int | Sequence[int] = 1, top_k: int = 0
+        self,
+        sequences: Sequence[Sequence[int]],
+        start: int | Sequence[int] = 1,
+        top_k: int = 0,
+        temperature: float = 1.0,
     ) -> list[ScoreResult]:
-        """Teacher log-probs of `sequences[i][start_i:]` and the top-k at those positions."""
+        """Teacher log-probs of `sequences[i][start_i:]` and the top-k at those positions, at `temperature`."""
         body = {
             "sequences": [list(map(int, s)) for s in sequences],
             "start": start if isinstance(start, int) else [int(s) for s in start],
             "top_k": top_k,
         }
+        if temperature != 1.0:  # sent only when asked: a service of an earlier version refuses unknown fields
+            body["temperature"] = float(temperature)
         return await self._results("/v1/score", body, sum(len(s) for s in body["sequences"]))
 
     async def continue_(

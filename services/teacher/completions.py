@@ -15,7 +15,9 @@ Where it differs, it says so: tokens are `token_id:<id>` (what vLLM sends with `
 and `text` is empty, since nothing is detokenised; with `max_tokens: 0`, `finish_reason` is "length" and
 `completion_tokens` 0 (vLLM samples one token and drops it, and reports its finish reason and count). A
 prompt token's `rank` is its place in the top-k when it is there, else the engine's count of tokens at least as
-likely (vLLM's, for tokens outside the top-k asked for too).
+likely (vLLM's, for tokens outside the top-k asked for too). The prompt's log-probs are taken at the request's
+`temperature` (log-softmax of logits / T; at 1 when it is 0 or absent), where vLLM's server takes them at 1
+whatever it says: at temperature 1 the two agree.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import uuid
 
 from services.teacher import schemas
 from services.teacher.engines.types import SamplingSpec, ScoreItem
-from services.teacher.inputs import BadInput, check_ids, check_temperature, check_top_k
+from services.teacher.inputs import BadInput, check_ids, check_score_temperature, check_temperature, check_top_k
 
 LOGPROB_FLOOR = -9999.0  # vLLM's (and OpenAI's) stand-in for -inf in JSON
 
@@ -59,6 +61,12 @@ def prompt_top_k(body: schemas.CompletionRequest) -> int | None:
     return body.logprobs if body.echo else None
 
 
+def prompt_temperature(body: schemas.CompletionRequest) -> float:
+    """The temperature of the prompt's log-probs: the request's, or 1 when it is 0 (greedy: for the token
+    generated) or absent. vLLM's stock server takes prompt log-probs at 1 whatever the request says."""
+    return float(body.temperature) if body.temperature else 1.0
+
+
 def check_request(body: schemas.CompletionRequest, info, settings) -> list[list[int]]:
     """The prompts, once every field is within this teacher's model and limits (else `BadInput`)."""
     if body.model is not None and body.model != info.model:
@@ -68,8 +76,10 @@ def check_request(body: schemas.CompletionRequest, info, settings) -> list[list[
     for name in ("logprobs", "prompt_logprobs"):
         if getattr(body, name) is not None:
             check_top_k(getattr(body, name), settings, name)
-    if body.max_tokens == 1:  # the temperature samples the generated token (prompt log-probs ignore it)
+    if body.max_tokens == 1:  # the temperature samples the generated token
         check_temperature(body.temperature, info)
+    if prompt_top_k(body) is not None:
+        check_score_temperature(prompt_temperature(body), info)
     prompts = _prompts(body)
     # one position of headroom: the engines' scoring and the generated token both need it
     check_ids("prompt", prompts, info.vocab_size, info.max_model_len - 1, settings)
@@ -84,7 +94,8 @@ async def complete(body: schemas.CompletionRequest, batcher, info, settings, cli
     if k is not None:
         to_score = [i for i, p in enumerate(prompts) if len(p) > 1]  # a 1-token prompt has nothing to score
         if to_score:
-            results = await batcher.score([ScoreItem(prompts[i], 1, k, ranks=True) for i in to_score], client)
+            t = prompt_temperature(body)
+            results = await batcher.score([ScoreItem(prompts[i], 1, k, True, t) for i in to_score], client)
             scored = dict(zip(to_score, results, strict=True))
     generated = []
     if body.max_tokens == 1:

@@ -4,7 +4,7 @@ by every route. Each failure is a `BadInput` naming the field, which the service
 from __future__ import annotations
 
 from services.teacher import schemas
-from services.teacher.engines.types import MAX_TEMPERATURE, SamplingSpec, ScoreItem
+from services.teacher.engines.types import MAX_TEMPERATURE, MIN_SCORE_TEMPERATURE, SamplingSpec, ScoreItem
 
 
 class BadInput(Exception):
@@ -49,7 +49,22 @@ def score_items(body: schemas.ScoreRequest, info, settings) -> list[ScoreItem]:
         if not 1 <= s < len(seq):
             where = "start" if isinstance(body.start, int) else f"start[{i}]"
             raise BadInput(where, f"start {s} must be >= 1 and < the sequence's length {len(seq)} (sequence {i})")
-    return [ScoreItem(seq, s, body.top_k) for seq, s in zip(body.sequences, starts, strict=True)]
+    temperature = check_score_temperature(body.temperature, info)
+    return [
+        ScoreItem(seq, s, body.top_k, temperature=temperature) for seq, s in zip(body.sequences, starts, strict=True)
+    ]
+
+
+def check_score_temperature(temperature: float | None, info, field: str = "temperature") -> float:
+    """The temperature that scores are taken at (None: 1), when this engine honours it (else `BadInput`)."""
+    temperature = 1.0 if temperature is None else float(temperature)
+    if temperature < MIN_SCORE_TEMPERATURE:  # /v1/completions' prompt log-probs (the score schema bounds it)
+        raise BadInput(field, f"log-probs are taken at temperature {temperature}, below the least one scored "
+                       f"({MIN_SCORE_TEMPERATURE}): send a larger one, or 0 for log-probs at 1")  # fmt: skip
+    if temperature != 1.0 and not info.score_temperature:
+        raise BadInput(field, f"this {info.engine} engine scores at temperature 1 only (its model has no logits scale "
+                       f"to set): send {field} 1, or serve the model with --engine hf")  # fmt: skip
+    return temperature
 
 
 def continue_items(body: schemas.ContinueRequest, info, settings):

@@ -17,6 +17,8 @@ from pydantic import (
     field_validator,
 )
 
+from services.teacher.engines.types import MIN_SCORE_TEMPERATURE
+
 
 def _whole(value):
     """2.0 -> 2: JSON Schema counts a number with no fractional part as an integer (and so do generated
@@ -41,6 +43,12 @@ class ScoreRequest(_Strict):
         1, description="first position to score (>= 1), one for all sequences or one per sequence"
     )
     top_k: Int = Field(0, ge=0, description="teacher top-k ids and log-probs at each scored position")
+    temperature: StrictFloat | StrictInt = Field(
+        1.0,
+        ge=MIN_SCORE_TEMPERATURE,
+        le=100,
+        description="log-probs and top-k of softmax(logits / temperature) (/v1/info score_temperature)",
+    )
 
 
 class ContinueRequest(_Strict):
@@ -101,6 +109,9 @@ class Info(BaseModel):
     )
     tokenizer_sha256: str
     chat_template_sha256: str | None
+    score_temperature: bool = Field(
+        True, description="whether scoring takes a `temperature` other than 1 (/v1/score, /v1/completions)"
+    )
     protocol: int
     limits: dict[str, int]
 
@@ -119,7 +130,9 @@ class CompletionRequest(_Strict):
     echo: StrictBool = Field(False, description="return the prompt's tokens and log-probs in `logprobs`")
     logprobs: Int | None = Field(None, ge=0, description="top log-probs per returned token (plus its own)")
     prompt_logprobs: Int | None = Field(None, ge=0, description="top log-probs per prompt position (vLLM)")
-    temperature: StrictFloat | StrictInt | None = Field(1.0, ge=0, le=100, description="for the token generated")
+    temperature: StrictFloat | StrictInt | None = Field(
+        1.0, ge=0, le=100, description="for the token generated, and the prompt log-probs' (0: those at 1)"
+    )
     top_p: StrictFloat | StrictInt | None = Field(1.0, gt=0, le=1)
     seed: Int | None = Field(None, ge=0, le=2**63 - 1)
     n: Int | None = Field(1, ge=1, le=1, description="one completion per prompt")
@@ -261,6 +274,7 @@ def state_limits(openapi: dict, info, settings) -> dict:
             "sequences": _id_lists(score_count, 2, scored, vocab),
             "start": {"anyOf": [start, {"type": "array", "minItems": 1, "maxItems": score_count, "items": start}]},
             "top_k": top_k,
+            "temperature": _number(MIN_SCORE_TEMPERATURE, 100),
         },
         f"{total} Each start must be below its sequence's length, and a list of starts has one per sequence.",
     )

@@ -72,7 +72,8 @@ class HFEngine:
             out = []
             for i, it in enumerate(items):
                 # row p predicts token p + 1: rows start-1 .. n-2 score tokens start .. n-1
-                logp = torch.log_softmax(logits[i, it.start - 1 - offset : len(it.ids) - 1 - offset].float(), dim=-1)
+                rows = logits[i, it.start - 1 - offset : len(it.ids) - 1 - offset].float()
+                logp = torch.log_softmax(rows if it.temperature == 1 else rows / it.temperature, dim=-1)
                 target = ids[i, it.start : len(it.ids)].to(self.device)
                 chosen = logp.gather(-1, target[:, None]).squeeze(-1)
                 top_lp, top_ids = logp.topk(it.top_k, dim=-1) if it.top_k else (logp[:, :0], logp[:, :0].long())

@@ -24,9 +24,10 @@ class InProcessTeacher:
     async def info(self) -> dict:
         return {**asdict(self.engine.info), "max_top_k": self.max_top_k, "protocol": PROTOCOL_VERSION}
 
-    async def score(self, sequences, start=1, top_k: int = 0):
+    async def score(self, sequences, start=1, top_k: int = 0, temperature: float = 1.0):
         starts = [start] * len(sequences) if isinstance(start, int) else list(start)
-        items = [ScoreItem(list(s), int(b), top_k) for s, b in zip(sequences, starts, strict=True)]
+        t = float(temperature)
+        items = [ScoreItem(list(s), int(b), top_k, temperature=t) for s, b in zip(sequences, starts, strict=True)]
         return await asyncio.get_running_loop().run_in_executor(self._pool, self.engine.score, items)
 
     async def continue_(self, prefixes, max_tokens: int, *, temperature=1.0, top_p=1.0, seed=None, stop_ids=(),

@@ -32,6 +32,7 @@ class ScoreItem:
     start: int
     top_k: int
     ranks: bool = False  # also the rank of each scored token in the vocabulary (ScoreResult.ranks)
+    temperature: float = 1.0  # log-probs and top-k of softmax(logits / temperature)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class SamplingSpec:
 # the highest sampling temperature an engine takes (vLLM refuses more than 2); the service refuses a request above
 # it with a 422 naming `temperature`, never passing it on to fail inside the engine
 MAX_TEMPERATURE = {"vllm": 2.0}
+# the lowest temperature scores are taken at (logits / T must stay finite in float32)
+MIN_SCORE_TEMPERATURE = 0.01
 
 
 @dataclass
@@ -60,6 +63,7 @@ class ModelInfo:
     stop_ids: list[int]
     tokenizer_sha256: str
     chat_template_sha256: str | None
+    score_temperature: bool = True  # whether scores honour a temperature other than 1
     extra: dict = field(default_factory=dict)
 
 

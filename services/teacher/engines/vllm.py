@@ -53,17 +53,36 @@ class VLLMEngine:
         config = self.llm.llm_engine.model_config
         eos = config.hf_config.eos_token_id
         self.info = describe(model_dir, "vllm", dtype, config.get_vocab_size(), config.max_model_len, eos)
+        # vLLM's prompt log-probs are taken at temperature 1; a scoring temperature divides the logits through the
+        # scale of the model's logits processor (every generative model of vLLM's has one), set for the engine call
+        # and set back after it: the engine core runs in this process, so its model is at hand
+        self._logits = _logits_processor(self.llm)
+        self.info.score_temperature = self._logits is not None
 
     def score(self, items: list[ScoreItem]) -> list[Scored]:
-        prompts, params = [], []
-        for it in items:
-            prompts.append(self._prompt(prompt_token_ids=it.ids))
-            params.append(
-                self._sampling_params(
-                    max_tokens=1, prompt_logprobs=it.top_k, detokenize=False, flat_logprobs=True, temperature=1.0
-                )
+        out: list[Scored | None] = [None] * len(items)
+        for temperature in sorted({it.temperature for it in items}):  # one engine call per temperature asked
+            index = [i for i, it in enumerate(items) if it.temperature == temperature]
+            for i, scored in zip(index, self._score_at(temperature, [items[i] for i in index]), strict=True):
+                out[i] = scored
+        return out
+
+    def _score_at(self, temperature: float, items: list[ScoreItem]) -> list[Scored]:
+        prompts = [self._prompt(prompt_token_ids=it.ids) for it in items]
+        params = [
+            self._sampling_params(
+                max_tokens=1, prompt_logprobs=it.top_k, detokenize=False, flat_logprobs=True, temperature=1.0
             )
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            for it in items
+        ]
+        base = self._logits.scale if self._logits is not None else 1.0
+        if temperature != 1.0:
+            self._logits.scale = base / temperature
+        try:
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        finally:
+            if temperature != 1.0:
+                self._logits.scale = base
         return [_flat_to_scored(out.prompt_logprobs, it) for out, it in zip(outputs, items, strict=True)]
 
     def generate(self, prefixes: list[list[int]], spec: SamplingSpec) -> list[Continued]:
@@ -93,6 +112,20 @@ class VLLMEngine:
         core = getattr(engine, "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
+
+
+def _logits_processor(llm):
+    """The model's logits processor, whose `scale` multiplies every logit; None when the engine core runs in another
+    process or the model has none."""
+    executor = getattr(llm.llm_engine, "model_executor", None)
+    if executor is None:
+        return None
+    try:
+        model = executor.collective_rpc(lambda worker: worker.get_model(), single_value=True)
+    except Exception:  # an executor that cannot hand its model over: scoring stays at temperature 1
+        return None
+    processor = getattr(model, "logits_processor", None)
+    return processor if isinstance(getattr(processor, "scale", None), (int, float)) else None
 
 
 def _unflatten(flat, first: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
