@@ -1,13 +1,36 @@
-"""Start the real teacher service as a subprocess on 127.0.0.1 and a free port."""
+"""Start the real teacher service as a subprocess on 127.0.0.1 and a free port; run `tropd` in this process."""
 
 from __future__ import annotations
 
 import contextlib
+import io
+import subprocess
+import traceback
 from pathlib import Path
 
 from services.teacher.launch import Launched, free_port, half_the_cores, launch
 
-__all__ = ["Launched", "free_port", "start_teacher", "teacher"]
+__all__ = ["Launched", "free_port", "start_teacher", "teacher", "tropd_here"]
+
+
+def tropd_here(*args: str) -> subprocess.CompletedProcess:
+    """`tropd ARGS` run in this process (`tropd.cli.main`, which `python -m tropd` calls), with its exit status,
+    stdout and stderr as the command gives them: for tests of how a command refuses bad input, without the second
+    or so of imports that a new interpreter takes. An exception that escapes `main` is printed as a traceback
+    with status 1, as the interpreter would. Tests of a process's own behaviour (signals, exit at shutdown, what
+    it leaves running) start the real command instead."""
+    from tropd.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse's errors and --help
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        except Exception:
+            traceback.print_exc()
+            code = 1
+    return subprocess.CompletedProcess(["tropd", *args], code, out.getvalue(), err.getvalue())
 
 
 def start_teacher(model: Path, engine: str, log_dir: Path, *args: str, env: dict | None = None) -> Launched:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import tropd_here
 from trainer.bench.methods import ARMS, SWEEP_ARMS, lr_grid, overrides, run_key, settings, world_id
 from trainer.bench.report import agreement_table, probe_markdown, tuning_table, verdict
 
@@ -126,10 +127,8 @@ def test_only_runs_of_the_same_toy_world_are_carried_along(tmp_path):
     assert next(r for r in report["other_runs"] if r["key"] == "s")["student"] == "student-sft100"
 
 
-@pytest.mark.slow  # over 4 s on 2 cores
 def test_unknown_method_is_a_one_line_error():
-    command = [sys.executable, "-m", "tropd", "bench", "methods", "--quick", "--methods", "opd,nope"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    result = tropd_here("bench", "methods", "--quick", "--methods", "opd,nope")
     assert result.returncode == 2 and "unknown nope" in result.stderr and "Traceback" not in result.stderr
 
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from services.teacher.bench.throughput import PATHS
+from tests.helpers import tropd_here
 
 TROPD = [sys.executable, "-m", "tropd", "bench", "teacher"]
 
@@ -36,7 +37,7 @@ def test_help_documents_every_option():
     ],
 )
 def test_bad_arguments_are_one_line_errors(args, needle):
-    result = run(*args, timeout=60)
+    result = tropd_here("bench", "teacher", *args)
     assert result.returncode == 2
     assert needle in result.stderr and "Traceback" not in result.stderr
 

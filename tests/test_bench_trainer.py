@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+from tests.helpers import tropd_here
+
 
 def test_bench_trainer_quick_reports_every_measurement(toy_quick):
     # 4 steps an arm, not --quick's 6 (the means skip the first 2). Still long (about a minute on 2 cores): two
@@ -26,14 +28,12 @@ def test_bench_trainer_quick_reports_every_measurement(toy_quick):
 
 
 def test_bench_trainer_bad_latency_is_a_clear_error():
-    command = [sys.executable, "-m", "tropd", "bench", "trainer", "--latency-ms", "-5", "--no-build"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    result = tropd_here("bench", "trainer", "--latency-ms", "-5", "--no-build")
     assert result.returncode == 2 and "latency" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_bench_trainer_bad_threads_is_a_clear_error():
-    command = [sys.executable, "-m", "tropd", "bench", "trainer", "--threads", "0", "--no-build"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    result = tropd_here("bench", "trainer", "--threads", "0", "--no-build")
     assert result.returncode == 2 and "--threads" in result.stderr and "Traceback" not in result.stderr
 
 

@@ -5,11 +5,14 @@ import sys
 
 import pytest
 
+from tests.helpers import tropd_here as run
+
 TROPD = [sys.executable, "-m", "tropd"]
 
 
-def run(*args):
-    return subprocess.run([*TROPD, *args], capture_output=True, text=True, timeout=300)
+def test_the_command_runs_as_a_module():
+    result = subprocess.run([*TROPD, "--help"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "usage: tropd" in result.stdout, result.stderr
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from safetensors.torch import load_file
 
 from services.teacher.launch import half_the_cores
-from tests.helpers import free_port, teacher
+from tests.helpers import free_port, teacher, tropd_here
 from trainer import checkpoint
 from trainer.config import TrainConfig, load_config
 from trainer.run import train
@@ -180,7 +180,7 @@ def test_existing_run_directory_is_not_overwritten(toy_quick, service, tmp_path)
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "tropd", "train", *args], capture_output=True, text=True, timeout=120)
+    return tropd_here("train", *args)
 
 
 @pytest.mark.parametrize(

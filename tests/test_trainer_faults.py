@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from services.teacher.launch import launch
-from tests.helpers import free_port, teacher
+from tests.helpers import free_port, teacher, tropd_here
 
 pytestmark = pytest.mark.reliability
 
@@ -69,6 +69,12 @@ def run_trainer(args: list[str], timeout: float = 240) -> subprocess.CompletedPr
     return subprocess.run(
         args, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **ONE_THREAD}
     )
+
+
+def run_here(args: list[str]) -> subprocess.CompletedProcess:
+    """`trainer_args(...)` run in this process: for refusals at start, which need no process of their own."""
+    assert args[1:3] == ["-m", "tropd"], args
+    return tropd_here(*args[3:])
 
 
 def step_records(run_dir: Path) -> list[dict]:
@@ -314,7 +320,7 @@ def _broken_student(toy_quick: Path, where: Path, kind: str) -> Path:
 def test_bad_student_is_a_one_line_error(toy_quick, healthy, tmp_path, kind, needle):
     student = _broken_student(toy_quick, tmp_path, kind)
     args = trainer_args(toy_quick, healthy.url, tmp_path / "run", f"student={student}")
-    _one_line_error(run_trainer(args, timeout=120), needle)
+    _one_line_error(run_here(args), needle)
 
 
 @pytest.mark.parametrize(
@@ -329,7 +335,7 @@ def test_bad_student_is_a_one_line_error(toy_quick, healthy, tmp_path, kind, nee
 def test_bad_teacher_url_is_a_one_line_error_at_once(toy_quick, healthy, tmp_path, url, needle):
     port = healthy.url.rsplit(":", 1)[1]
     start = time.monotonic()
-    result = run_trainer(trainer_args(toy_quick, url.format(port=port), tmp_path / "run"), timeout=120)
+    result = run_here(trainer_args(toy_quick, url.format(port=port), tmp_path / "run"))
     _one_line_error(result, needle)
     assert time.monotonic() - start < 60  # refused, not retried with back-off
 
