@@ -42,12 +42,14 @@ def test_bad_arguments_are_one_line_errors(args, needle):
     assert needle in result.stderr and "Traceback" not in result.stderr
 
 
-# Long (about 2-4 minutes on 2 cores): five vLLM start-ups (the engine in-process, the service, the stock server, then
-# the engine and the service each alone) and two contention rounds of at least 3 engine batches each (the service's
-# default batch size), none of which a command-line option shortens. The options here shorten what they can: one
-# timed round, 1 s contention windows, and requests of 16 sequences (the contention clients keep two engine batches
-# in flight: fewer, larger requests fill them with less HTTP overhead than the --quick default of 4 sequences).
-QUICKER = ("--repeats", "1", "--contention-seconds", "1", "--sequences", "64", "--request-sequences", "16")
+# Long (about 2 minutes on 2 cores): three vLLM start-ups (the engine in-process, the service, the stock server) and
+# two contention rounds of at least 3 engine batches each (the service's default batch size). The options here
+# shorten what they can: one timed round, 1 s contention windows, requests of 16 sequences (the contention clients
+# keep two engine batches in flight: fewer, larger requests fill them with less HTTP overhead than the --quick
+# default of 4 sequences), and no separated b/a, whose two more vLLM start-ups (the engine and the service each
+# alone) would add a minute: its code is run below on the hf engine, which starts in seconds.
+QUICKER = ("--repeats", "1", "--contention-seconds", "1", "--sequences", "64", "--request-sequences", "16",
+           "--alternations", "0")  # fmt: skip
 
 
 @pytest.mark.vllm
@@ -71,11 +73,25 @@ def test_quick_run_reports_every_measurement(toy_quick):
     assert set(report["agreement"]) >= {"service_binary", "service_json", "stock_vllm"}
     assert report["server_exit_codes"]["service"] == 0
     # one greedy client among N, the completions path beside the stock server, and b/a with each path alone
-    keys = ("min_fair_share", "aggregate_over_single", "service_over_engine_separated", "completions_over_stock_vllm")
+    keys = ("min_fair_share", "aggregate_over_single", "completions_over_stock_vllm")
     for key in keys:
         assert math.isfinite(report[key]) and report[key] > 0, key
     rounds = report["contention"]["rounds"]
     assert [r["clients"] for r in rounds] == [1, 4] and len(rounds[1]["steady_shares"]) == 3
     assert 0 < rounds[1]["greedy_share"] + sum(rounds[1]["steady_shares"]) <= 1 + 1e-9
-    separated = report["separated"]
-    assert [len(s) for s in separated["seconds"].values()] == [report["repeats"]] * 2  # one A-B pair (--quick)
+    assert report["separated"] is None and report["service_over_engine_separated"] is None  # --alternations 0
+
+
+def test_separated_b_over_a_alternates_the_engine_alone_and_the_service_alone(toy_quick):
+    """The separated measurement (`--alternations N`): A (the engine alone, in its own process) then B (the service
+    alone), N times, each timed; run here on the hf engine, which the bench's vllm run differs from only by name."""
+    from services.teacher.bench.alone import measure_alone
+    from services.teacher.bench.throughput import BenchConfig, make_requests
+
+    requests = make_requests(BenchConfig(str(toy_quick / "teacher"), sequences=8, length=32, request_sequences=4), 26)
+    lines = []
+    report = measure_alone(str(toy_quick / "teacher"), "hf", requests, 3, 20, 2, 1, 120, progress=lines.append)
+    assert report["engine"] == "hf" and report["order"].split() == ["A", "B"]
+    assert [len(s) for s in report["seconds"].values()] == [2, 2] and all(t > 0 for t in report["seconds"]["engine"])
+    assert report["service_over_engine"] == report["tokens_per_s"]["service_binary"] / report["tokens_per_s"]["engine"]
+    assert [line.split(" (")[0] for line in lines] == [f"bench: separated {p}{i}" for i in (1,) for p in "AB"]

@@ -151,7 +151,9 @@ def add_bench(sub) -> None:
         "--contention-seconds", type=positive_float, help="length of each contention round (default: 20; --quick: 3)"
     )
     bench.add_argument(
-        "--alternations", type=positive_int, help="A-B pairs of the separated b/a (default: 2; --quick: 1)"
+        "--alternations",
+        type=non_negative_int,
+        help="A-B pairs of the separated b/a (default: 2; --quick: 1; 0 leaves that measurement out)",
     )
     bench.add_argument(
         "--stock-tokenizer",
@@ -200,7 +202,7 @@ def run_bench_teacher(args) -> int:
         skip_stock=args.skip_stock,
         stock_tokenizer=args.stock_tokenizer,
         contention_seconds=args.contention_seconds or (3.0 if quick else 20.0),
-        alternations=args.alternations or (1 if quick else 2),
+        alternations=(1 if quick else 2) if args.alternations is None else args.alternations,
     )
     bench.model_limits(config.model)  # a missing model is a one-line error before anything starts
     with bench.sigterm_as_interrupt():

@@ -236,11 +236,13 @@ def run_bench(config: BenchConfig, progress=print) -> dict:
                 exit_codes["stock_vllm"] = stock.process.returncode
     finally:
         engine.close()
-    progress("bench: service_over_engine with each path alone (engine subprocess, then service), A-B alternated")
-    report["separated"] = measure_alone(
-        config.model, "vllm", requests, config.top_k, max_top_k, config.repeats, config.alternations,
-        config.startup_timeout, progress,
-    )  # fmt: skip
+    report["separated"] = None
+    if config.alternations:
+        progress("bench: service_over_engine with each path alone (engine subprocess, then service), A-B alternated")
+        report["separated"] = measure_alone(
+            config.model, "vllm", requests, config.top_k, max_top_k, config.repeats, config.alternations,
+            config.startup_timeout, progress,
+        )  # fmt: skip
     measurements[:0] = [Measurement("engine", c, engine_seconds[c], tokens) for c in config.clients]
 
     n = min(CHECKED_SEQUENCES, config.sequences)
@@ -251,7 +253,7 @@ def run_bench(config: BenchConfig, progress=print) -> dict:
         agree=all(a["agree"] for a in agreement.values()),
         server_exit_codes=exit_codes,
         **_ratios(measurements),
-        service_over_engine_separated=report["separated"]["service_over_engine"],
+        service_over_engine_separated=report["separated"]["service_over_engine"] if report["separated"] else None,
         min_fair_share=report["contention"]["min_fair_share"],
         aggregate_over_single=report["contention"]["aggregate_over_single"],
     )
@@ -310,7 +312,9 @@ def format_table(report: dict) -> str:
         f"service / engine      (b/a, 1 client): {b_a:.2f}  (target >= 0.85)" if b_a else "b/a: not measured",
         f"service / stock vLLM  (b/d, 1 client): {b_d:.2f}  (target >= 5)" if b_d else "b/d: not measured",
         f"b/a with each path alone (engine subprocess, then service; {report['separated']['order'].strip()}): "
-        f"{report['service_over_engine_separated']:.2f}  (target >= 0.9)",
+        f"{report['service_over_engine_separated']:.2f}  (target >= 0.9)"
+        if report["separated"]
+        else "b/a with each path alone: not measured (--alternations 0)",
         "contention (fair scheduling; one greedy client among N): "
         + "; ".join(
             f"N={r['clients']} {r['aggregate_tokens_per_s']:,.0f} tok/s"
