@@ -61,8 +61,8 @@ SHARED_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 class SharedService:
     """One teacher service, started on the first `get()` and stopped after the last test that uses `fixture`."""
 
-    def __init__(self, fixture: str, start):
-        self.fixture, self._start, self._service = fixture, start, None
+    def __init__(self, fixture: str, start, stop=None):
+        self.fixture, self._start, self._stop, self._service = fixture, start, stop, None
 
     @property
     def running(self) -> bool:
@@ -75,15 +75,17 @@ class SharedService:
 
     def stop(self) -> None:
         service, self._service = self._service, None
-        if service is not None:
+        if service is not None and self._stop is not None:
+            self._stop()
+        elif service is not None:
             assert service.stop() == 0, service.log()[-3000:]  # a graceful exit on SIGTERM, no crash at exit
 
 
 _SHARED: dict[str, SharedService] = {}
 
 
-def _shared(fixture: str, start):
-    _SHARED[fixture] = shared = SharedService(fixture, start)
+def _shared(fixture: str, start, stop=None):
+    _SHARED[fixture] = shared = SharedService(fixture, start, stop)
     yield shared
     shared.stop()
     del _SHARED[fixture]
@@ -116,6 +118,27 @@ def realworld_vllm_teacher(realworld, tmp_path_factory):
     yield from _shared("realworld_vllm_teacher", start)
 
 
+@pytest.fixture(scope="session")
+def stock_vllm_teacher(toy_quick, tmp_path_factory):
+    """vLLM's stock OpenAI server on the quick toy teacher, with its tokenizer (echo and `/tokenize` need it) and
+    tokens as `token_id:<id>` (tests/test_completions_api.py, tests/test_openai_client.py)."""
+    import contextlib
+    import os
+
+    from services.teacher.openai_client import stock_vllm
+
+    logs = tmp_path_factory.mktemp("stock-vllm")
+    stack = contextlib.ExitStack()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **SHARED_ENV}
+    extra = ("--return-tokens-as-token-ids",)
+
+    def start():
+        server = stock_vllm(toy_quick / "teacher", logs / "stock.log", 20, env, 240, tokenizer=True, extra=extra)
+        return stack.enter_context(server)
+
+    yield from _shared("stock_vllm_teacher", start, stop=stack.close)
+
+
 @pytest.fixture(autouse=True)
 def _stop_shared_services_after_their_last_test(request):
     yield
@@ -128,7 +151,8 @@ def _stop_shared_services_after_their_last_test(request):
 
 # Fixtures that build or load a model world, start a service or train: a test that uses one is `slow`, and
 # `make test-fast` (pytest -m "not slow") leaves it out. Markers of whole kinds of slow tests do the same.
-SLOW_FIXTURES = {"toy_quick", "realworld", "reference", "toy_vllm_teacher", "realworld_vllm_teacher"}
+SLOW_FIXTURES = {"toy_quick", "realworld", "reference", "toy_vllm_teacher", "realworld_vllm_teacher",
+                 "stock_vllm_teacher"}  # fmt: skip
 SLOW_MARKERS = {"vllm", "gpu", "reliability"}
 
 

@@ -5,19 +5,13 @@ independent transformers forward pass, and field by field against vLLM's stock O
 
 from __future__ import annotations
 
-import contextlib
-import os
 import random
-import subprocess
-import time
 
 import httpx
 import numpy as np
 import openai
 import pytest
 
-from services.teacher.launch import Launched, free_port
-from services.teacher.openai_client import stock_vllm_command
 from tests.helpers import teacher
 from trainer.toy.tokenizer import VOCAB
 
@@ -164,30 +158,6 @@ def test_the_key_is_required(service):
 # ---- against vLLM's stock server ---------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def stock_server(model, log_path):
-    """vLLM's stock OpenAI server with its tokenizer (echo needs it) and tokens as `token_id:<id>`."""
-    port = free_port()
-    command = stock_vllm_command(str(model), port, 20, tokenizer=True) + ["--return-tokens-as-token-ids"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    with log_path.open("w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    server = Launched(f"http://127.0.0.1:{port}", process, log_path)
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                    break
-            assert process.poll() is None and time.monotonic() < deadline, server.log()[-3000:]
-            time.sleep(0.5)
-        yield server
-    finally:
-        server.stop()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, 9)  # its own group: its engine-core process
-
-
 def assert_same_completion(ours: dict, stock: dict, generated: bool, atol: float = 1e-5, ranks: bool = True) -> None:
     """Every number and token the same (log-probs within `atol`; every rank equal with `ranks`, else those of the
     top-k); `finish_reason` only when a token was generated (for `max_tokens: 0` vLLM reports the one it samples
@@ -224,10 +194,9 @@ def assert_same_completion(ours: dict, stock: dict, generated: bool, atol: float
 
 
 @pytest.fixture(scope="module")
-def stock(toy_quick, tmp_path_factory):
-    """One stock server for the module's comparisons with it."""
-    with stock_server(toy_quick / "teacher", tmp_path_factory.mktemp("stock") / "stock.log") as server:
-        yield server
+def stock(stock_vllm_teacher):
+    """The session's stock server (tests/conftest.py), shared with tests/test_openai_client.py."""
+    return stock_vllm_teacher.get()
 
 
 @pytest.mark.vllm

@@ -30,11 +30,10 @@ def server(toy_quick, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tokenizing_server(toy_quick, tmp_path_factory):
-    """The stock server with its tokenizer loaded, as the trainer's start-up probe needs it."""
-    log = tmp_path_factory.mktemp("logs") / "stock-vllm-tokenizer.log"
-    with stock_vllm(str(toy_quick / "teacher"), log, max_top_k=20, timeout=200, tokenizer=True) as stock:
-        yield stock
+def tokenizing_server(stock_vllm_teacher):
+    """The stock server with its tokenizer loaded, as the trainer's start-up probe needs it: the session's
+    (tests/conftest.py), shared with tests/test_completions_api.py."""
+    return stock_vllm_teacher.get()
 
 
 def sequences(n: int, seed: int = 0) -> list[list[int]]:

@@ -195,12 +195,13 @@ def stock_vllm(
     env: dict | None = None,
     timeout: float = 300.0,
     tokenizer: bool = False,
+    extra: tuple[str, ...] = (),
 ) -> Iterator[Launched]:
     """The stock server on 127.0.0.1 and a free port, healthy; stopped on the way out (SIGTERM, then SIGKILL
-    to its process group, which holds its engine-core process)."""
+    to its process group, which holds its engine-core process). `extra`: more of the server's options."""
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"} if env is None else env
-    command = stock_vllm_command(model, port, max_top_k, tokenizer)
+    command = stock_vllm_command(model, port, max_top_k, tokenizer) + list(extra)
     with log_path.open("w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     server = Launched(f"http://127.0.0.1:{port}", process, log_path)
