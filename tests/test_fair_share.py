@@ -17,7 +17,7 @@ from services.teacher.client import TeacherClient
 from services.teacher.engines.types import ScoreItem
 from services.teacher.fairness import FairQueue
 from services.teacher.protocol import ScoreResult
-from tests.helpers import teacher
+from tests.helpers import teacher, tropd_here
 
 
 @dataclass
@@ -91,7 +91,8 @@ class GatedEngine:
         self.started.set()
         self.release.wait(10)
         self.batches.append([it.ids[0] for it in items])  # the first id names the request
-        return [ScoreResult(np.zeros(len(it.ids) - it.start, np.float32), np.zeros((0, 0)), np.zeros((0, 0)))
+        # the log-probs carry the first id, so that a test sees which result reached which request
+        return [ScoreResult(np.full(len(it.ids) - it.start, it.ids[0], np.float32), np.zeros((0, 0)), np.zeros((0, 0)))
                 for it in items]  # fmt: skip
 
 
@@ -124,6 +125,35 @@ def test_a_greedy_client_cannot_delay_another_clients_request_past_one_batch():
     assert sorted(i for b in batches for i in b) == [*range(20), 100]  # everyone served, once
     batches, polite_batch = batches_when_greedy_floods("fcfs")
     assert polite_batch == 10, batches  # behind the 19 queued greedy requests, two per batch
+
+
+def test_a_large_request_is_split_by_sequence_and_a_small_one_passes_it():
+    """Sequence granularity: a client's 16-sequence request queued alone fills whole batches; another client's
+    2-sequence request, arriving while the first batch runs, is served whole in the next batch, beside an equal
+    quantum (its 8 tokens) of the large request, long before the large request's last sequence; every request
+    gets its own sequences' results, in order."""
+    engine = GatedEngine()
+
+    async def go():
+        batcher = Batcher(engine, max_batch_tokens=16, min_shared_batch_tokens=8, window_ms=0)
+        big = asyncio.ensure_future(batcher.score([ScoreItem([i, 1, 1, 1], 1, 0) for i in range(16)], "big"))
+        await asyncio.to_thread(engine.started.wait, 10)
+        small = asyncio.ensure_future(batcher.score([ScoreItem([100 + i, 1, 1, 1], 1, 0) for i in range(2)], "sm"))
+        await asyncio.sleep(0.05)
+        engine.release.set()
+        results = await asyncio.gather(big, small)
+        batcher.close()
+        return results
+
+    big, small = asyncio.run(go())
+    batches = engine.batches
+    assert batches[0] == [0, 1, 2, 3]  # alone: a whole batch of 16 tokens
+    where = {i: b for b, batch in enumerate(batches) for i in batch}
+    assert where[100] == where[101] == 1 and where[15] > 1, batches
+    assert len([i for i in batches[1] if i < 100]) == 2, batches  # the large request's quantum: 8 tokens
+    assert sorted(where) == [*range(16), 100, 101]  # every sequence scored once
+    assert [r.logprobs.tolist() for r in big] == [[i] * 3 for i in range(16)]
+    assert [r.logprobs.tolist() for r in small] == [[100 + i] * 3 for i in range(2)]
 
 
 def test_per_client_quota_refuses_only_that_client():
@@ -218,6 +248,15 @@ def test_bench_fair_share_reports_each_clients_share(toy_quick):
     for row in report["rounds"]:
         assert row["greedy_share"] + sum(row["polite_shares"]) == pytest.approx(1.0)
         assert row["polite_latency_p50_s"] > 0 and row["fair_share_each"] == 0.5
+    # the mixed-size case: one client's requests 8 x the others' (16 x 16 tokens beside 2 x 16), per policy
+    assert [row["policy"] for row in report["mixed"]] == ["fcfs", "fair"]
+    for row in report["mixed"]:
+        assert (row["small_request_tokens"], row["large_request_tokens"], row["small_clients"]) == (32, 256, 3)
+        for key in ("latency_over_alone", "min_fair_share", "aggregate_over_alone"):
+            assert row[key] > 0, key
+        assert row["aggregate_tokens_per_s"] == pytest.approx(
+            row["large_tokens_per_s"] + sum(row["small_tokens_per_s"])
+        )
 
 
 @pytest.mark.parametrize(
@@ -231,10 +270,6 @@ def test_bench_fair_share_reports_each_clients_share(toy_quick):
     ],
 )
 def test_bad_fairness_options_are_one_line_errors(toy_quick, args, needle):
-    import subprocess
-    import sys
-
-    command = [sys.executable, "-m", "tropd", "teacher", "serve", "--model", str(toy_quick / "teacher"), *args]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    result = tropd_here("teacher", "serve", "--model", str(toy_quick / "teacher"), *args)
     assert result.returncode == 2 and needle in result.stderr, result.stderr
     assert "Traceback" not in result.stderr

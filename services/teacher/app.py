@@ -57,6 +57,7 @@ class Settings:
     max_request_tokens: int = 262144
     max_body_bytes: int = 8 << 20
     max_batch_tokens: int = 32768
+    min_shared_batch_tokens: int = 2048
     batch_window_ms: float = 2.0
     max_inflight_tokens: int = 1 << 20
     max_client_inflight_tokens: int | None = None  # None: the same as max_inflight_tokens
@@ -150,6 +151,7 @@ def create_app(engine, settings: Settings | None = None) -> FastAPI:
     batcher = Batcher(
         engine,
         max_batch_tokens=settings.max_batch_tokens,
+        min_shared_batch_tokens=settings.min_shared_batch_tokens,
         window_ms=settings.batch_window_ms,
         max_inflight_tokens=settings.max_inflight_tokens,
         max_client_inflight_tokens=settings.max_client_inflight_tokens,

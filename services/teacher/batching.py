@@ -1,12 +1,19 @@
 """Batching of requests from all clients into engine calls, under a token budget, shared fairly.
 
-Handlers `await` the batcher; one worker thread runs the engine. Requests are queued per client
-(`fairness.FairQueue`): scoring requests are merged, in fair order, into one engine call of at most
-`max_batch_tokens` tokens, waiting up to a short window for more; a continuation request runs alone (all its
-prefixes at once). Admission is bounded twice, and never queues without bound: past `max_inflight_tokens` in
-all, a request is refused with `Overloaded` (503 + `Retry-After`); past `max_client_inflight_tokens` for its
-own client, with `ClientOverQuota` (429 + `Retry-After`). A request is always admitted when nothing of its
-kind is in flight, so that one as large as the request limit can pass.
+Handlers `await` the batcher; one worker thread runs the engine. Work is queued per client
+(`fairness.FairQueue`) at the granularity of a sequence: a scoring request is split into its sequences, each
+queued and tagged on its own, and engine calls are filled with sequences in fair order, so that one client's
+large request never holds another's small one for a whole batch; a request is answered when its last sequence
+has been scored. The batch token budget adapts (`batch_budget`): `max_batch_tokens` while one client has work
+queued; while several have, a quantum per client, the least any of them has queued (at least
+`min_shared_batch_tokens` in all), so that the smallest client's whole request fits in one batch beside an equal
+quantum of each other client's, and a batch in progress, which every newly arrived sequence waits for, stays
+short. The engine call waits up to a short window for more work. A continuation request runs alone (all its
+prefixes at once).
+Admission is bounded twice, and never queues without bound: past `max_inflight_tokens` in all, a request is
+refused with `Overloaded` (503 + `Retry-After`); past `max_client_inflight_tokens` for its own client, with
+`ClientOverQuota` (429 + `Retry-After`). A request is always admitted when nothing of its kind is in flight, so
+that one as large as the request limit can pass.
 
 Engine failure: an exception from an engine call fails that batch's requests only, unless the engine is
 dead (its `alive()` says so, or the exception is vLLM's `EngineDeadError`), or the worker loop itself
@@ -56,6 +63,8 @@ class EngineFailed(Exception):
 
 @dataclass
 class _Job:
+    """One request. A scoring request is queued as its `_Part`s; a continuation request is queued whole."""
+
     kind: str  # "score" | "generate"
     payload: object
     tokens: int
@@ -65,6 +74,21 @@ class _Job:
     client: str = ANONYMOUS
     tag: float = 0.0
     enqueued: float = field(default_factory=time.monotonic)
+    results: list = field(default_factory=list)  # scoring: a result per sequence, filled as its part is scored
+    parts_left: int = 0
+    observed: bool = False  # its queue wait is in the metrics
+
+
+@dataclass
+class _Part:
+    """One sequence of a scoring request: what the fair queue orders and an engine batch holds."""
+
+    job: _Job
+    index: int
+    tokens: int
+    client: str
+    tag: float = 0.0
+    kind: str = "score"
 
 
 def engine_alive(engine) -> bool:
@@ -79,6 +103,7 @@ class Batcher:
         engine,
         *,
         max_batch_tokens: int = 32768,
+        min_shared_batch_tokens: int = 2048,
         window_ms: float = 2.0,
         max_inflight_tokens: int = 1 << 20,
         max_client_inflight_tokens: int | None = None,
@@ -89,6 +114,7 @@ class Batcher:
     ):
         self.engine = engine
         self.max_batch_tokens = max_batch_tokens
+        self.min_shared_batch_tokens = min(min_shared_batch_tokens, max_batch_tokens)
         self.window = window_ms / 1000
         self.max_inflight_tokens = max_inflight_tokens
         self.max_client_inflight_tokens = max_client_inflight_tokens or max_inflight_tokens
@@ -137,7 +163,12 @@ class Batcher:
                 raise ClientOverQuota(client, self.max_client_inflight_tokens)
             self._inflight += tokens
             self._client_inflight[client] = mine + tokens
-            self._queue.push(job)
+            if kind == "score":
+                job.results, job.parts_left = [None] * len(payload), len(payload)
+                for i, item in enumerate(payload):
+                    self._queue.push(_Part(job, i, len(item.ids), client))
+            else:
+                self._queue.push(job)
             self._set_depth(client)
             self._cv.notify()
         try:
@@ -166,48 +197,60 @@ class Batcher:
             self.metrics.queue_depth.set(len(self._queue))
             self.metrics.for_client(self.metrics.client_queue_depth, client).set(self._queue.depth(client))
 
-    def _take(self) -> list[_Job] | None:
-        """The next batch (None: closing and nothing left, or the engine failed)."""
+    def batch_budget(self, first) -> int:
+        """Tokens the next scoring batch may hold, `first` (a part just taken) included: `max_batch_tokens` while
+        one client has work queued; else the number of such clients times the least tokens any of them has
+        queued, within [`min_shared_batch_tokens`, `max_batch_tokens`]."""
+        queued = self._queue.queued_tokens()
+        queued[first.client] = queued.get(first.client, 0) + first.tokens
+        if len(queued) == 1:
+            return self.max_batch_tokens
+        quantum = min(queued.values())
+        return min(self.max_batch_tokens, max(self.min_shared_batch_tokens, quantum * len(queued)))
+
+    def _take(self) -> list | None:
+        """The next batch: scoring parts, or one continuation job (None: closing and nothing left, or the
+        engine failed)."""
         with self._cv:
             while not len(self._queue):
                 if self._closing or self.failure is not None:
                     return None
                 self._cv.wait()
             first = self._queue.pop_next()
-            jobs = [first]
+            taken = [first]
             if first.kind == "score":
-                budget = self.max_batch_tokens - first.tokens
+                budget = self.batch_budget(first) - first.tokens
                 deadline = time.monotonic() + self.window
                 while budget > 0:
-                    job = self._queue.pop_next(lambda j, room=budget: j.kind == "score" and j.tokens <= room)
-                    if job is not None:
-                        jobs.append(job)
-                        budget -= job.tokens
+                    part = self._queue.pop_next(lambda j, room=budget: j.kind == "score" and j.tokens <= room)
+                    if part is not None:
+                        taken.append(part)
+                        budget -= part.tokens
                         continue
                     remaining = deadline - time.monotonic()
                     if len(self._queue) or remaining <= 0:
                         break
                     self._cv.wait(remaining)
-            for job in jobs:
-                self._set_depth(job.client)
-            self._running = jobs
-            return jobs
+            for client in {t.client for t in taken}:
+                self._set_depth(client)
+            self._running = taken
+            return taken
 
     def _run(self) -> None:
         try:
-            while (jobs := self._take()) is not None:
-                self._observe(jobs)
+            while (taken := self._take()) is not None:
+                self._observe(taken)
                 try:
-                    if jobs[0].kind == "score":
-                        self._run_scores(jobs)
+                    if taken[0].kind == "score":
+                        self._run_scores(taken)
                     else:
-                        job = jobs[0]
+                        job = taken[0]
                         self._resolve(job, result=self.engine.generate(job.payload, job.spec))
                 except Exception as exc:
                     if type(exc).__name__ in FATAL_ERRORS or not engine_alive(self.engine):
-                        self._fail(f"the engine failed: {type(exc).__name__}: {exc}", jobs)
+                        self._fail(f"the engine failed: {type(exc).__name__}: {exc}", taken)
                         return
-                    for job in jobs:  # a failure of these requests, not of the engine: keep serving
+                    for job in _jobs(taken):  # a failure of these requests, not of the engine: keep serving
                         self._resolve(job, error=exc)
                 self._running = []
         except BaseException as exc:  # the loop itself broke: nothing would ever answer the queue again
@@ -218,39 +261,45 @@ class Batcher:
             if not engine_alive(self.engine):
                 self._fail("the engine stopped: it reports itself dead", [])
 
-    def _fail(self, reason: str, jobs: list[_Job]) -> None:
+    def _fail(self, reason: str, taken: list) -> None:
         """Once: fail every running and queued request, refuse later ones, tell `on_fatal`."""
         with self._cv:
             if self.failure is not None:
                 return
             self.failure = reason
-            jobs = jobs + self._running + self._queue.drain()
+            jobs = _jobs(taken + self._running + self._queue.drain())
             self._cv.notify_all()
         for job in jobs:
             self._resolve(job, error=EngineFailed(reason))
         if self.on_fatal is not None:
             self.on_fatal(reason)
 
-    def _observe(self, jobs: list[_Job]) -> None:
+    def _observe(self, taken: list) -> None:
+        """Engine tokens per client; a request's queue wait, once (when its first part reaches the engine)."""
         if self.metrics is None:
             return
         now = time.monotonic()
-        for job in jobs:
-            self.metrics.for_client(self.metrics.client_tokens, job.client).inc(job.tokens)
-            self.metrics.for_client(self.metrics.client_wait, job.client).observe(now - job.enqueued)
+        for t in taken:
+            self.metrics.for_client(self.metrics.client_tokens, t.client).inc(t.tokens)
+        for job in _jobs(taken):
+            if not job.observed:
+                job.observed = True
+                self.metrics.for_client(self.metrics.client_wait, job.client).observe(now - job.enqueued)
 
-    def _run_scores(self, jobs: list[_Job]) -> None:
-        items = [it for job in jobs for it in job.payload]
+    def _run_scores(self, parts: list[_Part]) -> None:
+        items = [p.job.payload[p.index] for p in parts]
         results = []
         for chunk in _chunks(items, self.max_batch_tokens):
             if self.metrics is not None:
                 self.metrics.batch_sequences.observe(len(chunk))
                 self.metrics.batch_tokens.observe(sum(len(it.ids) for it in chunk))
             results += self.engine.score(chunk)
-        at = 0
-        for job in jobs:
-            self._resolve(job, result=results[at : at + len(job.payload)])
-            at += len(job.payload)
+        for part, result in zip(parts, results, strict=True):
+            job = part.job
+            job.results[part.index] = result
+            job.parts_left -= 1
+            if job.parts_left == 0:
+                self._resolve(job, result=job.results)
 
     @staticmethod
     def _resolve(job: _Job, result=None, error: Exception | None = None) -> None:
@@ -263,6 +312,15 @@ class Batcher:
                 job.future.set_result(result)
 
         job.loop.call_soon_threadsafe(settle)
+
+
+def _jobs(taken: list) -> list[_Job]:
+    """The distinct requests of scoring parts and continuation jobs, in order."""
+    jobs = {}
+    for t in taken:
+        job = t.job if isinstance(t, _Part) else t
+        jobs[id(job)] = job
+    return list(jobs.values())
 
 
 def _chunks(items: list[ScoreItem], budget: int):

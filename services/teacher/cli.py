@@ -51,6 +51,13 @@ def add_teacher(sub) -> None:
     serve.add_argument("--max-body-bytes", type=positive_int, default=8 << 20, help="request body size (8 MiB)")
     serve.add_argument("--max-batch-tokens", type=positive_int, default=32768, help="tokens per engine call (32768)")
     serve.add_argument(
+        "--min-shared-batch-tokens",
+        type=positive_int,
+        default=2048,
+        help="while several clients have work queued, an engine call holds the least any of them has queued, once "
+        "per client, but at least this many tokens in all (2048)",
+    )
+    serve.add_argument(
         "--batch-window-ms", type=float, default=2.0, help="wait this long for more requests to batch (2)"
     )
     serve.add_argument(
@@ -224,6 +231,8 @@ def run_bench_fair_share(args) -> int:
         length=min(args.length or 64, context - 1),
         request_sequences=args.request_sequences or 4,
         polite_requests=4 if args.quick else 8,
+        mixed_length=min(args.length or 256, context - 1),
+        mixed_sequences=args.request_sequences or 8,
     )
     with bench.sigterm_as_interrupt():
         report = bench_fair.run_fair_share(config, vocab_size, progress=lambda line: print(line, file=sys.stderr))
@@ -283,6 +292,7 @@ def settings_from_args(args):
         max_request_tokens=args.max_request_tokens,
         max_body_bytes=args.max_body_bytes,
         max_batch_tokens=args.max_batch_tokens,
+        min_shared_batch_tokens=args.min_shared_batch_tokens,
         batch_window_ms=args.batch_window_ms,
         max_inflight_tokens=max(args.max_inflight_tokens, args.max_request_tokens),
         api_key=api_key,

@@ -29,6 +29,7 @@ POLICIES = ("fair", "fcfs")
 class _Client:
     queue: deque = field(default_factory=deque)
     last_finish: float = 0.0
+    tokens: int = 0  # of the jobs queued
 
 
 class FairQueue:
@@ -50,6 +51,10 @@ class FairQueue:
     def __len__(self) -> int:
         return sum(len(c.queue) for c in self._clients.values())
 
+    def queued_tokens(self) -> dict[str, int]:
+        """Tokens queued per client with work queued."""
+        return {name: c.tokens for name, c in self._clients.items() if c.queue}
+
     def depth(self, client: str) -> int:
         state = self._clients.get(client)
         return len(state.queue) if state else 0
@@ -68,13 +73,16 @@ class FairQueue:
             job.tag = max(self.virtual_time, state.last_finish)
             state.last_finish = job.tag + job.tokens / self.weight(job.client)
         state.queue.append(job)
+        state.tokens += job.tokens
 
     def pop_next(self, accept: Callable[[object], bool] = lambda job: True):
         heads = [c.queue[0] for c in self._clients.values() if c.queue and accept(c.queue[0])]
         if not heads:
             return None
         job = min(heads, key=lambda j: j.tag)
-        self._clients[job.client].queue.popleft()
+        state = self._clients[job.client]
+        state.queue.popleft()
+        state.tokens -= job.tokens
         self.virtual_time = max(self.virtual_time, job.tag)
         # forget idle clients whose finish tag V has passed (they would start at V anyway): bounded state
         idle = [c for c, st in self._clients.items() if not st.queue and st.last_finish <= self.virtual_time]

@@ -10,6 +10,13 @@ share of the engine tokens while the polite clients ran (the service's own `trop
 read before and after), and for the polite clients the median latency of a request. With fair scheduling
 each polite request joins the next batch, so a polite client's share is what it asks for; with FCFS it waits
 behind the greedy client's backlog.
+
+The mixed-size case (`mixed`): for each policy a service with its default batching; one large client whose
+requests are `mixed_ratio` times a small one's, and `mixed_small_clients` small clients, each with one request in
+flight, the large one until the small ones have sent `polite_requests` each; before that each kind alone. Reported:
+the small clients' p50 latency against alone (`latency_over_alone`), the least small client's engine tokens/s
+over its max-min fair allocation, min(what it takes alone, an equal share of the aggregate) (`min_fair_share`),
+and the aggregate tokens/s over the faster client alone (`aggregate_over_alone`).
 """
 
 from __future__ import annotations
@@ -40,6 +47,10 @@ class FairShareConfig:
     polite_requests: int = 8
     greedy_inflight: int = 8
     startup_timeout: float = 300.0
+    mixed_length: int = 256
+    mixed_sequences: int = 8  # a small client's request in the mixed-size case
+    mixed_ratio: int = 8  # the large client's request, in sequences, over a small one's
+    mixed_small_clients: int = 3
 
 
 def engine_tokens(metrics_text: str) -> dict[str, float]:
@@ -97,12 +108,68 @@ async def one_round(url: str, config: FairShareConfig, polite: int, body: dict, 
     }
 
 
+async def _one_client(http: httpx.AsyncClient, body: dict, name: str, requests: int | None, stop=None) -> list[float]:
+    """Requests one after another (`requests` of them, or until `stop` is set): their latencies."""
+    latencies = []
+    while (len(latencies) < requests) if requests is not None else not stop.is_set():
+        start = time.perf_counter()
+        (await http.post("/v1/score", json=body, headers={"x-tropd-client": name})).raise_for_status()
+        latencies.append(time.perf_counter() - start)
+    return latencies
+
+
+async def mixed_round(url: str, config: FairShareConfig, small: dict, large: dict, tag: str) -> dict:
+    """Each kind of client alone, then the large one beside the small ones (see the module docstring)."""
+    n, requests = config.mixed_small_clients, config.polite_requests
+    small_tokens, large_tokens = sum(map(len, small["sequences"])), sum(map(len, large["sequences"]))
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=n + 3)) as http:
+        await _one_client(http, small, f"{tag}-warmup", 2)
+        start = time.perf_counter()
+        small_alone = await _one_client(http, small, f"{tag}-small-alone", requests)
+        small_alone_speed = small_tokens * requests / (time.perf_counter() - start)
+        start = time.perf_counter()
+        await _one_client(http, large, f"{tag}-large-alone", max(2, requests // config.mixed_ratio))
+        large_alone_speed = large_tokens * max(2, requests // config.mixed_ratio) / (time.perf_counter() - start)
+        stop = asyncio.Event()
+        large_task = asyncio.create_task(_one_client(http, large, f"{tag}-large", None, stop))
+        await asyncio.sleep(0.2)  # the large client's first request is in the engine
+        before = engine_tokens((await http.get("/metrics")).text)
+        start = time.perf_counter()
+        latencies = await asyncio.gather(*(_one_client(http, small, f"{tag}-small-{i}", requests) for i in range(n)))
+        elapsed = time.perf_counter() - start
+        after = engine_tokens((await http.get("/metrics")).text)
+        stop.set()
+        await large_task
+    got = {c: (t - before.get(c, 0.0)) / elapsed for c, t in after.items() if c.startswith(tag)}
+    aggregate = got.get(f"{tag}-large", 0.0) + sum(got.get(f"{tag}-small-{i}", 0.0) for i in range(n))
+    fair = min(small_alone_speed, aggregate / (n + 1))  # max-min: all it asks for, up to an equal share
+    small_speeds = [got.get(f"{tag}-small-{i}", 0.0) for i in range(n)]
+    p50, p50_alone = statistics.median([x for lat in latencies for x in lat]), statistics.median(small_alone)
+    return {
+        "small_clients": n,
+        "small_request_tokens": small_tokens,
+        "large_request_tokens": large_tokens,
+        "small_latency_p50_s": p50,
+        "small_alone_latency_p50_s": p50_alone,
+        "latency_over_alone": p50 / p50_alone,
+        "small_tokens_per_s": small_speeds,
+        "small_alone_tokens_per_s": small_alone_speed,
+        "large_tokens_per_s": got.get(f"{tag}-large", 0.0),
+        "large_alone_tokens_per_s": large_alone_speed,
+        "min_fair_share": min(s / fair for s in small_speeds),
+        "aggregate_tokens_per_s": aggregate,
+        "aggregate_over_alone": aggregate / max(small_alone_speed, large_alone_speed),
+    }
+
+
 def run_fair_share(config: FairShareConfig, vocab_size: int, progress=print) -> dict:
     rng = np.random.default_rng(0)
     ids = rng.integers(0, vocab_size, size=(config.request_sequences, config.length)).tolist()
     body = {"sequences": ids, "top_k": 5}
     batch_tokens = 2 * config.request_sequences * config.length  # two requests per engine call
-    rows = []
+    ids = rng.integers(0, vocab_size, size=(config.mixed_sequences * config.mixed_ratio, config.mixed_length)).tolist()
+    small, large = {"sequences": ids[: config.mixed_sequences], "top_k": 5}, {"sequences": ids, "top_k": 5}
+    rows, mixed = [], []
     with tempfile.TemporaryDirectory(prefix="tropd-bench-fair-") as logs:
         for policy in POLICIES:
             progress(f"bench: starting `tropd teacher serve --scheduling {policy}`")
@@ -117,6 +184,16 @@ def run_fair_share(config: FairShareConfig, vocab_size: int, progress=print) -> 
                         f"bench: {policy}, {n} polite + 1 greedy: greedy {row['greedy_share']:.0%}, "
                         f"each polite {row['polite_share_each']:.0%}"
                     )
+            progress(f"bench: mixed sizes, `tropd teacher serve --scheduling {policy}` with its default batching")
+            args = ("--scheduling", policy, "--log-level", "warning")
+            log = Path(logs) / f"service-{policy}-mixed.log"
+            with serving(config.model, config.engine, log, *args, env=env, timeout=config.startup_timeout) as svc:
+                row = {"policy": policy, **asyncio.run(mixed_round(svc.url, config, small, large, f"m-{policy}"))}
+            mixed.append(row)
+            progress(
+                f"bench: {policy}, mixed sizes: small p50 {row['latency_over_alone']:.2f} x alone, min fair share "
+                f"{row['min_fair_share']:.2f}, aggregate {row['aggregate_over_alone']:.2f} x alone"
+            )
     return {
         "model": config.model,
         "engine": config.engine,
@@ -126,6 +203,7 @@ def run_fair_share(config: FairShareConfig, vocab_size: int, progress=print) -> 
         "greedy_inflight": config.greedy_inflight,
         "max_batch_tokens": batch_tokens,
         "rounds": rows,
+        "mixed": mixed,
     }
 
 
@@ -147,6 +225,14 @@ def format_fair_share(report: dict) -> str:
         ]
         lines.append(f"{n:>14} {1 / (n + 1):>10.1%} | {cells[0]} | {cells[1]}")
     lines.append("(shares of the engine tokens, from the service's tropd_client_engine_tokens_total)")
+    for row in report.get("mixed", []):
+        lines.append(
+            f"mixed sizes, {row['policy']}: one client of {row['large_request_tokens']}-token requests beside "
+            f"{row['small_clients']} of {row['small_request_tokens']}, one in flight each: small p50 "
+            f"{row['small_latency_p50_s']:.3f} s = {row['latency_over_alone']:.2f} x alone (target <= 3), min fair "
+            f"share {row['min_fair_share']:.2f} (target >= 0.8), aggregate {row['aggregate_over_alone']:.2f} x the "
+            "faster client alone (target >= 0.9)"
+        )
     return "\n".join(lines)
 
 
