@@ -1,10 +1,11 @@
 """torchrun on CPU with the real-shaped Qwen3 world: FSDP2 (`parallel: fsdp`) and DDP over 2 processes train like one
-process with the same global batch (sampling through the sharded root in lockstep, evaluation on every rank, full
-state gathered for checkpoints)."""
+process with the same global batch (sampling through the sharded root in lockstep, evaluation on every rank, sharded
+checkpoints under FSDP that resume under another world size)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -69,18 +70,28 @@ def _one(*args):
     return subprocess.run([sys.executable, "-m", "tropd", "train", *args], capture_output=True, text=True, timeout=600)
 
 
-def test_a_checkpoint_resumes_under_another_world_size_and_from_ddp_to_fsdp(realworld, tmp_path):
-    """The optimizer state is saved by parameter name, whole: FSDP over 2 processes -> 1 process, and DDP over 2 ->
-    FSDP over 2, both end where one straight process of 3 steps ends."""
+def test_a_checkpoint_resumes_under_another_world_size_and_across_ddp_and_fsdp(realworld, tmp_path):
+    """FSDP's checkpoints are sharded (`dcp/`: each rank writes its shards, nothing is gathered, no whole student in
+    the checkpoint) and resume under FSDP over 2 processes and in 1 process; DDP's (whole, the optimizer state by
+    parameter name) resume under FSDP. Every run ends where one straight process of 3 steps ends."""
     straight = _one(*_args(realworld, tmp_path / "straight", "checkpoint_every=0"))
     assert straight.returncode == 0, straight.stderr[-3000:]
-    for name, (first, before), (then, after) in (
-        ("fsdp-then-one", (_torchrun, "parallel=fsdp"), (_one, "parallel=ddp")),
-        ("ddp-then-fsdp", (_torchrun, "parallel=ddp"), (_torchrun, "parallel=fsdp")),
+    fsdp = _torchrun(*_args(realworld, tmp_path / "fsdp-then-fsdp", "steps=2", "parallel=fsdp"))
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    ckpt = tmp_path / "fsdp-then-fsdp" / "checkpoints" / "step-000002"
+    assert (ckpt / "dcp" / ".metadata").is_file() and len(list((ckpt / "dcp").glob("*.distcp"))) == 2
+    assert not (ckpt / "student" / "model.safetensors").exists() and (ckpt / "student" / "config.json").is_file()
+    assert (tmp_path / "fsdp-then-fsdp" / "student" / "model.safetensors").is_file()  # the final one, gathered
+    shutil.copytree(tmp_path / "fsdp-then-fsdp", tmp_path / "fsdp-then-one")
+    ddp = _torchrun(*_args(realworld, tmp_path / "ddp-then-fsdp", "steps=2", "parallel=ddp"))
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert not (tmp_path / "ddp-then-fsdp" / "checkpoints" / "step-000002" / "dcp").exists()
+    for name, (then, after) in (
+        ("fsdp-then-fsdp", (_torchrun, "parallel=fsdp")),
+        ("fsdp-then-one", (_one, "parallel=ddp")),
+        ("ddp-then-fsdp", (_torchrun, "parallel=fsdp")),
     ):
         out = tmp_path / name
-        part = first(*_args(realworld, out, "steps=2", before))
-        assert part.returncode == 0, part.stderr[-3000:]
         rest = then(*_args(realworld, out, "steps=3", after), "--resume")
         assert rest.returncode == 0, rest.stderr[-3000:]
         a = load_file(tmp_path / "straight" / "student" / "model.safetensors")
@@ -110,3 +121,30 @@ def test_a_checkpoint_of_an_earlier_version_resumes_without_fsdp_and_is_refused_
 
     with pytest.raises(UserError, match="earlier version .* resume with parallel=ddp"):
         Sharded(1, torch.device("cpu"), "fsdp").load_optimizer(model, fresh, legacy)
+
+
+def test_sharded_state_round_trips_in_one_process(tmp_path):
+    """`save_sharded` / `load_sharded` (torch.distributed.checkpoint) without a process group: the weights and every
+    AdamW state of a fresh model and optimizer equal the saved ones."""
+    from trainer.parallel import DataParallel
+
+    dp = DataParallel(1, torch.device("cpu"))
+    torch.manual_seed(0)
+
+    def make():
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+        return model, torch.optim.AdamW(model.parameters(), lr=0.1)
+
+    model, optimizer = make()
+    model(torch.ones(2, 3)).sum().backward()
+    optimizer.step()
+    dp.save_sharded(model, optimizer, tmp_path / "dcp")
+    again, fresh = make()
+    dp.load_sharded(again, fresh, tmp_path / "dcp")
+    for a, b in zip(model.parameters(), again.parameters(), strict=True):
+        assert torch.equal(a, b)
+    saved, loaded = optimizer.state_dict()["state"], fresh.state_dict()["state"]
+    assert saved.keys() == loaded.keys() and len(saved) == 4
+    for key in saved:
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(saved[key][name], loaded[key][name]), (key, name)

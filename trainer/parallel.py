@@ -7,7 +7,9 @@ CUDA student, gloo for a CPU one) and wraps the student in DDP, or shards it wit
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 
 import torch
 
@@ -68,23 +70,49 @@ class DataParallel:
         collective). The optimizer state is always the full one keyed by parameter names (the state-dict API of
         `torch.distributed.checkpoint`), the same for one process, DDP and FSDP of any world size, so a checkpoint
         resumes under another; the model state is gathered under FSDP, None otherwise (the model's own is whole)."""
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         optimizer_state = get_optimizer_state_dict(root, optimizer, options=options)
+        return self.full_model_state(model), optimizer_state
+
+    def full_model_state(self, model) -> dict | None:
+        """The whole model state on CPU on rank 0 (a collective under FSDP: each tensor gathered and moved to CPU in
+        turn, so a device never holds more than its shard and one tensor); None when the model's own is whole."""
         if not self.sharded:
-            return None, optimizer_state
-        state = get_model_state_dict(model, options=options)
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         seen: set[int] = set()
         for name, param in model.named_parameters(remove_duplicate=False):  # tied weights are saved once, as usual
             if id(param) in seen:
                 state.pop(name, None)
             seen.add(id(param))
-        return state, optimizer_state
+        return state
+
+    def save_sharded(self, root, optimizer, path) -> None:
+        """Every rank writes its shards of the model and optimizer state under `path` with
+        `torch.distributed.checkpoint` (a collective): nothing is gathered. Keys are parameter names relative to
+        `root`, so that `load_sharded` reads them into any world size, FSDP, DDP or one process."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(root, optimizer)
+        with _one_process_is_meant():
+            dcp.save({"model": model_state, "optim": optimizer_state}, checkpoint_id=str(path))
+
+    def load_sharded(self, root, optimizer, path) -> None:
+        """Read a `save_sharded` checkpoint into this run's model and optimizer, resharded to this world size (each
+        rank reads what its shards or whole tensors need)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optimizer_state = get_state_dict(root, optimizer)  # the optimizer's state initialised
+        state = {"model": model_state, "optim": optimizer_state}
+        with _one_process_is_meant():
+            dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def load_optimizer(self, root, optimizer, state: dict) -> None:
         """Load a checkpoint's optimizer state (full, keyed by parameter names), sharded again under FSDP. A
@@ -172,3 +200,11 @@ class DataParallel:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _one_process_is_meant():
+    """`torch.distributed.checkpoint` without a process group warns that it assumes one process: that is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield

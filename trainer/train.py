@@ -15,6 +15,7 @@ micro-batches with gradient accumulation, so that a large vocabulary's logits ne
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import shutil
@@ -130,7 +131,9 @@ def train(config: TrainConfig, open_source: SourceOpener, resume: bool = False, 
             if record is not None:
                 bar.set_postfix(_postfix(record, run.last_eval), refresh=False)
         bar.close()
-        return run.finish()
+        summary = run.finish()
+        run.dp.barrier()  # every rank is done before any tears its process group down (see `close`)
+        return summary
     except TeacherError as exc:
         raise run.teacher_error(exc) from None
     finally:
@@ -181,7 +184,9 @@ class Training:
             run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(config, run_dir / "config.yaml")
             (run_dir / "teacher.json").write_text(json.dumps({k: self.info.get(k) for k in TEACHER_KEYS}, indent=2))
-        self.student = student = Student(config, ckpt / "student" if ckpt else self.student_dir, self.source, dp)
+        # a sharded checkpoint holds no whole weights: the student starts from its own, and the shards are read below
+        weights = ckpt / "student" if ckpt is not None and not checkpoint.is_sharded(ckpt) else self.student_dir
+        self.student = student = Student(config, weights, self.source, dp)
         self.model = student.model
         log(f"[train] student on {self.device} ({config.dtype}), output head in chunks of {student.chunk} positions"
             if student.chunk else f"[train] student on {self.device} ({config.dtype})")  # fmt: skip
@@ -198,7 +203,14 @@ class Training:
         self.inflight: deque = deque()  # batches sampled ahead (max_staleness > 0), their scores on the way
         if ckpt is not None:
             blob, state = checkpoint.load_state(ckpt)  # a damaged checkpoint is a UserError naming it
-            dp.load_optimizer(student.module, self.optimizer, blob["optimizer"])
+            if checkpoint.is_sharded(ckpt):
+                try:
+                    dp.load_sharded(student.module, self.optimizer, ckpt / checkpoint.SHARDED)
+                except (OSError, RuntimeError, ValueError, KeyError) as exc:  # DCP's reader: missing or bad shards
+                    raise UserError(f"checkpoint {ckpt} is damaged ({first_line(exc)}): remove it to resume from "
+                                    "the one before") from None  # fmt: skip
+            else:
+                dp.load_optimizer(student.module, self.optimizer, blob["optimizer"])
             self.scheduler.load_state_dict(blob["scheduler"])
             self.rollouts.load_state(blob["cursor"]["rollouts"])
             self.loss_gen.set_state(blob["cursor"]["loss_gen"])
@@ -296,8 +308,17 @@ class Training:
         if config.eval.every and step % config.eval.every == 0 and step < config.steps:
             self.last_eval = record["eval"] = self.run_eval()
         due = step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0)
-        # collectives: every rank gathers the full state (FSDP's shards) and its batches sampled ahead
-        full_state = dp.full_state(model, self.student.module, self.optimizer) if due else None
+        # collectives: under FSDP every rank writes its shards of the state, else rank 0 takes the whole state; every
+        # rank gathers its batches sampled ahead
+        full_state = None
+        if due and dp.sharded:
+            staging = checkpoint.staging(self.run_dir, step)
+            if dp.main:
+                shutil.rmtree(staging, ignore_errors=True)
+            dp.barrier()
+            dp.save_sharded(self.student.module, self.optimizer, staging / checkpoint.SHARDED)
+        elif due:
+            full_state = dp.full_state(model, self.student.module, self.optimizer)
         ahead = dp.gather([pending.saved() for pending in self.inflight]) if due else None
         if not dp.main:
             return None
@@ -307,7 +328,7 @@ class Training:
                 self.run_dir, step, model, self.optimizer, self.scheduler,
                 {"rollouts": self.rollouts.state(), "loss_gen": self.loss_gen.get_state(), "inflight": ahead},
                 {"skipped_steps": self.skipped, "cursor": self.cursor}, config.keep_checkpoints, self.student_dir,
-                full_state,
+                full_state, sharded=dp.sharded,
             )  # fmt: skip
         return record
 
@@ -317,6 +338,8 @@ class Training:
         if config.eval.before_after:
             self.log("[train] evaluating the student after training")
         eval_after = self.run_eval() if config.eval.before_after else None
+        # FSDP's checkpoints hold no whole student: gathered here (a collective), a tensor at a time to CPU
+        whole = self.dp.full_model_state(self.model)
         if not self.dp.main:
             return None
         eval_before = None
@@ -326,7 +349,10 @@ class Training:
         self.runlog.close()
         final_dir = run_dir / "student"
         shutil.rmtree(final_dir, ignore_errors=True)
-        shutil.copytree(checkpoint.latest(run_dir) / "student", final_dir)
+        if whole is not None:
+            checkpoint.write_student(final_dir, self.model, self.student_dir, whole)
+        else:
+            shutil.copytree(checkpoint.latest(run_dir) / "student", final_dir)
         summary = {
             "config": config.model_dump(mode="json"),
             "teacher": {k: self.info.get(k) for k in ("model", "engine", "dtype", "tokenizer_sha256")},
@@ -361,6 +387,10 @@ class Training:
             if self.link is not None:
                 self.link.close()
         finally:
+            # DDP's reducer holds the process group: released here, while the other ranks are still up, not when
+            # this object is collected after they have exited (gloo's destructor then waits for them forever)
+            self.student = self.model = self.optimizer = self.rollouts = None
+            gc.collect()
             self.dp.close()
 
 
