@@ -129,9 +129,9 @@ def test_a_greedy_client_cannot_delay_another_clients_request_past_one_batch():
 
 def test_a_large_request_is_split_by_sequence_and_a_small_one_passes_it():
     """Sequence granularity: a client's 16-sequence request queued alone fills whole batches; another client's
-    2-sequence request, arriving while the first batch runs, is served whole in the next batch, beside an equal
-    quantum (its 8 tokens) of the large request, long before the large request's last sequence; every request
-    gets its own sequences' results, in order."""
+    2-sequence request, arriving while the first batch runs, is served in the next two batches, which hold its
+    8 tokens' worth each (the smaller request's size) and take the two clients' sequences in turn, long before
+    the large request's last sequence; every request gets its own sequences' results, in order."""
     engine = GatedEngine()
 
     async def go():
@@ -149,8 +149,8 @@ def test_a_large_request_is_split_by_sequence_and_a_small_one_passes_it():
     batches = engine.batches
     assert batches[0] == [0, 1, 2, 3]  # alone: a whole batch of 16 tokens
     where = {i: b for b, batch in enumerate(batches) for i in batch}
-    assert where[100] == where[101] == 1 and where[15] > 1, batches
-    assert len([i for i in batches[1] if i < 100]) == 2, batches  # the large request's quantum: 8 tokens
+    assert (where[100], where[101]) == (1, 2) and where[15] > 2, batches
+    assert [sorted(b) for b in batches[1:3]] == [[4, 100], [5, 101]], batches  # 8 tokens a batch, in turn
     assert sorted(where) == [*range(16), 100, 101]  # every sequence scored once
     assert [r.logprobs.tolist() for r in big] == [[i] * 3 for i in range(16)]
     assert [r.logprobs.tolist() for r in small] == [[100 + i] * 3 for i in range(2)]

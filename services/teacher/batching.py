@@ -4,12 +4,12 @@ Handlers `await` the batcher; one worker thread runs the engine. Work is queued 
 (`fairness.FairQueue`) at the granularity of a sequence: a scoring request is split into its sequences, each
 queued and tagged on its own, and engine calls are filled with sequences in fair order, so that one client's
 large request never holds another's small one for a whole batch; a request is answered when its last sequence
-has been scored. The batch token budget adapts (`batch_budget`): `max_batch_tokens` while one client has work
-queued; while several have, a quantum per client, the least any of them has queued (at least
-`min_shared_batch_tokens` in all), so that the smallest client's whole request fits in one batch beside an equal
-quantum of each other client's, and a batch in progress, which every newly arrived sequence waits for, stays
-short. The engine call waits up to a short window for more work. A continuation request runs alone (all its
-prefixes at once).
+has been scored. The batch token budget adapts (`batch_budget`): `max_batch_tokens` while one client competes;
+while several do (work queued, or a request sent or answered within the last two batches), the size of the
+smallest request among them (at least `min_shared_batch_tokens`), so that a batch in progress, which every newly
+arrived sequence waits for, stays as short as the smallest client's request, and the clients' sequences take
+turns in it by fair tag. The engine call waits up to a short window for more work. A continuation request runs
+alone (all its prefixes at once).
 Admission is bounded twice, and never queues without bound: past `max_inflight_tokens` in all, a request is
 refused with `Overloaded` (503 + `Retry-After`); past `max_client_inflight_tokens` for its own client, with
 `ClientOverQuota` (429 + `Retry-After`). A request is always admitted when nothing of its kind is in flight, so
@@ -34,6 +34,7 @@ from services.teacher.engines.types import SamplingSpec, ScoreItem
 from services.teacher.fairness import FairQueue
 
 ANONYMOUS = "anonymous"
+ACTIVE_S = 0.05  # a client that sent or was answered this recently (or within two batches) still competes
 WATCHDOG_S = 0.5  # how often the watchdog asks the engine whether it is alive
 FATAL_ERRORS = {"EngineDeadError"}  # by name: vLLM need not be importable
 
@@ -127,6 +128,8 @@ class Batcher:
         self._client_inflight: dict[str, int] = {}
         self._closing = False
         self._running: list[_Job] = []
+        self._requests: dict[str, tuple[int, float]] = {}  # per client: its last request's tokens, last seen
+        self._last_batch_s = 0.0
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="teacher-engine", daemon=True)
         self._thread.start()
@@ -163,6 +166,7 @@ class Batcher:
                 raise ClientOverQuota(client, self.max_client_inflight_tokens)
             self._inflight += tokens
             self._client_inflight[client] = mine + tokens
+            self._seen(client, tokens)
             if kind == "score":
                 job.results, job.parts_left = [None] * len(payload), len(payload)
                 for i, item in enumerate(payload):
@@ -182,6 +186,14 @@ class Batcher:
                 else:
                     del self._client_inflight[client]  # bounded: only clients with work in flight
 
+    def _seen(self, client: str, tokens: int) -> None:
+        """Under the lock: `client` sent or was answered a request of `tokens` now (bounded: recent ones only)."""
+        now = time.monotonic()
+        self._requests[client] = (tokens, now)
+        if len(self._requests) > 1024:
+            keep = max(ACTIVE_S, 2 * self._last_batch_s)
+            self._requests = {c: v for c, v in self._requests.items() if now - v[1] <= keep}
+
     def close(self, timeout: float = 30.0) -> None:
         """Finish queued work, then stop the worker thread."""
         with self._cv:
@@ -199,14 +211,17 @@ class Batcher:
 
     def batch_budget(self, first) -> int:
         """Tokens the next scoring batch may hold, `first` (a part just taken) included: `max_batch_tokens` while
-        one client has work queued; else the number of such clients times the least tokens any of them has
-        queued, within [`min_shared_batch_tokens`, `max_batch_tokens`]."""
-        queued = self._queue.queued_tokens()
-        queued[first.client] = queued.get(first.client, 0) + first.tokens
-        if len(queued) == 1:
+        one client competes; else the smallest competing request (a client with work queued, or seen within the
+        last two batches: answered at the end of the last one, its next request is on its way), within
+        [`min_shared_batch_tokens`, `max_batch_tokens`]."""
+        now = time.monotonic()
+        recent = max(ACTIVE_S, 2 * self._last_batch_s)
+        active = {c: size for c, (size, seen) in self._requests.items() if now - seen <= recent}
+        active.update({c: self._requests.get(c, (t, now))[0] for c, t in self._queue.queued_tokens().items()})
+        active.setdefault(first.client, first.tokens)
+        if len(active) == 1:
             return self.max_batch_tokens
-        quantum = min(queued.values())
-        return min(self.max_batch_tokens, max(self.min_shared_batch_tokens, quantum * len(queued)))
+        return min(self.max_batch_tokens, max(self.min_shared_batch_tokens, min(active.values())))
 
     def _take(self) -> list | None:
         """The next batch: scoring parts, or one continuation job (None: closing and nothing left, or the
@@ -240,6 +255,7 @@ class Batcher:
         try:
             while (taken := self._take()) is not None:
                 self._observe(taken)
+                started = time.monotonic()
                 try:
                     if taken[0].kind == "score":
                         self._run_scores(taken)
@@ -253,6 +269,7 @@ class Batcher:
                     for job in _jobs(taken):  # a failure of these requests, not of the engine: keep serving
                         self._resolve(job, error=exc)
                 self._running = []
+                self._last_batch_s = time.monotonic() - started
         except BaseException as exc:  # the loop itself broke: nothing would ever answer the queue again
             self._fail(f"the engine loop failed: {type(exc).__name__}: {exc}", [])
 
@@ -299,6 +316,8 @@ class Batcher:
             job.results[part.index] = result
             job.parts_left -= 1
             if job.parts_left == 0:
+                with self._cv:  # answered now: still competing for the next batch, before its next request arrives
+                    self._seen(job.client, job.tokens)
                 self._resolve(job, result=job.results)
 
     @staticmethod

@@ -54,8 +54,8 @@ def add_teacher(sub) -> None:
         "--min-shared-batch-tokens",
         type=positive_int,
         default=2048,
-        help="while several clients have work queued, an engine call holds the least any of them has queued, once "
-        "per client, but at least this many tokens in all (2048)",
+        help="while several clients compete, an engine call holds as many tokens as the smallest of their requests, "
+        "but at least this many (2048)",
     )
     serve.add_argument(
         "--batch-window-ms", type=float, default=2.0, help="wait this long for more requests to batch (2)"
