@@ -55,7 +55,7 @@ def reference(toy_quick):
 # exit 0 then), so that an idle vLLM process does not outlive its users. Since it may idle beside other tests' vLLM
 # processes meanwhile, its KV cache is 1 GiB (as docker-compose.yml's teacher has it; 1.7 GB resident in all on the
 # toy teacher) instead of vLLM's CPU default of 15% of the machine's memory.
-SHARED_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+SHARED_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_USE_AOT_COMPILE": "0"}
 
 
 class SharedService:

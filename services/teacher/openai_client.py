@@ -200,7 +200,7 @@ def stock_vllm(
     """The stock server on 127.0.0.1 and a free port, healthy; stopped on the way out (SIGTERM, then SIGKILL
     to its process group, which holds its engine-core process). `extra`: more of the server's options."""
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"} if env is None else env
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_USE_AOT_COMPILE": "0"} if env is None else env
     command = stock_vllm_command(model, port, max_top_k, tokenizer) + list(extra)
     with log_path.open("w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

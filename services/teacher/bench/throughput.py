@@ -173,7 +173,9 @@ def run_bench(config: BenchConfig, progress=print) -> dict:
             f"{len(requests)} requests of {config.request_sequences} sequences cannot keep {max(config.clients)} "
             "clients busy: use more --sequences or a smaller --request-sequences"
         )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # for the servers: taken before the engine edits os.environ
+    # for the servers: taken before the engine edits os.environ; the stock server with vLLM's standard compile cache,
+    # as the engine has it (see engines/vllm.py)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_USE_AOT_COMPILE": "0"}
     tokens = config.sequences * (config.length - 1)
     max_top_k = max(20, config.top_k)
     report = {"model": config.model, "machine": machine(), "scored_tokens": tokens, **_settings(config)}
