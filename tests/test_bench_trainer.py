@@ -25,6 +25,11 @@ def test_bench_trainer_quick_reports_every_measurement(toy_quick):
     assert report["decoders"]["shapes"]["toy_student"]["rule_picks"] == "fast"
     peak = report["peak_memory_mb"]
     assert peak["unchunked"] > min(v for k, v in peak.items() if k.startswith("chunk_")) > 0
+    # (e) rollouts: rows that stop at different lengths, quick sizes
+    rollout = report["rollout"]
+    assert (rollout["settings"]["rows"], rollout["settings"]["new_tokens"]) == (16, 32) and rollout["shapes"]
+    for shape in rollout["shapes"].values():
+        assert shape["tokens_per_s"] > 0 and 0 < shape["mean_length"] <= 32 and shape["params"] > 0
 
 
 def test_bench_trainer_bad_latency_is_a_clear_error():
