@@ -31,8 +31,8 @@ class VLLMEngine:
     ):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         # vLLM 0.32's ahead-of-time compile cache fails to load on CPU ("Compiling model again due to a load
-        # failure"), so every start compiled the model again; its standard compile cache loads: a start of a model
-        # compiled before takes 12 s instead of 20 s on 2 cores
+        # failure"), so every start compiled the model again; its standard compile cache loads, and a start of a
+        # model compiled before skips the compile
         os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch
