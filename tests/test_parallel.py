@@ -22,7 +22,7 @@ def _args(world, out, *extra):
         "teacher.api=inprocess", f"teacher.model={world / 'teacher'}", "steps=3", "checkpoint_every=2",
         "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=12", "eval.n=5",
         "eval.kl_prompts=5", "tensorboard=false", "plot=false", "threads=1", "device=cpu", "guidance.decay_steps=2",
-        "optim.warmup_steps=10", "optim.schedule=constant", *extra,
+        "optim.warmup_steps=10", "optim.schedule=constant", "export_every=2", *extra,
     ]  # fmt: skip
 
 
@@ -51,6 +51,16 @@ def test_two_processes_match_one(realworld, one, tmp_path, parallel):
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), (key, (a[key] - b[key]).abs().max())
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
+    # `export_every=2`: step 2's student as a whole folder (under FSDP gathered from the shards), the last step's
+    # only as student/
+    for run in (one, tmp_path / "two"):
+        assert sorted(p.name for p in (run / "exports").iterdir()) == ["step-000002"]
+    a2 = load_file(one / "exports" / "step-000002" / "model.safetensors")
+    b2 = load_file(tmp_path / "two" / "exports" / "step-000002" / "model.safetensors")
+    assert a2.keys() == a.keys() and (tmp_path / "two" / "exports" / "step-000002" / "tokenizer.json").is_file()
+    assert any(not torch.allclose(a2[k], a[k], atol=1e-6) for k in a)  # step 2's, not the final weights
+    for key in a2:
+        assert torch.allclose(a2[key], b2[key], atol=1e-5, rtol=1e-4), (key, (a2[key] - b2[key]).abs().max())
     # evaluation spread over the ranks (each its share of the prompts, gathered on rank 0) gives one process's numbers
     one_eval, two_eval = (json.loads((run / "summary.json").read_text()) for run in (one, tmp_path / "two"))
     for when in ("eval_before", "eval_after"):

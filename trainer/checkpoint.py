@@ -53,6 +53,23 @@ def write_student(out: Path, model, tokenizer_from: Path, state_dict: dict | Non
             shutil.copy2(tokenizer_from / name, out / name)
 
 
+EXPORTS = "exports"  # the whole students written every `export_every` steps
+
+
+def export(run_dir: Path, step: int, model, tokenizer_from: Path, state_dict: dict | None = None) -> Path:
+    """The student of step `step` as a whole save_pretrained folder, `exports/step-NNNNNN` (written beside and
+    renamed, so a folder of that name is always complete). `state_dict`: the state gathered from FSDP's shards;
+    None: the model's own."""
+    final = run_dir / EXPORTS / f"{PREFIX}{step:06d}"
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_student(tmp, model, tokenizer_from, state_dict)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
 def save(
     run_dir: Path,
     step: int,

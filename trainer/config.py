@@ -244,6 +244,12 @@ class TrainConfig(_Section):
     max_staleness: int = Field(0, ge=0, le=8, description="0: strictly on-policy; k: rollouts up to k steps old")
     checkpoint_every: int = Field(250, ge=0, description="0: only at the end")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept in the run directory")
+    export_every: int = Field(
+        0,
+        ge=0,
+        description="every N steps, also write the student as a whole Hugging Face folder, exports/step-NNNNNN (0: "
+        "only the final student/)",
+    )
     tensorboard: bool = Field(True, description="write TensorBoard logs beside metrics.jsonl")
     plot: bool = Field(True, description="write curves.png at the end")
     memory_limit_gb: float | None = Field(

@@ -40,6 +40,18 @@ def load_student(path: str | Path, device: torch.device, gradient_checkpointing:
     return model
 
 
+def empty_student(path: str | Path, gradient_checkpointing: bool = False):
+    """The student's architecture on the meta device, no weights read (FSDP ranks other than 0 get theirs from rank
+    0's by broadcast). The directory was already loaded once by rank 0, so its config is known to be readable."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
 def decoder_layers(model) -> list[torch.nn.Module]:
     """The student's transformer blocks (FSDP2 shards each on its own), or [] when they cannot be found."""
     inner = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)

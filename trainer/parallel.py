@@ -133,18 +133,33 @@ class DataParallel:
         return self.total(0.0 if flag else 1.0) == 0.0
 
     def wrap(self, module: torch.nn.Module, layers=()) -> torch.nn.Module:
-        """`module` ready for data-parallel training: DDP, or FSDP2 with each of `layers` sharded on its own."""
+        """`module` ready for data-parallel training: DDP, or FSDP2 with each of `layers` sharded on its own.
+
+        Under FSDP only rank 0 holds weights (`module` loaded from disk); the other ranks pass the same architecture
+        on the meta device (`trainer.models.empty_student`): once sharded, each rank's shards are filled from rank
+        0's whole state by broadcast, and the buffers (rotary frequencies, which no checkpoint holds) likewise. So
+        the weights are read from disk once, and a rank other than 0 never holds more than its shards."""
         if self.world == 1:
             return module
         if self.parallel == "fsdp":
+            import torch.distributed as dist
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+            whole = module.state_dict() if self.main else {}  # references to the unsharded tensors, kept until filled
             # bf16 runs: parameters gathered and computed in bf16, gradients reduced in float32 (the master weights
             # and optimizer state stay float32 shards)
             mp = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
             for layer in layers:
                 fully_shard(layer, mp_policy=mp)
-            return fully_shard(module, mp_policy=mp)
+            sharded = fully_shard(module, mp_policy=mp)
+            if not self.main:
+                sharded.to_empty(device=self.device)
+            options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+            set_model_state_dict(sharded, whole, options=options)
+            for buffer in sharded.buffers():
+                dist.broadcast(buffer, src=0)
+            return sharded
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None

@@ -18,8 +18,9 @@ from tropd.paths import directory_path
 # other setting decides what the steps compute, and must stay as the run began
 # (devices, chunking and micro-batches change where and how, not what: tested equal)
 # (`student` and `teacher.model` are paths: the tokenizer and the teacher behind them are compared by fingerprint)
-RESUME_FREE = ("steps", "out", "student", "threads", "checkpoint_every", "keep_checkpoints", "tensorboard", "plot",
-               "eval.", "teacher.url", "teacher.api", "teacher.model", "teacher.engine", "teacher.api_key_env",
+RESUME_FREE = ("steps", "out", "student", "threads", "checkpoint_every", "keep_checkpoints", "export_every",
+               "tensorboard", "plot", "eval.", "teacher.url", "teacher.api", "teacher.model", "teacher.engine",
+               "teacher.api_key_env",
                "teacher.resolve_replicas", "teacher.skip_tokenizer_check",
                "teacher.timeout_s", "teacher.retries", "teacher.max_concurrency", "teacher.request_sequences",
                "teacher.client_id", "memory_limit_gb", "dist.", "device", "parallel", "gradient_checkpointing",

@@ -32,7 +32,14 @@ from trainer.data.files import model_vocab_size
 from trainer.data.source import PromptSource, SourceOpener
 from trainer.evaluation import evaluate, pick_verifier
 from trainer.methods import compute_loss, method_of
-from trainer.models import autocast_dtype, decoder_layers, load_student, quiet_transformers, resolve_dtype
+from trainer.models import (
+    autocast_dtype,
+    decoder_layers,
+    empty_student,
+    load_student,
+    quiet_transformers,
+    resolve_dtype,
+)
 from trainer.parallel import DataParallel, resolve_device
 from trainer.pipeline import Batch, Pending, Rollouts
 from trainer.plan import check_fits, chunk_tokens, plan_run
@@ -76,7 +83,10 @@ class Student:
 
     def __init__(self, config: TrainConfig, path: Path, source: PromptSource, dp: DataParallel):
         self.config, self.source, self.device = config, source, dp.device
-        self.model = load_student(path, dp.device, config.gradient_checkpointing).train()
+        if dp.sharded and not dp.main:  # FSDP: rank 0 reads the weights, the others get their shards from it
+            self.model = empty_student(path, config.gradient_checkpointing).train()
+        else:
+            self.model = load_student(path, dp.device, config.gradient_checkpointing).train()
         vocab = self.model.get_output_embeddings().weight.shape[0]
         self.chunk = chunk_tokens(config, vocab)
         self.scorer = ScoringModule(self.model, self.chunk, model_logits=self.chunk == 0)
@@ -320,8 +330,12 @@ class Training:
         elif due:
             full_state = dp.full_state(model, self.student.module, self.optimizer)
         ahead = dp.gather([pending.saved() for pending in self.inflight]) if due else None
+        export = bool(config.export_every) and step % config.export_every == 0 and step < config.steps
+        whole = dp.full_model_state(model) if export else None  # a collective under FSDP
         if not dp.main:
             return None
+        if export:
+            checkpoint.export(self.run_dir, step, model, self.student_dir, whole)
         self.runlog.write(record)
         if due:
             checkpoint.save(
