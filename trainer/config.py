@@ -154,6 +154,11 @@ class RolloutConfig(_Section):
         description="KV-cache tokens sampled at once, rows x (longest prompt + max_new_tokens), in rollouts and eval "
         "alike (0: the whole batch at once); the same samples whatever it is",
     )
+    compile: bool | Literal["auto"] = Field(
+        "auto",
+        description="decode over a static KV cache with the one-token step compiled by torch.compile (CUDA graphs on "
+        "CUDA); the same samples. auto: on CUDA where transformers can compile the student's architecture",
+    )
 
 
 class OptimConfig(_Section):

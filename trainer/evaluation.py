@@ -15,6 +15,7 @@ from trainer.config import TrainConfig
 from trainer.data.source import PromptSource
 from trainer.data.verifiers import Verifier
 from trainer.models import autocast_dtype
+from trainer.rollout.decode import resolve_compile
 from trainer.rollout.sampling import batch_rows, sample
 from tropd.errors import UserError
 
@@ -69,7 +70,8 @@ def evaluate(
     # batches bounded in KV-cache tokens, as the rollouts' (`rollout.sample_batch_tokens`), under the same autocast
     stops = dict(stop_ids=source.stop_ids, pad_id=source.pad_id, banned_ids=source.banned_ids,
                  vocab_limit=source.vocab_limit, all_done=dp.all_true if dp is not None and dp.sharded else None,
-                 max_new_tokens=budget, autocast_dtype=autocast_dtype(config))  # fmt: skip
+                 max_new_tokens=budget, autocast_dtype=autocast_dtype(config),
+                 compiled=resolve_compile(config.rollout.compile, model))  # fmt: skip
 
     def run(ids: list[list[int]], uniforms_B_T: torch.Tensor | None) -> list[tuple[int, list[int]]]:
         """This rank's (row number, response)s: global batches of `bound` x world tokens, a share each."""

@@ -19,6 +19,7 @@ from trainer.config import TrainConfig
 from trainer.data.source import PromptSource
 from trainer.methods import method_of
 from trainer.models import autocast_dtype
+from trainer.rollout.decode import resolve_compile
 from trainer.rollout.sampling import sample_in_batches
 
 
@@ -186,7 +187,7 @@ class Rollouts:
             self.model, starts, max_new_tokens=budget, batch_tokens=r.sample_batch_tokens, stop_ids=src.stop_ids,
             pad_id=src.pad_id, banned_ids=src.banned_ids, vocab_limit=src.vocab_limit, temperature=r.temperature,
             top_p=r.top_p, uniforms_B_T=uniforms_B_T, all_done=self.all_done,
-            autocast_dtype=autocast_dtype(self.config),
+            autocast_dtype=autocast_dtype(self.config), compiled=resolve_compile(r.compile, self.model),
         )  # fmt: skip
 
     def _prefixes(self, step: int, prompts: list[list[int]]) -> list[list[int]]:

@@ -25,7 +25,7 @@ RESUME_FREE = ("steps", "out", "student", "threads", "checkpoint_every", "keep_c
                "teacher.timeout_s", "teacher.retries", "teacher.max_concurrency", "teacher.request_sequences",
                "teacher.client_id", "memory_limit_gb", "dist.", "device", "parallel", "gradient_checkpointing",
                "loss_chunk_tokens",
-               "rollout.micro_batch_sequences", "rollout.sample_batch_tokens")  # fmt: skip
+               "rollout.micro_batch_sequences", "rollout.sample_batch_tokens", "rollout.compile")  # fmt: skip
 
 
 TEACHER_KEYS = ("model", "engine", "dtype", "tokenizer_sha256", "chat_template_sha256", "vocab_size")

@@ -43,6 +43,7 @@ from trainer.models import (
 from trainer.parallel import DataParallel, resolve_device
 from trainer.pipeline import Batch, Pending, Rollouts
 from trainer.plan import check_fits, chunk_tokens, plan_run
+from trainer.rollout.decode import resolve_compile
 from trainer.rundir import TEACHER_KEYS, check_resumed_models, check_start
 from trainer.runlog import RunLog
 from trainer.student import LanguageModelView, ScoringModule, StudentStep
@@ -200,6 +201,9 @@ class Training:
         self.model = student.model
         log(f"[train] student on {self.device} ({config.dtype}), output head in chunks of {student.chunk} positions"
             if student.chunk else f"[train] student on {self.device} ({config.dtype})")  # fmt: skip
+        compiled = resolve_compile(config.rollout.compile, student.sampler)  # an unsupported `true` stops here
+        log("[train] sampling over a static KV cache, the decode step compiled (rollout.compile)" if compiled else
+            "[train] sampling with the model's own cache, not compiled (rollout.compile)")  # fmt: skip
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay,
             fused=True if self.device.type == "cuda" else None,  # one kernel for all parameters on CUDA

@@ -1,6 +1,7 @@
 """Incremental decoding of a causal LM with a KV cache, behind two calls: `prefill` and `step`.
 
 `LibraryDecoder` drives the model's own forward and cache: any `AutoModelForCausalLM`, on any device.
+`StaticDecoder` drives the same forward over a static cache, its step compiled (`rollout.compile`).
 `LlamaDecoder` does the same arithmetic as `LlamaForCausalLM` (RMSNorm, rotary positions, grouped attention,
 SiLU MLP, tied or untied head) in plain torch on the model's own parameters, without the library's per-call
 overhead (masks, cache objects and output containers built for one token at a time); tests check its logits
@@ -66,11 +67,33 @@ def fast_decoder_pays(model) -> bool:
     return model.config.hidden_size * model.config.num_hidden_layers <= FAST_DECODER_MAX_WIDTH_X_DEPTH
 
 
-def decoder_for(model, prefer: str = "auto") -> LlamaDecoder | LibraryDecoder:
-    """The decoder that samples `model`: "auto" takes `LlamaDecoder` where it is supported and measured faster
-    (see `FAST_DECODER_MAX_WIDTH_X_DEPTH`), `LibraryDecoder` otherwise; "fast" and "library" force one."""
+def compile_supported(model) -> bool:
+    """Whether `StaticDecoder` can run `model`: a library model whose forward compiles over a static cache
+    (`_can_compile_fullgraph`, set by transformers per architecture) with ordinary, unsharded parameters."""
+    return bool(getattr(model, "_can_compile_fullgraph", False)) and not _sharded(model)
+
+
+def resolve_compile(choice: bool | str, model) -> bool:
+    """`rollout.compile` for this student: "auto" compiles on CUDA where it is supported (on CPU the compilation,
+    about 10 s a batch shape for the toy student, costs more than it saves); True where it is not supported is a
+    UserError."""
+    if choice == "auto":
+        return _parameters_device(model).type == "cuda" and compile_supported(model)
+    if choice and not compile_supported(model):
+        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        why = "it is sharded (FSDP)" if _sharded(model) else f"transformers cannot compile {kind!r} over a static cache"
+        raise UserError(f"rollout.compile=true but {why}: use rollout.compile=auto or false")
+    return bool(choice)
+
+
+def decoder_for(model, prefer: str = "auto", compiled: bool = False) -> LlamaDecoder | LibraryDecoder | StaticDecoder:
+    """The decoder that samples `model`: with `compiled`, `StaticDecoder`; else "auto" takes `LlamaDecoder` where it is
+    supported and measured faster (see `FAST_DECODER_MAX_WIDTH_X_DEPTH`), `LibraryDecoder` otherwise; "fast" and
+    "library" force one."""
     if prefer not in PREFERENCES:
         raise UserError(f"decoder must be one of {', '.join(PREFERENCES)}, not {prefer!r}")
+    if compiled:
+        return StaticDecoder(model)
     if prefer == "library":
         return LibraryDecoder(model)
     supported = fast_decoder_supports(model)
@@ -188,12 +211,12 @@ class LlamaDecoder:
         attend_B_P_N = F.pad(attend, (0, extra), value=False)
         return self._forward(F.embedding(ids_B_P, self.embed), positions_B_P, attend_B_P_N)
 
-    def keep(self, rows: torch.Tensor) -> bool:
-        """Keep only `rows` of the batch (finished rows leave it)."""
+    def keep(self, rows: torch.Tensor) -> torch.Tensor:
+        """Keep only `rows` of the batch (finished rows leave it); returns the rows kept."""
         self.keys = [k[rows] for k in self.keys]
         self.values = [v[rows] for v in self.values]
         self.valid_B_N = self.valid_B_N[rows]
-        return True
+        return rows
 
     def step(self, tokens_B: torch.Tensor, positions_B: torch.Tensor) -> torch.Tensor:
         self.valid_B_N[:, self.length] = True
@@ -226,13 +249,87 @@ class LibraryDecoder:
         self.mask_B_N = torch.cat([self.mask_B_N, torch.ones_like(self.mask_B_N[:, :1])], dim=-1)
         return self._run(tokens_B[:, None], positions_B[:, None])
 
-    def keep(self, rows: torch.Tensor) -> bool:
-        """Keep only `rows` of the batch (finished rows leave it); False where the cache cannot select rows."""
+    def keep(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """Keep only `rows` of the batch (finished rows leave it); returns the rows kept, None where the cache cannot
+        select rows (then the batch stays as it is)."""
         if not hasattr(self.cache, "batch_select_indices"):
-            return False
+            return None
         self.cache.batch_select_indices(rows)
         self.mask_B_N = self.mask_B_N[rows]
-        return True
+        return rows
+
+
+# A static cache's length is rounded up to a multiple of this, and rows leave a compiled batch only at power-of-two
+# sizes: the compiled step then meets few shapes (each new one compiles again, and on CUDA records a new graph).
+STATIC_CACHE_ROUND = 128
+
+
+class StaticDecoder:
+    """The model's own forward over a static KV cache (transformers' `StaticCache`: fixed rows x length, updated in
+    place), its one-token step compiled with `torch.compile` (on CUDA with CUDA graphs, "reduce-overhead"): no
+    per-token allocation, Python overhead or kernel launches one by one. The attention mask covers the whole cache
+    (slots not yet written are masked). Rows that have finished leave the batch only when the running ones fit a
+    smaller power of two; the rest of that size is filled with finished rows, whose tokens the sampler ignores."""
+
+    def __init__(self, model):
+        self.model = model
+        self.step_fn = _compiled_forward(model)
+        self.cache = None
+        self.mask_B_N: torch.Tensor | None = None
+        self.length = 0
+
+    def prefill(self, ids_B_P: torch.Tensor, mask_B_P: torch.Tensor, positions_B_P: torch.Tensor, extra: int):
+        from transformers import StaticCache
+
+        B, P = ids_B_P.shape
+        N = -(-(P + extra) // STATIC_CACHE_ROUND) * STATIC_CACHE_ROUND
+        self.cache = StaticCache(config=self.model.config, max_cache_len=N)
+        self.mask_B_N = torch.zeros((B, N), dtype=mask_B_P.dtype, device=mask_B_P.device)
+        self.mask_B_N[:, :P] = mask_B_P
+        self.length = P
+        out = self.model(input_ids=ids_B_P, attention_mask=self.mask_B_N, position_ids=positions_B_P,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+        return out.logits[:, -1, :]
+
+    def step(self, tokens_B: torch.Tensor, positions_B: torch.Tensor) -> torch.Tensor:
+        self.mask_B_N[:, self.length] = 1
+        self.length += 1
+        out = self.step_fn(input_ids=tokens_B[:, None], attention_mask=self.mask_B_N, position_ids=positions_B[:, None],
+                           past_key_values=self.cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+        return out.logits[:, -1, :].clone()  # a CUDA graph's output is overwritten by its next replay
+
+    def keep(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """Keep `rows` and as many finished rows as fill the next power of two at or above their number; None (the
+        batch unchanged) when that is not smaller than the batch."""
+        B = self.mask_B_N.shape[0]
+        size = 1 << (len(rows) - 1).bit_length()
+        if size >= B:
+            return None
+        leaving = torch.ones(B, dtype=torch.bool, device=rows.device)
+        leaving[rows] = False
+        kept = torch.cat([rows, leaving.nonzero()[: size - len(rows), 0]])
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[kept], layer.values[kept]
+            layer.batch_size = size
+            torch._dynamo.mark_static_address(layer.keys)
+            torch._dynamo.mark_static_address(layer.values)
+        self.mask_B_N = self.mask_B_N[kept]
+        return kept
+
+
+_COMPILED: dict[int, tuple[object, object]] = {}
+
+
+def _compiled_forward(model):
+    """`torch.compile` of `model.forward`, made once per model (its compiled graphs are kept across batches)."""
+    import weakref
+
+    entry = _COMPILED.get(id(model))
+    if entry is None or entry[0]() is not model:
+        mode = "reduce-overhead" if _parameters_device(model).type == "cuda" else None
+        entry = (weakref.ref(model), torch.compile(model.forward, dynamic=False, mode=mode))
+        _COMPILED[id(model)] = entry
+    return entry[1]
 
 
 def _takes(model, name: str) -> bool:

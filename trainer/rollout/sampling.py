@@ -1,6 +1,7 @@
 """Sampling from a causal LM with a KV cache: left-padded prompts, temperature, top-p, stop ids, banned ids.
 
-The model decodes through `trainer.rollout.decode.decoder_for(model)`: its own forward and cache, or for a small plain
+The model decodes through `trainer.rollout.decode.decoder_for(model)`: its own forward and cache (with `compiled`, a
+static cache and a compiled step), or for a small plain
 Llama on CPU a hand-written decoder that is measured faster there. Sampling runs on the model's device; the
 returned tensors are on CPU.
 
@@ -116,6 +117,7 @@ def sample(
     all_done: Callable[[bool], bool] | None = None,
     autocast_dtype: torch.dtype | None = None,
     check_every: int = CHECK_EVERY,
+    compiled: bool = False,
 ) -> Samples:
     """Sample continuations; `temperature == 0` is greedy decoding. A row finishes at any of `stop_ids` (and
     `eos_id` when given) or after `max_new_tokens`; ids in `banned_ids` or at or above `vocab_limit` are never
@@ -127,7 +129,8 @@ def sample(
     given): a row's sample then does not depend on which other rows share its batch, so data-parallel ranks
     that each take a slice of the global batch sample exactly what one process would, and rows that have
     finished may leave the batch (every `check_every` tokens). `decoder` is "auto", "fast" or "library"
-    (`trainer.rollout.decode.decoder_for`). `all_done(mine)`, when given, is a collective that says whether every
+    (`trainer.rollout.decode.decoder_for`); `compiled` decodes over a static cache with a compiled step instead
+    (`StaticDecoder`: the same tokens). `all_done(mine)`, when given, is a collective that says whether every
     process's rows have finished: ranks that share sharded weights must make the same number of forward calls,
     so each decodes until all are done.
 
@@ -150,7 +153,7 @@ def sample(
     position_B_P = (mask_B_P.cumsum(-1) - 1).clamp(min=0)
     stops = sorted(set(stop_ids) | ({eos_id} if eos_id is not None else set()))
     stops_S = torch.tensor(stops, dtype=torch.long, device=device)
-    runner = decoder_for(model, decoder)
+    runner = decoder_for(model, decoder, compiled)
     with _autocast(device, autocast_dtype):
         logits_A_V = runner.prefill(ids_B_P, mask_B_P, position_B_P, max_new_tokens).float()
     blocked_V = blocked_ids(logits_A_V.shape[-1], banned_ids, vocab_limit, device)
@@ -178,9 +181,9 @@ def sample(
             if all_done(running == 0) if all_done is not None else running == 0:
                 break
             if 0 < running <= LEAVE_BELOW * len(active_A):
-                keep_A = running_A.nonzero()[:, 0]
-                if runner.keep(keep_A):
-                    active_A, next_pos_A, tok_A = active_A[keep_A], next_pos_A[keep_A], tok_A[keep_A]
+                kept_A = runner.keep(running_A.nonzero()[:, 0])  # the running rows (a compiled batch: and some more)
+                if kept_A is not None:
+                    active_A, next_pos_A, tok_A = active_A[kept_A], next_pos_A[kept_A], tok_A[kept_A]
         with _autocast(device, autocast_dtype):
             logits_A_V = runner.step(tok_A, next_pos_A).float()
         next_pos_A = next_pos_A + 1
