@@ -250,6 +250,19 @@ def rollout_models() -> dict:
     } | {"_generator": g}
 
 
+def rollout_workloads(rows: int):
+    """(name, model in eval mode, `rows` prompts, stop ids) of each student of (e)."""
+    import torch
+
+    models = rollout_models()
+    g = models.pop("_generator")
+    for name, (model, prompt_len) in models.items():
+        vocab = model.get_output_embeddings().weight.shape[0]
+        prompts = (_toy_prompts(rows) if prompt_len is None
+                   else torch.randint(1, vocab, (rows, prompt_len), generator=g).tolist())  # fmt: skip
+        yield name, model.eval(), prompts, range(0, vocab, STOP_EVERY)
+
+
 def rollout_speed(quick: bool, threads: int = 2) -> dict:
     """Generated tokens per second of `sample` at temperature 1 over rows that stop at different lengths, best of
     3 after a warm-up. Quick: 16 rows x up to 32 tokens; else 64 x up to 128."""
@@ -260,18 +273,12 @@ def rollout_speed(quick: bool, threads: int = 2) -> dict:
     from trainer.rollout.sampling import sample
 
     rows, new_tokens, reps = (16, 32, 3) if quick else (64, 128, 3)
-    models = rollout_models()
-    g = models.pop("_generator")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     shapes = {}
     try:
-        for name, (model, prompt_len) in models.items():
-            model.eval()
+        for name, model, prompts, stops in rollout_workloads(rows):
             vocab = model.get_output_embeddings().weight.shape[0]
-            prompts = (_toy_prompts(rows) if prompt_len is None
-                       else torch.randint(1, vocab, (rows, prompt_len), generator=g).tolist())  # fmt: skip
-            stops = range(0, vocab, STOP_EVERY)
             best, lengths = 0.0, 0.0
             for rep in range(reps + 1):
                 start = time.perf_counter()
