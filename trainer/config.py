@@ -154,6 +154,31 @@ class RolloutConfig(_Section):
         description="KV-cache tokens sampled at once, rows x (longest prompt + max_new_tokens), in rollouts and eval "
         "alike (0: the whole batch at once); the same samples whatever it is",
     )
+    engine: Literal["auto", "torch", "vllm"] = Field(
+        "auto",
+        description="what samples the student: torch (the trainer's own decoding loop) or vllm (a vLLM engine in the "
+        "trainer's process, its weights synced from the trainer's); auto: vllm on CUDA when it is installed, else "
+        "torch",
+    )
+    sync_every: int = Field(
+        1,
+        ge=1,
+        description="vllm: copy the trainer's weights into the engine every N steps (rows sampled by older "
+        "weights are corrected like max_staleness rows, with the engine's log-probs as the old policy's)",
+    )
+    vllm_memory_share: float = Field(
+        0.3,
+        gt=0,
+        lt=1,
+        description="vllm on CUDA: the share of the device's memory the engine takes (it sleeps while "
+        "the trainer steps)",
+    )
+    mismatch_warn: float = Field(
+        0.05,
+        gt=0,
+        description="vllm: warn when the engine's log-probs of its samples exceed the trainer's by more "
+        "than this (rollout_mismatch_k1, nats/token)",
+    )
     compile: bool | Literal["auto"] = Field(
         "auto",
         description="decode over a static KV cache with the one-token step compiled by torch.compile (CUDA graphs on "

@@ -55,13 +55,14 @@ def spread(rows: list[slice], rank: int, world: int) -> list[list[int]]:
 
 @torch.no_grad()
 def evaluate(
-    model, link, source: PromptSource, config: TrainConfig, verifier: Verifier | None, student_lp, dp=None
+    model, link, source: PromptSource, config: TrainConfig, verifier: Verifier | None, student_lp, dp=None, engine=None
 ) -> dict | None:
     """{"accuracy": {set: share}, "reverse_kl": nats/token} on rank 0, None on the others. `student_lp(prompts,
     responses)` gives the student's log-probs of the responses (B_T, on CPU). With `dp` (a `DataParallel` of
     several ranks) the prompts are spread over the ranks, each sampling, scoring and verifying its share of every
     batch, and rank 0 gathers the results: the same numbers as one process (every row is sampled from its own
-    draws); sharded ranks decode in lockstep (see `sample`)."""
+    draws); sharded ranks decode in lockstep (see `sample`). `engine` (a synced `VLLMRollout`), when given, samples
+    instead of `sample`, each row with its own seed."""
     rank, world = (dp.rank, dp.world) if dp is not None else (0, 1)
     was_training = model.training
     model.eval()
@@ -76,10 +77,18 @@ def evaluate(
     def run(ids: list[list[int]], uniforms_B_T: torch.Tensor | None) -> list[tuple[int, list[int]]]:
         """This rank's (row number, response)s: global batches of `bound` x world tokens, a share each."""
         responses: list[tuple[int, list[int]]] = []
+        temperature = 0.0 if uniforms_B_T is None else 1.0
         for rows in spread(batch_rows(ids, budget, bound * world), rank, world):
-            roll = sample(model, [ids[i] for i in rows], temperature=0.0 if uniforms_B_T is None else 1.0,
-                          uniforms_B_T=None if uniforms_B_T is None else uniforms_B_T[rows], **stops)  # fmt: skip
-            responses += zip(rows, roll.responses(), strict=True)
+            starts = [ids[i] for i in rows]
+            if engine is not None:
+                seeds = [EVAL_SEED * 1_000_003 + i for i in rows]
+                out, _ = engine.sample(starts, max_new_tokens=budget, temperature=temperature, top_p=1.0,
+                                       stop_ids=source.stop_ids, seeds=seeds, banned_ids=source.banned_ids,
+                                       vocab_limit=source.vocab_limit)  # fmt: skip
+            else:
+                u_B_T = None if uniforms_B_T is None else uniforms_B_T[rows]
+                out = sample(model, starts, temperature=temperature, uniforms_B_T=u_B_T, **stops).responses()
+            responses += zip(rows, out, strict=True)
         return responses
 
     correct: dict[str, dict[int, float]] = {}
@@ -99,6 +108,8 @@ def evaluate(
         t_lp[i, : len(r.logprobs)] = torch.from_numpy(r.logprobs)
         mask[i, : len(responses[i])] = True
     model.train(was_training)
+    if engine is not None:
+        engine.sleep()
     kl = {row: (s_lp[i] - t_lp[i])[mask[i]].double() for i, row in enumerate(rows)}
     parts = dp.gather((correct, kl)) if dp is not None and world > 1 else [(correct, kl)]
     if parts is None:

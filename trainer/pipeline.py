@@ -37,6 +37,7 @@ class Batch:
     prefix_mask_B_T: torch.Tensor
     old_lp_B_T: torch.Tensor | None
     teacher_lp_B_T: torch.Tensor | None = None
+    sampler_lp_B_T: torch.Tensor | None = None  # the rollout engine's log-prob of each token it sampled (vllm; 0 else)
     teacher_top_ids_B_T_K: torch.Tensor | None = None
     teacher_top_lp_B_T_K: torch.Tensor | None = None
 
@@ -129,8 +130,12 @@ class Rollouts:
         rank: int = 0,
         world: int = 1,
         all_done=None,
+        engine=None,
     ):
         self.config, self.model, self.link, self.source = config, model, link, source
+        # rollout.engine=vllm: the engine samples; its weights are the trainer's as of `synced_version`
+        self.engine = engine
+        self.weights_version, self.synced_version, self.sync_s = 0, -1, 0.0
         self.old_logprobs = old_logprobs  # (prompts, responses) -> log-probs B_T of the sampling student
         self.all_done = all_done  # sharded ranks decode in lockstep (see `sample`)
         self.rank, self.world = rank, world
@@ -146,6 +151,16 @@ class Rollouts:
     def load_state(self, state: dict) -> None:
         self.rng.setstate(state["rng"])
         self.gen.set_state(state["gen"])
+
+    def weights_moved(self) -> None:
+        """The trainer changed the weights (an optimizer step): the engine is stale until its next sync."""
+        self.weights_version += 1
+
+    def sync_engine(self) -> None:
+        """Copy the trainer's weights into the rollout engine unless it has them already (seconds in `sync_s`)."""
+        if self.engine is not None and self.synced_version != self.weights_version:
+            self.sync_s += self.engine.sync(self.model)
+            self.synced_version = self.weights_version
 
     def _prompts(self) -> list[list[int]]:
         r = self.config.rollout
@@ -164,17 +179,34 @@ class Rollouts:
             return self._teacher_written(step, prompts)
         budget = cfg.rollout.max_new_tokens
         uniforms = self._mine(torch.rand((len(prompts), budget), generator=self.gen))
+        rows = self._mine(list(range(len(prompts))))  # this rank's rows' numbers in the global batch
         prefixes = self._mine(self._prefixes(step, prompts))
         prompts = self._mine(prompts)
         starts = [p + x for p, x in zip(prompts, prefixes, strict=True)]
         was_training = self.model.training
         self.model.eval()
-        continuations = self._sample(starts, budget, uniforms)
+        sampler_lp = None
+        if self.engine is None:
+            continuations = self._sample(starts, budget, uniforms)
+        else:
+            continuations, sampler_lp = self._sample_on_engine(step, starts, budget, rows)
+        stale = self.engine is not None and self.synced_version != self.weights_version
         # a prefix plus its continuation never runs past the response budget
-        responses = [(x + c)[: max(budget, len(x) + 1)] for x, c in zip(prefixes, continuations, strict=True)]
+        cut = [max(budget, len(x) + 1) for x in prefixes]
+        responses = [(x + c)[:n] for x, c, n in zip(prefixes, continuations, cut, strict=True)]
         batch = self._batch(step, "student", prompts, responses, [len(x) for x in prefixes])
-        if cfg.max_staleness > 0:
-            batch.old_lp_B_T = self.old_logprobs(prompts, responses)
+        if sampler_lp is not None:
+            padded = [([0.0] * len(x) + lp)[:n] for x, lp, n in zip(prefixes, sampler_lp, cut, strict=True)]
+            batch.sampler_lp_B_T = pad(padded, 0.0, torch.float32)
+        if cfg.max_staleness > 0 or stale:
+            # the old policy's log-probs: the engine's where it sampled; a teacher prefix's tokens were not sampled
+            # by it, so a batch with prefixes takes one more forward of the trainer's for them (as without an engine)
+            if sampler_lp is not None and not bool(batch.prefix_mask_B_T.any()):
+                batch.old_lp_B_T = batch.sampler_lp_B_T.clone()
+            else:
+                batch.old_lp_B_T = self.old_logprobs(prompts, responses)
+                if sampler_lp is not None:
+                    batch.old_lp_B_T = torch.where(batch.prefix_mask_B_T, batch.old_lp_B_T, batch.sampler_lp_B_T)
         self.model.train(was_training)
         seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
         future = self.link.score(seqs, [len(p) for p in prompts], self.top_k)
@@ -189,6 +221,20 @@ class Rollouts:
             top_p=r.top_p, uniforms_B_T=uniforms_B_T, all_done=self.all_done,
             autocast_dtype=autocast_dtype(self.config), compiled=resolve_compile(r.compile, self.model),
         )  # fmt: skip
+
+    def _sample_on_engine(self, step: int, starts: list[list[int]], budget: int, rows: list[int]):
+        """(continuations, the engine's log-probs of their tokens), each row with its own seed from (run seed, step,
+        row), so that a row's sample does not depend on its batch or rank. The engine syncs first when due (every
+        `rollout.sync_every` steps, and always on the first), and sleeps after (on CUDA)."""
+        r, src = self.config.rollout, self.source
+        if self.synced_version < 0 or (step - 1) % r.sync_every == 0:
+            self.sync_engine()
+        seeds = [(self._seed(step) * 1_000_003 + row) % 2**63 for row in rows]
+        out = self.engine.sample(starts, max_new_tokens=budget, temperature=r.temperature, top_p=r.top_p,
+                                 stop_ids=src.stop_ids, seeds=seeds, banned_ids=src.banned_ids,
+                                 vocab_limit=src.vocab_limit)  # fmt: skip
+        self.engine.sleep()
+        return out
 
     def _prefixes(self, step: int, prompts: list[list[int]]) -> list[list[int]]:
         share = prefix_share(self.config, step)

@@ -177,8 +177,9 @@ def chunk_tokens(config: TrainConfig, vocab_size: int) -> int:
 
 
 def make_plan(config: TrainConfig, shape: Shape, *, device: str, world: int, limit_bytes: int, baseline_bytes: int,
-              prompt_tokens: int, teacher: Shape | None = None) -> Plan:  # fmt: skip
-    """The plan of `config` for a student of `shape` whose longest prompt has `prompt_tokens` tokens."""
+              prompt_tokens: int, teacher: Shape | None = None, engine: str = "torch") -> Plan:  # fmt: skip
+    """The plan of `config` for a student of `shape` whose longest prompt has `prompt_tokens` tokens; `engine`, the
+    resolved `rollout.engine`."""
     r, size = config.rollout, _dtype_size(config)
     shard = world if config.parallel == "fsdp" and world > 1 else 1
     P = shape.params
@@ -207,12 +208,28 @@ def make_plan(config: TrainConfig, shape: Shape, *, device: str, world: int, lim
         step.append(Part("teacher's scoring (in process)", _teacher_scoring(teacher, rows, prompt_tokens, T),
                          "rollout.prompts_per_step"))  # fmt: skip
     cpu = not device.startswith("cuda")
-    phases = {"step": step, **_sampling("rollout", config, shape, prompt_tokens, T, rows, size, cpu)}
+    vllm = engine == "vllm"  # the engine samples (rollouts and eval), not the trainer's own loop
+    phases = {"step": step}
+    if not vllm:
+        phases.update(_sampling("rollout", config, shape, prompt_tokens, T, rows, size, cpu))
+    elif cpu:  # the engine keeps its own copy of the weights and a KV cache sized by the trainer, all run long
+        tokens = r.sample_batch_tokens or rows * (prompt_tokens + T)
+        resident += [
+            Part("rollout engine's weights (vLLM)", size * P, "rollout.engine=torch"),
+            Part(
+                "rollout engine's KV cache (vLLM)", 4 * tokens * shape.kv_bytes_per_token, "rollout.sample_batch_tokens"
+            ),  # fmt: skip
+            Part("rollout engine's runtime (vLLM)", VLLM_RUNTIME_BYTES, "rollout.engine=torch"),
+        ]
+    else:  # awake while it samples, asleep (its memory given back) while the trainer steps
+        phases["rollout (vLLM)"] = [Part("rollout engine (vLLM, awake)", int(r.vllm_memory_share * limit_bytes),
+                                         "rollout.vllm_memory_share")]  # fmt: skip
     if config.eval.before_after or config.eval.every:
         budget = config.eval.max_new_tokens or T
         kl_rows = max(1, config.eval.kl_prompts // world)
         eval_rows = max(-(-config.eval.n // world), kl_rows)  # each rank samples its share of every eval set
-        phases.update(_sampling("eval", config, shape, prompt_tokens, budget, eval_rows, size, cpu))
+        if not vllm:
+            phases.update(_sampling("eval", config, shape, prompt_tokens, budget, eval_rows, size, cpu))
         width = prompt_tokens + budget
         scored = min(kl_rows, r.micro_batch_sequences or kl_rows)
         # the decoder's forward (its attention), then the head's chunks: one after the other
@@ -227,6 +244,11 @@ def make_plan(config: TrainConfig, shape: Shape, *, device: str, world: int, lim
             teacher_bytes = _teacher_scoring(teacher, kl_rows, prompt_tokens, budget)
             phases["eval scoring"].append(Part("teacher's scoring (in process)", teacher_bytes, "eval.kl_prompts"))
     return Plan(device, world, limit_bytes, baseline_bytes, resident, phases)
+
+
+# vLLM's own resident memory in the trainer's process beyond weights and KV cache (its imports, compiled graphs,
+# buffers), measured on CPU with the toy student: see the rollout-engine section of docs/benchmarks.md
+VLLM_RUNTIME_BYTES = 600 * MiB
 
 
 def _head_bytes(config: TrainConfig, shape: Shape, rows: int, width: int, response: int) -> int:
@@ -263,7 +285,7 @@ def _teacher_scoring(teacher: Shape, rows: int, prompt: int, new: int) -> int:
     return min(rows * (new + 1) * teacher.vocab * 4 * 3, 3 * 256 * MiB) + rows * (prompt + new) * teacher.hidden * 4 * 4
 
 
-def plan_run(config: TrainConfig, longest_prompt: int, device: str, world: int) -> Plan:
+def plan_run(config: TrainConfig, longest_prompt: int, device: str, world: int, engine: str = "torch") -> Plan:
     """The plan of a run about to start in this process (`config.dtype` resolved): the student's and an
     in-process teacher's shapes from their config.json, the baseline from this process's memory now."""
     student = read_shape(config.student)
@@ -271,7 +293,7 @@ def plan_run(config: TrainConfig, longest_prompt: int, device: str, world: int) 
     baseline = 0 if device.startswith("cuda") else process_rss_bytes()
     limit = device_limit_bytes(device, config.memory_limit_gb)
     return make_plan(config, student, device=device, world=world, limit_bytes=limit, baseline_bytes=baseline,
-                     prompt_tokens=longest_prompt, teacher=teacher)  # fmt: skip
+                     prompt_tokens=longest_prompt, teacher=teacher, engine=engine)  # fmt: skip
 
 
 # ---- the device's memory ------------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
         axes[1].plot(x, [r["k1"] for r in steps], label="K1 (train samples)")
     if evals:
         axes[1].plot([s for s, _ in evals], [e["reverse_kl"] for _, e in evals], "o-", label="reverse KL (held out)")
+    if steps and "rollout_mismatch_k1" in steps[0]:
+        axes[1].plot(x, [r["rollout_mismatch_k1"] for r in steps], label="rollout engine - trainer (K1)")
     if steps and "trust_share" in steps[0]:
         axes[1].plot(x, [r["trust_share"] for r in steps], label="trust share")
     axes[1].set_title("mismatch to the teacher (nats/token)")

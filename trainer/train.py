@@ -44,6 +44,7 @@ from trainer.parallel import DataParallel, resolve_device
 from trainer.pipeline import Batch, Pending, Rollouts
 from trainer.plan import check_fits, chunk_tokens, plan_run
 from trainer.rollout.decode import resolve_compile
+from trainer.rollout.vllm_engine import VLLMRollout, resolve_engine
 from trainer.rundir import TEACHER_KEYS, check_resumed_models, check_start
 from trainer.runlog import RunLog
 from trainer.student import LanguageModelView, ScoringModule, StudentStep
@@ -173,10 +174,12 @@ class Training:
         torch.manual_seed(config.seed)
         quiet_transformers()
         self.log = log if self.dp.main else _silent
-        self.link = None
+        self.link = self.engine = None
         try:
+            self.rollout_engine = resolve_engine(config, self.device, self.dp.world)  # a refusal stops here
             # before anything large is allocated (the teacher in process, the student): a run that cannot fit stops
-            self.plan = plan_run(config, self.source.longest_prompt(), str(self.device), self.dp.world)
+            self.plan = plan_run(config, self.source.longest_prompt(), str(self.device), self.dp.world,
+                                 self.rollout_engine)  # fmt: skip
             self.log(f"[train] memory plan: peak {self.plan.peak_bytes / 2**30:.2f} GiB per device "
                      f"({self.plan.peak_phase}) of {self.plan.limit_bytes / 2**30:.2f} GiB")  # fmt: skip
             check_fits(self.plan)
@@ -202,15 +205,25 @@ class Training:
         log(f"[train] student on {self.device} ({config.dtype}), output head in chunks of {student.chunk} positions"
             if student.chunk else f"[train] student on {self.device} ({config.dtype})")  # fmt: skip
         compiled = resolve_compile(config.rollout.compile, student.sampler)  # an unsupported `true` stops here
-        log("[train] sampling over a static KV cache, the decode step compiled (rollout.compile)" if compiled else
-            "[train] sampling with the model's own cache, not compiled (rollout.compile)")  # fmt: skip
+        if self.rollout_engine == "torch":
+            log("[train] sampling over a static KV cache, the decode step compiled (rollout.compile)" if compiled else
+                "[train] sampling with the model's own cache, not compiled (rollout.compile)")  # fmt: skip
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay,
             fused=True if self.device.type == "cuda" else None,  # one kernel for all parameters on CUDA
         )  # fmt: skip
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
+        if self.rollout_engine == "vllm":
+            log("[train] rollouts on vLLM (rollout.engine), in this process, its weights synced from the trainer's "
+                f"every {config.rollout.sync_every} step(s)")  # fmt: skip
+            r, budget = config.rollout, max(config.rollout.max_new_tokens, config.eval.max_new_tokens or 0)
+            longest = self.source.longest_prompt() + budget
+            self.engine = VLLMRollout(self.student_dir, dtype=config.dtype, max_model_len=longest, seed=config.seed,
+                                      cache_tokens=r.sample_batch_tokens or longest * r.prompts_per_step,
+                                      memory_share=r.vllm_memory_share)  # fmt: skip
         self.rollouts = Rollouts(config, student.sampler, self.link, self.source, student.logprobs, rank=dp.rank,
-                                 world=dp.world, all_done=dp.all_true if dp.sharded else None)  # fmt: skip
+                                 world=dp.world, all_done=dp.all_true if dp.sharded else None,
+                                 engine=self.engine)  # fmt: skip
         self.loss_gen = torch.Generator().manual_seed(config.seed + 1)
         self.method = method_of(config)
         self.done, self.skipped, self.cursor = 0, 0, 0
@@ -240,8 +253,9 @@ class Training:
 
     def run_eval(self) -> dict | None:
         """On every rank, each with its share of the prompts; rank 0 gets the result, the others None."""
+        self.rollouts.sync_engine()  # the engine samples eval's rows with the weights of this moment
         return evaluate(self.student.sampler, self.link, self.source, self.config, self.verifier,
-                        self.student.logprobs, self.dp)  # fmt: skip
+                        self.student.logprobs, self.dp, self.engine)  # fmt: skip
 
     def evaluate_before(self) -> None:
         config, dp, run_dir = self.config, self.dp, self.run_dir
@@ -292,6 +306,7 @@ class Training:
             ok = ok and math.isfinite(grad_norm)
         if ok:
             self.optimizer.step()
+            self.rollouts.weights_moved()
         else:
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped += 1
@@ -300,6 +315,9 @@ class Training:
         t_done = time.perf_counter()
         latencies, self.link.latencies[:] = list(self.link.latencies), []
         record.update({k: float(v) for k, v in metrics.items()})
+        if batch.sampler_lp_B_T is not None:
+            record.update(rollout_mismatch(batch, scores.lp_B_T, step, config.rollout.mismatch_warn, warn))
+            record["rollout_sync_s"], self.rollouts.sync_s = self.rollouts.sync_s, 0.0
         record.update(
             {
                 "source": batch.source,
@@ -404,12 +422,32 @@ class Training:
         try:
             if self.link is not None:
                 self.link.close()
+            if self.engine is not None:
+                self.engine.close()
         finally:
             # DDP's reducer holds the process group: released here, while the other ranks are still up, not when
             # this object is collected after they have exited (gloo's destructor then waits for them forever)
             self.student = self.model = self.optimizer = self.rollouts = None
             gc.collect()
             self.dp.close()
+
+
+def rollout_mismatch(batch: Batch, trainer_lp_B_T: torch.Tensor, step: int, threshold: float, warn) -> dict:
+    """How far the rollout engine's log-probs of the tokens it sampled are from the trainer's own (both at
+    temperature 1, neither masked): `rollout_mismatch_k1`, the mean of sampler minus trainer (an estimate of
+    KL(sampler || trainer) on the sampler's tokens), and `rollout_mismatch_max`, the largest gap. Past `threshold`
+    a warning: the engine samples from other weights than the trainer's (a sync that did not happen) or computes
+    them differently (kernels, precision)."""
+    sampled_B_T = batch.mask_B_T & ~batch.prefix_mask_B_T
+    if not bool(sampled_B_T.any()):
+        return {}
+    gap = (batch.sampler_lp_B_T.to(trainer_lp_B_T.device) - trainer_lp_B_T.detach().float())[sampled_B_T]
+    k1, largest = float(gap.mean()), float(gap.abs().max())
+    if k1 > threshold:
+        warn(f"[train] step {step}: the rollout engine's log-probs exceed the trainer's by {k1:.3f} nats/token "
+             f"(rollout_mismatch_k1 > rollout.mismatch_warn={threshold}): its weights or arithmetic are not the "
+             "trainer's")  # fmt: skip
+    return {"rollout_mismatch_k1": k1, "rollout_mismatch_max": largest}
 
 
 class PhasePeaks:

