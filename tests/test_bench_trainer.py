@@ -30,6 +30,12 @@ def test_bench_trainer_quick_reports_every_measurement(toy_quick):
     assert (rollout["settings"]["rows"], rollout["settings"]["new_tokens"]) == (16, 32) and rollout["shapes"]
     for shape in rollout["shapes"].values():
         assert shape["tokens_per_s"] > 0 and 0 < shape["mean_length"] <= 32 and shape["params"] > 0
+    # (f) rollout engines, quick: the toy student on torch and on vLLM, and one weight sync
+    engines = report["engines"]["shapes"]
+    assert list(engines) == ["toy_student"]
+    toy = engines["toy_student"]
+    assert toy["torch_tokens_per_s"] > 0 and toy["vllm_tokens_per_s"] > 0 and toy["sync_ms"] > 0
+    assert toy["vllm_over_torch_rollout_tokens_per_s"] == toy["vllm_tokens_per_s"] / toy["torch_tokens_per_s"]
 
 
 def test_bench_trainer_bad_latency_is_a_clear_error():

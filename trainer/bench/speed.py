@@ -145,7 +145,17 @@ def main(args) -> int:
     report["peak_memory_mb"] = report["memory"]["peak_memory_mb"]
     _stderr("[bench] (e) rollouts: the sampler's tokens/s with rows that stop at different lengths")
     report["rollout"] = rollout_speed(args.quick, threads=max(threads, 1))
-    print(json.dumps(report) if args.json else format_report(report) + "\n" + format_extra(report))
+    from trainer.bench.engines import engine_speed, format_engines
+    from trainer.rollout.vllm_engine import vllm_installed
+
+    text = format_report(report) + "\n" + format_extra(report)
+    if vllm_installed():
+        _stderr("[bench] (f) rollout engines: torch vs vllm, and one weight sync")
+        report["engines"] = engine_speed(args.quick, threads=max(threads, 1))
+        text += "\n" + format_engines(report["engines"])
+    else:
+        text += "\n\n(f) rollout engines: vLLM is not installed, so only the torch loop was measured (e)"
+    print(json.dumps(report) if args.json else text)
     return 0
 
 

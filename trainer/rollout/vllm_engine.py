@@ -87,7 +87,7 @@ class VLLMRollout:
         else:
             config = AutoConfig.from_pretrained(student_dir)
             options.update(kv_cache_memory_bytes=kv_cache_bytes(config, max(cache_tokens, max_model_len)))
-        self.llm = LLM(**options)
+        self.llm = LLM(**options, skip_tokenizer_init=True)  # ids in, ids out: no tokenizer needed
         self.vocab = self.llm.llm_engine.model_config.get_vocab_size()
         self.asleep = False
 
