@@ -81,12 +81,15 @@ def _one(*args):
 
 
 def test_a_checkpoint_resumes_under_another_world_size_and_across_ddp_and_fsdp(realworld, tmp_path):
-    """FSDP's checkpoints are sharded (`dcp/`: each rank writes its shards, nothing is gathered, no whole student in
-    the checkpoint) and resume under FSDP over 2 processes and in 1 process; DDP's (whole, the optimizer state by
-    parameter name) resume under FSDP. Every run ends where one straight process of 3 steps ends."""
+    """FSDP (with micro-batches and gradient checkpointing) writes sharded checkpoints (`dcp/`: each rank writes its
+    shards, nothing is gathered, no whole student in the checkpoint), which resume under FSDP over 2 processes and in
+    1 process; DDP's (whole, the optimizer state by parameter name) resume under FSDP. Every run ends where one
+    straight process of 3 steps ends."""
     straight = _one(*_args(realworld, tmp_path / "straight", "checkpoint_every=0"))
     assert straight.returncode == 0, straight.stderr[-3000:]
-    fsdp = _torchrun(*_args(realworld, tmp_path / "fsdp-then-fsdp", "steps=2", "parallel=fsdp"))
+    # FSDP with micro-batches and gradient checkpointing (they change how a step runs, not what it computes)
+    how = ("rollout.micro_batch_sequences=2", "gradient_checkpointing=true")
+    fsdp = _torchrun(*_args(realworld, tmp_path / "fsdp-then-fsdp", "steps=2", "parallel=fsdp", *how))
     assert fsdp.returncode == 0, fsdp.stderr[-3000:]
     ckpt = tmp_path / "fsdp-then-fsdp" / "checkpoints" / "step-000002"
     assert (ckpt / "dcp" / ".metadata").is_file() and len(list((ckpt / "dcp").glob("*.distcp"))) == 2
@@ -96,13 +99,13 @@ def test_a_checkpoint_resumes_under_another_world_size_and_across_ddp_and_fsdp(r
     ddp = _torchrun(*_args(realworld, tmp_path / "ddp-then-fsdp", "steps=2", "parallel=ddp"))
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert not (tmp_path / "ddp-then-fsdp" / "checkpoints" / "step-000002" / "dcp").exists()
-    for name, (then, after) in (
-        ("fsdp-then-fsdp", (_torchrun, "parallel=fsdp")),
+    for name, (then, *after) in (
+        ("fsdp-then-fsdp", (_torchrun, "parallel=fsdp", *how)),
         ("fsdp-then-one", (_one, "parallel=ddp")),
         ("ddp-then-fsdp", (_torchrun, "parallel=fsdp")),
     ):
         out = tmp_path / name
-        rest = then(*_args(realworld, out, "steps=3", after), "--resume")
+        rest = then(*_args(realworld, out, "steps=3", *after), "--resume")
         assert rest.returncode == 0, rest.stderr[-3000:]
         a = load_file(tmp_path / "straight" / "student" / "model.safetensors")
         b = load_file(out / "student" / "model.safetensors")
