@@ -147,6 +147,28 @@ def test_each_setting_shrinks_the_part_it_names():
     )
 
 
+def test_a_vllm_rollout_engine_is_in_the_plan():
+    """rollout.engine=vllm: on CPU the engine's weights, KV cache (sized by rollout.sample_batch_tokens) and runtime
+    stay resident and the trainer's own sampling phases go; on CUDA the engine's share of the device is a phase of
+    its own (it sleeps while the trainer steps)."""
+    from trainer.plan import VLLM_RUNTIME_BYTES
+
+    def plan(device, *overrides):
+        config = load_config(None, ["dtype=float32", "rollout.prompts_per_step=64", "rollout.max_new_tokens=512",
+                                    *overrides])  # fmt: skip
+        return make_plan(config, _shape(), device=device, world=1, limit_bytes=80 * GiB, baseline_bytes=0,
+                         prompt_tokens=400, engine="vllm").as_json()  # fmt: skip
+
+    cpu = plan("cpu", "rollout.sample_batch_tokens=8192")
+    assert cpu["parts"]["rollout engine's weights (vLLM)"] == 4 * _shape().params
+    assert cpu["parts"]["rollout engine's KV cache (vLLM)"] == 4 * 8192 * _shape().kv_bytes_per_token
+    assert cpu["parts"]["rollout engine's runtime (vLLM)"] == VLLM_RUNTIME_BYTES
+    assert not any(name.startswith(("rollout prefill", "rollout decoding", "eval prefill")) for name in cpu["phases"])
+    cuda = plan("cuda", "rollout.vllm_memory_share=0.25")
+    assert cuda["phases"]["rollout (vLLM)"] == int(0.25 * 80 * GiB)
+    assert not any(name.startswith("rollout engine's") for name in cuda["parts"])  # nothing resident
+
+
 def test_the_plan_is_refused_for_an_unreadable_model(tmp_path):
     from trainer.plan import read_shape
 

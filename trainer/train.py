@@ -206,8 +206,8 @@ class Training:
             if student.chunk else f"[train] student on {self.device} ({config.dtype})")  # fmt: skip
         compiled = resolve_compile(config.rollout.compile, student.sampler)  # an unsupported `true` stops here
         if self.rollout_engine == "torch":
-            log("[train] sampling over a static KV cache, the decode step compiled (rollout.compile)" if compiled else
-                "[train] sampling with the model's own cache, not compiled (rollout.compile)")  # fmt: skip
+            how = "over a static KV cache, the decode step compiled" if compiled else "with the model's own cache"
+            log(f"[train] rollouts on the trainer's own loop (rollout.engine=torch), {how} (rollout.compile)")
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay,
             fused=True if self.device.type == "cuda" else None,  # one kernel for all parameters on CUDA
