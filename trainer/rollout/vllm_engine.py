@@ -74,6 +74,9 @@ class VLLMRollout:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")  # see services/teacher/engines/vllm.py
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        # its per-sync lines (and a warning that the rotary module has no weights to reload) would bury the trainer's
+        # progress; what matters of a sync is measured by the trainer (rollout_mismatch_k1, rollout_sync_s)
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         from transformers import AutoConfig
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
