@@ -29,7 +29,7 @@ def sync_check(student_dir: str) -> dict:
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
-    engine = VLLMRollout(student_dir, dtype="float32", max_model_len=128, cache_tokens=2048, seed=0)
+    engine = VLLMRollout(student_dir, dtype="float32", max_model_len=128, cache_tokens=16384, seed=0)
     seq = [3, 7, 9, 11, 4, 5, 6, 8, 12, 13]
 
     def trainer_lp():
@@ -57,10 +57,15 @@ def sync_check(student_dir: str) -> dict:
     reference = sample(model.eval(), prompts, max_new_tokens=12, pad_id=0, stop_ids=stops, temperature=0.0)
     drawn, lps = engine.sample(prompts, max_new_tokens=12, temperature=1.0, top_p=1.0, stop_ids=stops, seeds=[1, 2, 3])
     alone, _ = engine.sample(prompts[1:2], max_new_tokens=12, temperature=1.0, top_p=1.0, stop_ids=stops, seeds=[2])
+    # more prompt tokens than one engine step takes (8192): seeded rows whose prompts would have been split over
+    # two steps (chunked prefill) made a CPU generator fail
+    many, _ = engine.sample([[3] * 120] * 80, max_new_tokens=2, temperature=1.0, top_p=1.0, stop_ids=[],
+                            seeds=range(80))  # fmt: skip
     engine.close()
     return {"before": float(before), "stale": float(stale), "after": float(after), "moved": float(moved),
             "sync_s": sync_s, "greedy": greedy, "reference": reference.responses(), "drawn": drawn,
-            "alone": alone, "lengths_match": [len(t) == len(lp) for t, lp in zip(drawn, lps, strict=True)]}  # fmt: skip
+            "alone": alone, "many": [len(t) for t in many],
+            "lengths_match": [len(t) == len(lp) for t, lp in zip(drawn, lps, strict=True)]}  # fmt: skip
 
 
 @pytest.mark.slow  # two vLLM engines in a subprocess: about 30 s on 2 cores
@@ -78,6 +83,7 @@ def test_a_synced_engine_samples_from_the_trainers_weights(toy_quick, realworld)
         assert r["stale"] > 1e-2 and r["moved"] > 1e-2, (name, r)  # the step moved the weights, the sync took them
         assert r["greedy"] == r["reference"], (name, r)
         assert r["alone"] == r["drawn"][1:2] and all(r["lengths_match"]), (name, r)
+        assert r["many"] == [2] * 80, (name, r["many"])
 
 
 @pytest.mark.slow  # a vLLM engine in a training run: about 20 s on 2 cores

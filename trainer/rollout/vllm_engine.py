@@ -82,8 +82,11 @@ class VLLMRollout:
         from vllm.inputs import TokensPrompt
 
         self._params, self._prompt = SamplingParams, TokensPrompt
+        # no chunked prefill: a prompt split over two engine steps rewinds its row's seeded generator, which a CPU
+        # generator cannot do ("CPU Generator does not use offset"); a step then holds whole prompts only
         options: dict = dict(model=str(student_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
-                             max_logprobs=1, logprobs_mode="raw_logprobs", enable_prefix_caching=True)  # fmt: skip
+                             max_logprobs=1, logprobs_mode="raw_logprobs", enable_prefix_caching=True,
+                             enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192))  # fmt: skip
         if torch.cuda.is_available():
             # untested: no GPU with vLLM has run this yet (docs/benchmarks.md)
             options.update(gpu_memory_utilization=memory_share, enable_sleep_mode=True)
