@@ -109,6 +109,29 @@ def test_a_run_on_vllm_logs_the_mismatch_and_a_stale_engine_trips_the_warning(to
     assert (out / "student" / "model.safetensors").is_file() and (out / "curves.png").is_file()
 
 
+@pytest.mark.slow  # 80 short steps and a vLLM engine: about 25 s on 2 cores
+@pytest.mark.vllm
+def test_the_real_shaped_world_trains_over_http_with_vllm_rollouts(realworld, realworld_vllm_teacher, tmp_path):
+    """The Qwen3 student of the real-shaped world (tied embedding, a table larger than its BPE tokenizer, ChatML
+    prompts) samples on vLLM while the vLLM teacher service scores over HTTP: the held-out reverse KL falls, and
+    the engine's log-probs stay the trainer's (synced every step)."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "tropd", "train", f"student={realworld / 'student'}", f"out={out}",
+               "data.source=files", f"data.train=[{realworld / 'train-chat.jsonl'}]",
+               f"data.eval=[{realworld / 'eval-chat.jsonl'}]", f"teacher.url={realworld_vllm_teacher.get().url}",
+               "rollout.engine=vllm", "steps=80", "rollout.prompts_per_step=8", "rollout.samples_per_prompt=2",
+               "rollout.max_new_tokens=16", "eval.n=8", "eval.kl_prompts=32", "eval.every=0", "optim.lr=1e-2",
+               "optim.warmup_steps=10", "optim.schedule=constant", "checkpoint_every=0", "tensorboard=false",
+               "plot=false", "threads=1"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    before, after = summary["eval_before"]["reverse_kl"], summary["eval_after"]["reverse_kl"]
+    assert after < 0.8 * before, (before, after)
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(abs(r["rollout_mismatch_k1"]) for r in steps if "loss" in r) < 1e-4
+
+
 def test_vllm_rollouts_refuse_what_they_cannot_do(toy_quick, tmp_path):
     base = [f"student={toy_quick / 'student'}", f"out={tmp_path / 'run'}", "teacher.api=inprocess",
             f"teacher.model={toy_quick / 'teacher'}", "rollout.engine=vllm"]  # fmt: skip
