@@ -123,6 +123,52 @@ def test_opd_old_lp_equal_to_current_gives_same_gradient():
     torch.testing.assert_close(g_stale, g_fresh)
 
 
+def test_opd_with_truncated_importance_weights_matches_reference():
+    """Rows a rollout engine sampled: each token's policy-gradient loss times w_t = min(exp(s_t - s_sampler_t), C),
+    detached (no gradient through the weight)."""
+    b = make_batch(4)
+    sampler = b["old_lp"]  # log-probs that differ from the trainer's, as an engine's may
+    s_now = losses.token_logprobs(b["logits"], b["ids"]).detach()
+    weight = torch.exp(s_now - sampler).clamp(max=1.5)
+    assert (weight < 1.5).any() and (weight == 1.5).any()  # both sides of the cap are exercised
+    loss, _ = losses.opd(b["logits"], b["ids"], b["teacher_lp"], b["mask"], is_weight_B_T=weight)
+    loss.backward()
+
+    L = leaf64(b["logits"])
+    pos = positions(b["mask"])
+    ref = L.new_zeros(())
+    for p in pos:
+        s = torch.log_softmax(L[p], -1)[b["ids"][p]]
+        w = min(math.exp(s.item() - sampler[p].double().item()), 1.5)  # a number: no gradient through it
+        ref = ref + w * ref_pg(s, b["teacher_lp"][p].item() - s.item(), None, 0.2)
+    check(loss, b["logits"].grad, ref / len(pos), L)
+
+
+def test_truncated_importance_weights_apply_to_fresh_engine_rows_only():
+    """`methods.is_weights`: on the tokens the engine sampled of fresh rows; none for stale rows (their clipped
+    surrogate already takes the sampler's log-probs as the old policy's), without an engine, or with is_clip 0."""
+    from trainer.config import load_config
+    from trainer.methods import is_weights
+    from trainer.pipeline import Batch
+
+    b = make_batch(5)
+    mask = b["mask"]
+    prefix = mask & (torch.arange(mask.shape[1]) < 1)
+    batch = Batch(1, "student", [[1]] * 3, [[1]] * 3, [1] * 3, b["ids"], mask, prefix, None,
+                  sampler_lp_B_T=b["old_lp"])  # fmt: skip
+    config = load_config(None, ["rollout.is_clip=1.5"])
+    w = is_weights(config, batch, b["logits"])
+    s_now = losses.token_logprobs(b["logits"], b["ids"]).detach()
+    sampled = mask & ~prefix
+    torch.testing.assert_close(w[sampled], torch.exp(s_now - b["old_lp"]).clamp(max=1.5)[sampled])
+    assert bool((w[~sampled] == 1).all())
+    assert is_weights(load_config(None, ["rollout.is_clip=0"]), batch, b["logits"]) is None
+    batch.old_lp_B_T = b["old_lp"]  # stale rows
+    assert is_weights(config, batch, b["logits"]) is None
+    batch.old_lp_B_T = batch.sampler_lp_B_T = None  # the torch engine
+    assert is_weights(config, batch, b["logits"]) is None
+
+
 def test_opd_monte_carlo_gradient_is_reverse_kl_gradient():
     z, w, ids, teacher_lp, mask = categorical()
     loss, _ = losses.opd(z.expand(len(ids), 1, -1), ids, teacher_lp, mask)

@@ -173,6 +173,12 @@ class RolloutConfig(_Section):
         description="vllm on CUDA: the share of the device's memory the engine takes (it sleeps while "
         "the trainer steps)",
     )
+    is_clip: float = Field(
+        2.0,
+        ge=0,
+        description="vllm: truncated importance sampling of fresh rows, each token's policy-gradient "
+        "loss times min(p_trainer / p_sampler, is_clip), detached (0: off; never with the torch engine)",
+    )
     mismatch_warn: float = Field(
         0.05,
         gt=0,

@@ -75,15 +75,24 @@ def _mean(x_B_T: torch.Tensor, mask_B_T: torch.Tensor) -> torch.Tensor:
 
 
 def _pg_B_T(
-    s_B_T: torch.Tensor, adv_B_T: torch.Tensor, mask_B_T: torch.Tensor, old_lp_B_T: torch.Tensor | None, eps: float
+    s_B_T: torch.Tensor,
+    adv_B_T: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    old_lp_B_T: torch.Tensor | None,
+    eps: float,
+    is_weight_B_T: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token policy-gradient loss -A s; for stale rollouts the clipped surrogate -min(r A, clip(r, 1-eps, 1+eps) A)
-    with r = exp(s - s_old), whose gradient equals that of -A s when s_old = s. A must be 0 off the mask."""
+    with r = exp(s - s_old), whose gradient equals that of -A s when s_old = s. A must be 0 off the mask.
+    `is_weight_B_T` (truncated importance sampling of rows another engine sampled, detached): each token's loss
+    times w_t = min(p_trainer(y_t) / p_sampler(y_t), C)."""
     if old_lp_B_T is None:
-        return -adv_B_T * s_B_T
-    old_lp_B_T = torch.where(mask_B_T, old_lp_B_T.float(), s_B_T.detach())  # padding: r = 1, not inf
-    ratio_B_T = torch.exp(s_B_T - old_lp_B_T)
-    return -torch.minimum(ratio_B_T * adv_B_T, ratio_B_T.clamp(1 - eps, 1 + eps) * adv_B_T)
+        loss_B_T = -adv_B_T * s_B_T
+    else:
+        old_lp_B_T = torch.where(mask_B_T, old_lp_B_T.float(), s_B_T.detach())  # padding: r = 1, not inf
+        ratio_B_T = torch.exp(s_B_T - old_lp_B_T)
+        loss_B_T = -torch.minimum(ratio_B_T * adv_B_T, ratio_B_T.clamp(1 - eps, 1 + eps) * adv_B_T)
+    return loss_B_T if is_weight_B_T is None else loss_B_T * is_weight_B_T.detach()
 
 
 def _teacher_minus_student_B_T(
@@ -113,6 +122,7 @@ def opd(
     *,
     old_lp_B_T: torch.Tensor | None = None,
     ratio_eps: float = 0.2,
+    is_weight_B_T: torch.Tensor | None = None,
     discount: float = 0.0,
 ) -> tuple[torch.Tensor, Metrics]:
     """On-policy distillation, K1 reverse KL in policy-gradient form.
@@ -121,12 +131,16 @@ def opd(
     Since E_{y~p_S}[grad s] = 0, E[-d grad s] = E[(s - t) grad s] = grad KL(p_S || p_T) per position.
     Stale rollouts (old_lp_B_T = s_old): loss = mean_t(-min(r_t A_t, clip(r_t, 1-eps, 1+eps) A_t)),
     r_t = exp(s_t - s_old_t), whose gradient at s_old = s is that of the fresh loss.
+    Rows another engine sampled, fresh (is_weight_B_T = w, truncated importance sampling):
+    loss = mean_t(-w_t A_t s_t), w_t = min(exp(s_t - s_sampler_t), C) detached, which corrects the expectation for
+    the sampler's small differences from the trainer (kernels, precision); the same weight multiplies every other
+    method's policy-gradient terms.
     Metrics: loss, k1 = mean(s - t) (the K1 estimate of the reverse KL), advantage_mean.
     """
     s_B_T = _scores(student, ids_B_T).need("lp_B_T", "opd")
     d_B_T = _teacher_minus_student_B_T(s_B_T, teacher_lp_B_T, mask_B_T)
     adv_B_T = _discounted_B_T(d_B_T, mask_B_T, discount)
-    loss = _mean(_pg_B_T(s_B_T, adv_B_T, mask_B_T, old_lp_B_T, ratio_eps), mask_B_T)
+    loss = _mean(_pg_B_T(s_B_T, adv_B_T, mask_B_T, old_lp_B_T, ratio_eps, is_weight_B_T), mask_B_T)
     metrics = {
         "loss": loss.item(),
         "k1": -_mean(d_B_T, mask_B_T).item(),
@@ -246,6 +260,7 @@ def tropd(
     prefix_loss: str = "topk_fkl",
     old_lp_B_T: torch.Tensor | None = None,
     ratio_eps: float = 0.2,
+    is_weight_B_T: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     uniform_B_T: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
@@ -280,12 +295,12 @@ def tropd(
     sampled = prefix_loss == "sampled_fkl"
     fkl_B_T = _fkl_at(scores, teacher_top_lp_B_T_K, outlier_B_T if sampled else prefix_B_T | outlier_B_T, "tropd")
 
-    opd_B_T = _pg_B_T(s_B_T, torch.where(trusted_B_T, d_B_T, 0.0), mask_B_T, old_lp_B_T, ratio_eps)
+    opd_B_T = _pg_B_T(s_B_T, torch.where(trusted_B_T, d_B_T, 0.0), mask_B_T, old_lp_B_T, ratio_eps, is_weight_B_T)
     if outlier == "mask":
         outlier_loss_B_T = torch.zeros_like(s_B_T)
     elif outlier == "clip":
         clipped_B_T = torch.where(outlier_B_T, d_B_T.clamp(min=-clip_c), 0.0)
-        outlier_loss_B_T = _pg_B_T(s_B_T, clipped_B_T, mask_B_T, old_lp_B_T, ratio_eps)
+        outlier_loss_B_T = _pg_B_T(s_B_T, clipped_B_T, mask_B_T, old_lp_B_T, ratio_eps, is_weight_B_T)
     else:
         outlier_loss_B_T = torch.where(outlier_B_T, lambda_out * fkl_B_T, 0.0)
     prefix_fkl_B_T = torch.where(prefix_B_T, teacher_lp_B_T.float() - s_B_T, 0.0) if sampled else fkl_B_T
@@ -322,6 +337,7 @@ def eopd(
     lambda_fkl: float = 1.0,
     old_lp_B_T: torch.Tensor | None = None,
     ratio_eps: float = 0.2,
+    is_weight_B_T: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Entropy-aware OPD: the OPD term on every token, plus forward KL where the teacher is uncertain.
 
@@ -339,7 +355,7 @@ def eopd(
     high_B_T = mask_B_T & (entropy_B_T > entropy_threshold)
     fkl_B_T = _fkl_at(scores, teacher_top_lp_B_T_K, high_B_T, "eopd")
 
-    opd_term = _mean(_pg_B_T(s_B_T, d_B_T, mask_B_T, old_lp_B_T, ratio_eps), mask_B_T)
+    opd_term = _mean(_pg_B_T(s_B_T, d_B_T, mask_B_T, old_lp_B_T, ratio_eps, is_weight_B_T), mask_B_T)
     fkl_term = lambda_fkl * _mean(fkl_B_T, mask_B_T)  # fkl_B_T is 0 off the high-entropy tokens
     loss = opd_term + fkl_term
     metrics = {
@@ -375,6 +391,7 @@ def reopold(
     refine: bool = False,
     old_lp_B_T: torch.Tensor | None = None,
     ratio_eps: float = 0.2,
+    is_weight_B_T: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """REOPOLD (arXiv 2603.11137): OPD's log-ratio reward, floored, on the student's highest-entropy tokens (explore
     stage); plain OPD (`opd`, every token, no floor) in the refine stage, refine=True.
@@ -400,7 +417,15 @@ def reopold(
             f"token_share={token_share}"
         )
     if refine:
-        return opd(student, ids_B_T, teacher_lp_B_T, mask_B_T, old_lp_B_T=old_lp_B_T, ratio_eps=ratio_eps)
+        return opd(
+            student,
+            ids_B_T,
+            teacher_lp_B_T,
+            mask_B_T,
+            old_lp_B_T=old_lp_B_T,
+            ratio_eps=ratio_eps,
+            is_weight_B_T=is_weight_B_T,
+        )
     scores = _scores(student, ids_B_T, entropy=True)
     s_B_T = scores.need("lp_B_T", "reopold")
     d_B_T = _teacher_minus_student_B_T(s_B_T, teacher_lp_B_T, mask_B_T)
@@ -409,7 +434,7 @@ def reopold(
     floor = math.log(floor_lambda / (1.0 - floor_lambda))
     reward_B_T = d_B_T.clamp(min=floor)
     adv_B_T = torch.where(selected_B_T, reward_B_T, 0.0)
-    loss = _mean(_pg_B_T(s_B_T, adv_B_T, mask_B_T, old_lp_B_T, ratio_eps), selected_B_T)
+    loss = _mean(_pg_B_T(s_B_T, adv_B_T, mask_B_T, old_lp_B_T, ratio_eps, is_weight_B_T), selected_B_T)
     metrics = {
         "loss": loss.item(),
         "k1": -_mean(d_B_T, mask_B_T).item(),
@@ -430,6 +455,7 @@ def topd(
     alpha: float = 0.2,
     old_lp_B_T: torch.Tensor | None = None,
     ratio_eps: float = 0.2,
+    is_weight_B_T: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """TOP-D (arXiv 2607.04751): OPD against a proximal teacher a p_T + (1 - a) p_S.
 
@@ -452,7 +478,7 @@ def topd(
     floor = math.log1p(-alpha) if alpha < 1.0 else float("-inf")
     reward_B_T = torch.logaddexp(sampled_B_T + math.log(alpha), torch.full_like(sampled_B_T, floor))
     reward_B_T = torch.where(mask_B_T, reward_B_T, 0.0)
-    loss = _mean(_pg_B_T(s_B_T, reward_B_T, mask_B_T, old_lp_B_T, ratio_eps), mask_B_T)
+    loss = _mean(_pg_B_T(s_B_T, reward_B_T, mask_B_T, old_lp_B_T, ratio_eps, is_weight_B_T), mask_B_T)
     metrics = {
         "loss": loss.item(),
         "k1": -_mean(d_B_T, mask_B_T).item(),

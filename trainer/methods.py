@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+import torch
+
 from trainer import losses
 
 if TYPE_CHECKING:
@@ -44,15 +46,28 @@ class Method:
 
 
 def _stale_logprobs(config: TrainConfig, batch: Batch):
-    """The sampling student's log-probs for importance ratios, when rollouts may be stale."""
-    return batch.old_lp_B_T if config.max_staleness > 0 and batch.source == "student" else None
+    """The sampling student's log-probs for importance ratios, where the rollouts were stale (`max_staleness > 0`,
+    or a rollout engine synced every `rollout.sync_every > 1` steps): the pipeline records them then."""
+    return batch.old_lp_B_T if batch.source == "student" else None
+
+
+def is_weights(config: TrainConfig, batch: Batch, scores) -> torch.Tensor | None:
+    """Truncated importance sampling of fresh rows a rollout engine sampled: w_t = min(exp(s_t - s_sampler_t),
+    rollout.is_clip) on the tokens it sampled, 1 elsewhere (None: off, no engine's log-probs, or stale rows, whose
+    clipped surrogate already takes the sampler's log-probs as the old policy's)."""
+    if batch.sampler_lp_B_T is None or not config.rollout.is_clip or _stale_logprobs(config, batch) is not None:
+        return None
+    s_B_T = losses._scores(scores, batch.ids_B_T).lp_B_T.detach().float()
+    w_B_T = torch.exp(s_B_T - batch.sampler_lp_B_T.to(s_B_T.device)).clamp(max=config.rollout.is_clip)
+    return torch.where(batch.mask_B_T & ~batch.prefix_mask_B_T, w_B_T, 1.0)
 
 
 def _opd(config, batch, scores, step, uniform):
     c = config.loss
     old = _stale_logprobs(config, batch)
     return losses.opd(scores, batch.ids_B_T, batch.teacher_lp_B_T, batch.mask_B_T, old_lp_B_T=old,
-                      ratio_eps=c.ratio_eps, discount=c.discount)  # fmt: skip
+                      ratio_eps=c.ratio_eps, discount=c.discount,
+                      is_weight_B_T=is_weights(config, batch, scores))  # fmt: skip
 
 
 def _tropd(config, batch, scores, step, uniform):
@@ -62,7 +77,7 @@ def _tropd(config, batch, scores, step, uniform):
         prefix_mask_B_T=b.prefix_mask_B_T, rule=c.rule, tau=c.tau, quantile=c.quantile, outlier=c.outlier,
         clip_c=c.clip_c, lambda_out=c.lambda_out, lambda_prefix=c.lambda_prefix,
         prefix_loss=config.guidance.prefix_loss, old_lp_B_T=_stale_logprobs(config, b), ratio_eps=c.ratio_eps,
-        uniform_B_T=uniform,
+        uniform_B_T=uniform, is_weight_B_T=is_weights(config, b, scores),
     )  # fmt: skip
 
 
@@ -71,7 +86,7 @@ def _eopd(config, batch, scores, step, uniform):
     return losses.eopd(
         scores, b.ids_B_T, b.teacher_lp_B_T, b.teacher_top_ids_B_T_K, b.teacher_top_lp_B_T_K, b.mask_B_T,
         entropy_threshold=c.entropy_threshold, lambda_fkl=c.lambda_fkl, old_lp_B_T=_stale_logprobs(config, b),
-        ratio_eps=c.ratio_eps,
+        ratio_eps=c.ratio_eps, is_weight_B_T=is_weights(config, b, scores),
     )  # fmt: skip
 
 
@@ -81,13 +96,15 @@ def _reopold(config, batch, scores, step, uniform):
     return losses.reopold(
         scores, b.ids_B_T, b.teacher_lp_B_T, b.mask_B_T, floor_lambda=c.floor_lambda, token_share=c.token_share,
         refine=refine, old_lp_B_T=_stale_logprobs(config, b), ratio_eps=c.ratio_eps,
+        is_weight_B_T=is_weights(config, b, scores),
     )  # fmt: skip
 
 
 def _topd(config, batch, scores, step, uniform):
     c, b = config.loss, batch
     return losses.topd(scores, b.ids_B_T, b.teacher_lp_B_T, b.mask_B_T, alpha=c.alpha,
-                       old_lp_B_T=_stale_logprobs(config, b), ratio_eps=c.ratio_eps)  # fmt: skip
+                       old_lp_B_T=_stale_logprobs(config, b), ratio_eps=c.ratio_eps,
+                       is_weight_B_T=is_weights(config, b, scores))  # fmt: skip
 
 
 def _gkd(config, batch, scores, step, uniform):

@@ -316,7 +316,7 @@ class Training:
         latencies, self.link.latencies[:] = list(self.link.latencies), []
         record.update({k: float(v) for k, v in metrics.items()})
         if batch.sampler_lp_B_T is not None:
-            record.update(rollout_mismatch(batch, scores.lp_B_T, step, config.rollout.mismatch_warn, warn))
+            record.update(rollout_mismatch(batch, scores.lp_B_T, step, config.rollout, warn))
             record["rollout_sync_s"], self.rollouts.sync_s = self.rollouts.sync_s, 0.0
         record.update(
             {
@@ -432,22 +432,26 @@ class Training:
             self.dp.close()
 
 
-def rollout_mismatch(batch: Batch, trainer_lp_B_T: torch.Tensor, step: int, threshold: float, warn) -> dict:
+def rollout_mismatch(batch: Batch, trainer_lp_B_T: torch.Tensor, step: int, rollout, warn) -> dict:
     """How far the rollout engine's log-probs of the tokens it sampled are from the trainer's own (both at
     temperature 1, neither masked): `rollout_mismatch_k1`, the mean of sampler minus trainer (an estimate of
-    KL(sampler || trainer) on the sampler's tokens), and `rollout_mismatch_max`, the largest gap. Past `threshold`
-    a warning: the engine samples from other weights than the trainer's (a sync that did not happen) or computes
-    them differently (kernels, precision)."""
+    KL(sampler || trainer) on the sampler's tokens), `rollout_mismatch_max`, the largest gap, and
+    `rollout_is_weight_mean`, the mean truncated importance weight min(p_trainer / p_sampler, rollout.is_clip).
+    Past `rollout.mismatch_warn` a warning: the engine samples from other weights than the trainer's (a sync that
+    did not happen) or computes them differently (kernels, precision)."""
     sampled_B_T = batch.mask_B_T & ~batch.prefix_mask_B_T
     if not bool(sampled_B_T.any()):
         return {}
     gap = (batch.sampler_lp_B_T.to(trainer_lp_B_T.device) - trainer_lp_B_T.detach().float())[sampled_B_T]
     k1, largest = float(gap.mean()), float(gap.abs().max())
-    if k1 > threshold:
+    if k1 > rollout.mismatch_warn:
         warn(f"[train] step {step}: the rollout engine's log-probs exceed the trainer's by {k1:.3f} nats/token "
-             f"(rollout_mismatch_k1 > rollout.mismatch_warn={threshold}): its weights or arithmetic are not the "
-             "trainer's")  # fmt: skip
-    return {"rollout_mismatch_k1": k1, "rollout_mismatch_max": largest}
+             f"(rollout_mismatch_k1 > rollout.mismatch_warn={rollout.mismatch_warn}): its weights or arithmetic are "
+             "not the trainer's")  # fmt: skip
+    record = {"rollout_mismatch_k1": k1, "rollout_mismatch_max": largest}
+    if rollout.is_clip:
+        record["rollout_is_weight_mean"] = float(torch.exp(-gap).clamp(max=rollout.is_clip).mean())
+    return record
 
 
 class PhasePeaks:
