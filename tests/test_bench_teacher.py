@@ -24,7 +24,8 @@ def test_help_documents_every_option():
     assert result.returncode == 0, result.stderr
     for option in ("--model", "--sequences", "--length", "--top-k", "--repeats", "--clients", "--request-sequences"):
         assert option in result.stdout
-    for option in ("--skip-stock", "--stock-tokenizer", "--quick", "--json", "--contention-seconds", "--alternations"):
+    for option in ("--skip-stock", "--stock-tokenizer", "--stock-url", "--quick", "--json", "--contention-seconds",
+                   "--alternations"):  # fmt: skip
         assert option in result.stdout
 
 
@@ -34,6 +35,7 @@ def test_help_documents_every_option():
         (["--model", "/does/not/exist"], "not found"),
         (["--clients", "1,x"], "comma-separated positive integers"),
         (["--repeats", "0"], "positive integer"),
+        (["--stock-url", "localhost:8000"], "expected an http:// or https:// URL"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(args, needle):
@@ -54,8 +56,11 @@ QUICKER = ("--repeats", "1", "--contention-seconds", "1", "--sequences", "64", "
 
 @pytest.mark.vllm
 @pytest.mark.timeout(660)
-def test_quick_run_reports_every_measurement(toy_quick):
-    result = run("--quick", *QUICKER, "--json", "--model", str(toy_quick / "teacher"), timeout=640)
+def test_quick_run_reports_every_measurement(toy_quick, stock_vllm_teacher):
+    # (d) against the session's stock server (`--stock-url`): starting one more takes about 40 s on 2 cores, and
+    # starting it is what the shared fixture does with the same function
+    stock = ("--stock-url", stock_vllm_teacher.get().url)
+    result = run("--quick", *QUICKER, *stock, "--json", "--model", str(toy_quick / "teacher"), timeout=640)
     assert result.returncode == 0, result.stderr[-4000:]  # never 134 (an abort at exit)
     report = json.loads(result.stdout)  # stdout holds the JSON object alone: vLLM's prints went to stderr
     assert report["clients"] == [1, 4] and report["scored_tokens"] == 64 * 63 and report["repeats"] == 1

@@ -155,6 +155,12 @@ def add_bench(sub) -> None:
     bench.add_argument("--request-sequences", type=positive_int, help="sequences per request (default: 16; --quick: 4)")
     bench.add_argument("--skip-stock", action="store_true", help="skip (d), vLLM's stock OpenAI server")
     bench.add_argument(
+        "--stock-url",
+        type=_stock_url,
+        help="measure (d) against a stock vLLM OpenAI server already running at this URL (serving the same model, "
+        "--max-logprobs 20 or more) instead of starting one",
+    )
+    bench.add_argument(
         "--contention-seconds", type=positive_float, help="length of each contention round (default: 20; --quick: 3)"
     )
     bench.add_argument(
@@ -180,6 +186,15 @@ def add_bench(sub) -> None:
         "--engine", choices=("vllm", "hf", "auto"), default="auto", help="--fair-share: the service's engine (auto)"
     )
     bench.set_defaults(run=run_bench_teacher)
+
+
+def _stock_url(text: str) -> str:
+    import argparse
+
+    url = text.strip().rstrip("/")
+    if not url.startswith(("http://", "https://")) or len(url.split("://", 1)[1]) == 0:
+        raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL, got {text!r}")
+    return url
 
 
 def _client_counts(text: str) -> tuple[int, ...]:
@@ -208,6 +223,7 @@ def run_bench_teacher(args) -> int:
         request_sequences=args.request_sequences or (4 if quick else 16),
         skip_stock=args.skip_stock,
         stock_tokenizer=args.stock_tokenizer,
+        stock_url=args.stock_url,
         contention_seconds=args.contention_seconds or (3.0 if quick else 20.0),
         alternations=(1 if quick else 2) if args.alternations is None else args.alternations,
     )

@@ -61,29 +61,6 @@ def measure(quick: bool, threads: int) -> dict:
     return {"settings": settings, "shapes": shapes}
 
 
-def engine_speed(quick: bool, threads: int) -> dict:
-    """`measure` in a process of its own (see the module docstring)."""
-    import subprocess
-
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # vLLM sizes its threads by it
-    command = [sys.executable, "-m", "trainer.bench.engines", "--threads", str(threads), *(["--quick"] * quick)]
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"the engine bench failed: {done.stderr.strip()[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def format_engines(r: dict) -> str:
-    s = r["settings"]
-    lines = ["", f"(f) rollout engines ({s['rows']} rows x up to {s['new_tokens']} new tokens, {s['threads']} "
-             "thread(s), CPU) | torch tok/s | vllm tok/s | vllm / torch | one sync (ms)"]  # fmt: skip
-    for name, x in r["shapes"].items():
-        lines.append(f"    {name:<16} ({x['params'] / 1e6:.1f}M) | {x['torch_tokens_per_s']:11.0f} | "
-                     f"{x['vllm_tokens_per_s']:10.0f} | {x['vllm_over_torch_rollout_tokens_per_s']:12.2f} | "
-                     f"{x['sync_ms']:.1f}")  # fmt: skip
-    return "\n".join(lines)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description="the rollout engines side by side (section (f))")
     parser.add_argument("--quick", action="store_true", help="16 rows x up to 32 tokens (else 64 x up to 128)")

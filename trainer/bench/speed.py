@@ -145,7 +145,6 @@ def main(args) -> int:
     report["peak_memory_mb"] = report["memory"]["peak_memory_mb"]
     _stderr("[bench] (e) rollouts: the sampler's tokens/s with rows that stop at different lengths")
     report["rollout"] = rollout_speed(args.quick, threads=max(threads, 1))
-    from trainer.bench.engines import engine_speed, format_engines
     from trainer.rollout.vllm_engine import vllm_installed
 
     text = format_report(report) + "\n" + format_extra(report)
@@ -304,3 +303,28 @@ def rollout_speed(quick: bool, threads: int = 2) -> dict:
         torch.set_num_threads(before)
     settings = {"rows": rows, "new_tokens": new_tokens, "stop_every": STOP_EVERY, "threads": threads, "best_of": reps}
     return {"settings": settings, "shapes": shapes}
+
+
+def engine_speed(quick: bool, threads: int) -> dict:
+    """Section (f): `trainer.bench.engines` run in a process of its own (vLLM binds threads process-wide)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # vLLM sizes its threads by it
+    command = [sys.executable, "-m", "trainer.bench.engines", "--threads", str(threads), *(["--quick"] * quick)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"the engine bench failed: {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def format_engines(r: dict) -> str:
+    s = r["settings"]
+    lines = ["", f"(f) rollout engines ({s['rows']} rows x up to {s['new_tokens']} new tokens, {s['threads']} "
+             "thread(s), CPU) | torch tok/s | vllm tok/s | vllm / torch | one sync (ms)"]  # fmt: skip
+    for name, x in r["shapes"].items():
+        lines.append(f"    {name:<16} ({x['params'] / 1e6:.1f}M) | {x['torch_tokens_per_s']:11.0f} | "
+                     f"{x['vllm_tokens_per_s']:10.0f} | {x['vllm_over_torch_rollout_tokens_per_s']:12.2f} | "
+                     f"{x['sync_ms']:.1f}")  # fmt: skip
+    return "\n".join(lines)

@@ -72,6 +72,7 @@ class BenchConfig:
     request_sequences: int = 16
     skip_stock: bool = False
     stock_tokenizer: bool = False
+    stock_url: str | None = None  # (d) against a stock server already running there, none started
     startup_timeout: float = 300.0
     contention_seconds: float = 20.0
     alternations: int = 2
@@ -228,7 +229,10 @@ def run_bench(config: BenchConfig, progress=print) -> dict:
                 args = (service.url, requests, config.clients, config.top_k, batch, config.contention_seconds)
                 report["contention"] = run_contention(*args, progress=progress)
             exit_codes["service"] = service.process.returncode
-            if not config.skip_stock:
+            if config.stock_url and not config.skip_stock:
+                progress(f"bench: (d) vLLM's stock OpenAI server at {config.stock_url}")
+                phase({"stock_vllm": lambda: VLLMOpenAIClient(config.stock_url, vocab_size=vocab_size)})
+            elif not config.skip_stock:
                 progress("bench: (d) starting vLLM's stock OpenAI server")
                 log = Path(logs) / "stock-vllm.log"
                 with stock_vllm(
