@@ -155,6 +155,12 @@ def add_bench(sub) -> None:
     bench.add_argument("--request-sequences", type=positive_int, help="sequences per request (default: 16; --quick: 4)")
     bench.add_argument("--skip-stock", action="store_true", help="skip (d), vLLM's stock OpenAI server")
     bench.add_argument(
+        "--service-url",
+        type=_stock_url,
+        help="measure (b), (c), (e) and the contention rounds against `tropd teacher serve --engine vllm` already "
+        "running at this URL (the same model, default batching, --max-top-k 20 or more) instead of starting one",
+    )
+    bench.add_argument(
         "--stock-url",
         type=_stock_url,
         help="measure (d) against a stock vLLM OpenAI server already running at this URL (serving the same model, "
@@ -224,6 +230,7 @@ def run_bench_teacher(args) -> int:
         skip_stock=args.skip_stock,
         stock_tokenizer=args.stock_tokenizer,
         stock_url=args.stock_url,
+        service_url=args.service_url,
         contention_seconds=args.contention_seconds or (3.0 if quick else 20.0),
         alternations=(1 if quick else 2) if args.alternations is None else args.alternations,
     )

@@ -73,6 +73,7 @@ class BenchConfig:
     skip_stock: bool = False
     stock_tokenizer: bool = False
     stock_url: str | None = None  # (d) against a stock server already running there, none started
+    service_url: str | None = None  # (b, c, e) and contention against a service already running there
     startup_timeout: float = 300.0
     contention_seconds: float = 20.0
     alternations: int = 2
@@ -214,21 +215,29 @@ def run_bench(config: BenchConfig, progress=print) -> dict:
     engine = EnginePasses(VLLMEngine(config.model, max_top_k=max_top_k), requests, config.top_k)
     try:
         with tempfile.TemporaryDirectory(prefix="tropd-bench-") as logs:
-            progress("bench: (b, c) starting `tropd teacher serve --engine vllm`")
-            log = Path(logs) / "service.log"
-            options = ("--max-top-k", str(max_top_k), "--log-level", "warning")
-            with serving(config.model, "vllm", log, *options, env=env, timeout=config.startup_timeout) as service:
+
+            def against(url: str) -> None:
                 phase(
                     {
-                        "service_binary": lambda: TeacherClient(service.url, binary=True),
-                        "service_json": lambda: TeacherClient(service.url, binary=False),
-                        "service_completions": lambda: VLLMOpenAIClient(service.url, vocab_size=vocab_size),
+                        "service_binary": lambda: TeacherClient(url, binary=True),
+                        "service_json": lambda: TeacherClient(url, binary=False),
+                        "service_completions": lambda: VLLMOpenAIClient(url, vocab_size=vocab_size),
                     }
                 )
                 batch = Settings().max_batch_tokens  # the service runs with the default
-                args = (service.url, requests, config.clients, config.top_k, batch, config.contention_seconds)
+                args = (url, requests, config.clients, config.top_k, batch, config.contention_seconds)
                 report["contention"] = run_contention(*args, progress=progress)
-            exit_codes["service"] = service.process.returncode
+
+            if config.service_url:
+                progress(f"bench: (b, c) `tropd teacher serve --engine vllm` at {config.service_url}")
+                against(config.service_url)
+            else:
+                progress("bench: (b, c) starting `tropd teacher serve --engine vllm`")
+                log = Path(logs) / "service.log"
+                options = ("--max-top-k", str(max_top_k), "--log-level", "warning")
+                with serving(config.model, "vllm", log, *options, env=env, timeout=config.startup_timeout) as service:
+                    against(service.url)
+                exit_codes["service"] = service.process.returncode
             if config.stock_url and not config.skip_stock:
                 progress(f"bench: (d) vLLM's stock OpenAI server at {config.stock_url}")
                 phase({"stock_vllm": lambda: VLLMOpenAIClient(config.stock_url, vocab_size=vocab_size)})
