@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.helpers import tropd_here
 
@@ -120,6 +121,37 @@ def test_the_real_shaped_world_trains_over_http_with_vllm_rollouts(realworld, re
     assert (out / "student" / "model.safetensors").is_file() and (out / "curves.png").is_file()
 
 
+@pytest.mark.slow  # three vLLM engines (one process, then two ranks): about 30 s on 2 cores
+def test_two_ddp_processes_with_vllm_rollouts_match_one(toy_quick, tmp_path):
+    """torchrun with 2 processes (DDP): each rank has its own engine (vLLM's torchrun executor in the trainer's
+    process group), synced from its own copy of the weights, sampling its rows with their own seeds; the run ends
+    where one process ends (weights within 1e-5, the same eval) and exits cleanly."""
+    from safetensors.torch import load_file
+
+    from tests.helpers import free_port
+
+    def args(out):
+        return [f"student={toy_quick / 'student'}", f"out={out}", "teacher.api=inprocess",
+                f"teacher.model={toy_quick / 'teacher'}", "rollout.engine=vllm", "steps=3",
+                "rollout.prompts_per_step=8", "rollout.samples_per_prompt=2", "eval.n=8", "eval.kl_prompts=8",
+                "tensorboard=false", "plot=false", "checkpoint_every=0", "threads=1", "optim.warmup_steps=10",
+                "optim.schedule=constant"]  # fmt: skip
+
+    one = subprocess.run([sys.executable, "-m", "tropd", "train", *args(tmp_path / "one")], capture_output=True,
+                         text=True, timeout=600, env=ENV)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(free_port()), "-m", "tropd", "train", *args(tmp_path / "two")]  # fmt: skip
+    two = subprocess.run(command, capture_output=True, text=True, timeout=600, env=ENV)
+    assert two.returncode == 0 and "Traceback" not in two.stderr, two.stderr[-3000:]
+    a, b = (load_file(tmp_path / run / "student" / "model.safetensors") for run in ("one", "two"))
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), (key, (a[key] - b[key]).abs().max())
+    summaries = [json.loads((tmp_path / run / "summary.json").read_text()) for run in ("one", "two")]
+    assert summaries[0]["eval_after"]["accuracy"] == summaries[1]["eval_after"]["accuracy"]
+    assert abs(summaries[0]["eval_after"]["reverse_kl"] - summaries[1]["eval_after"]["reverse_kl"]) < 1e-4
+
+
 def test_vllm_rollouts_refuse_what_they_cannot_do(toy_quick, tmp_path):
     base = [f"student={toy_quick / 'student'}", f"out={tmp_path / 'run'}", "teacher.api=inprocess",
             f"teacher.model={toy_quick / 'teacher'}", "rollout.engine=vllm"]  # fmt: skip
@@ -130,6 +162,16 @@ def test_vllm_rollouts_refuse_what_they_cannot_do(toy_quick, tmp_path):
         done = tropd_here("train", *base, *extra)
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (extra, done)
     assert not (tmp_path / "run").exists()
+    # FSDP: refused before any process group or model (each rank's engine would need the whole weights)
+    from trainer.config import load_config
+    from trainer.rollout.vllm_engine import resolve_engine
+    from tropd.errors import UserError
+
+    fsdp = load_config(None, ["rollout.engine=vllm", "parallel=fsdp"])
+    with pytest.raises(UserError, match="under parallel=fsdp is not supported yet"):
+        resolve_engine(fsdp, torch.device("cpu"), world=2)
+    assert resolve_engine(load_config(None, ["parallel=fsdp"]), torch.device("cpu"), world=2) == "torch"  # auto
+    assert resolve_engine(load_config(None, ["rollout.engine=vllm"]), torch.device("cpu"), world=2) == "vllm"
 
 
 if __name__ == "__main__":

