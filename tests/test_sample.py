@@ -281,7 +281,7 @@ def test_sampling_under_bfloat16_autocast_runs_the_forward_in_bfloat16():
     assert set(head_dtypes) == {torch.float32}
 
 
-@pytest.mark.slow  # compiles the decode step (torch.compile, inductor on CPU): about 20 s on 2 cores
+@pytest.mark.slow  # compiles the decode step (torch.compile, inductor on CPU): about 7 s a world on 2 cores
 @pytest.mark.parametrize("world", ["toy_quick", "realworld"])
 def test_compiled_static_cache_decoding_gives_the_library_decoders_tokens(world, request):
     """`rollout.compile`: the static cache and the compiled step give the same tokens as the library's own cache,
@@ -294,17 +294,17 @@ def test_compiled_static_cache_decoding_gives_the_library_decoders_tokens(world,
     V = model.get_output_embeddings().weight.shape[0]
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, min(60, V), (int(k),), generator=g).tolist()
-               for k in torch.randint(3, 12, (10,), generator=g)]  # fmt: skip
+               for k in torch.randint(3, 12, (8,), generator=g)]  # fmt: skip
     for temperature in (0.0, 1.0):
         options = dict(max_new_tokens=40, pad_id=0, stop_ids=range(1, V, 9), temperature=temperature,
-                       uniforms_B_T=_uniforms(10, 40), decoder="library")  # fmt: skip
+                       uniforms_B_T=_uniforms(8, 40), decoder="library")  # fmt: skip
         library = sample(model, prompts, **options)
         for _ in range(2):
             compiled = sample(model, prompts, compiled=True, **options)
             assert compiled.responses() == library.responses()
             torch.testing.assert_close(compiled.logprobs_B_T, library.logprobs_B_T, atol=1e-4, rtol=1e-4)
         if temperature:  # rows stopped at different lengths: some left the batch
-            assert len(set(library.lengths_B.tolist())) > 3
+            assert len(set(library.lengths_B.tolist())) > 2
 
 
 def test_rollout_compile_auto_is_off_on_cpu_and_true_is_refused_where_it_cannot_run():

@@ -69,17 +69,18 @@ def sync_check(student_dir: str) -> dict:
             "lengths_match": [len(t) == len(lp) for t, lp in zip(drawn, lps, strict=True)]}  # fmt: skip
 
 
-@pytest.mark.slow  # two vLLM engines in a subprocess: about 30 s on 2 cores
-def test_a_synced_engine_samples_from_the_trainers_weights(toy_quick, realworld):
+@pytest.mark.slow  # a vLLM engine in a subprocess: about 10 s on 2 cores
+def test_a_synced_engine_samples_from_the_trainers_weights(toy_quick):
     """After one optimizer step the engine is stale until `sync`; then its log-probs of a fixed sequence equal the
-    trainer model's within 1e-4 and differ from the step before, on the toy Llama and the real-shaped Qwen3 (whose
-    embedding is tied to its head); greedy continuations equal the trainer's own decoding token for token; a row's
-    sample does not depend on the other rows of its batch (its own seed)."""
-    command = [sys.executable, "-m", "tests.test_vllm_rollout", str(toy_quick / "student"), str(realworld / "student")]
+    trainer model's within 1e-4 and differ from the step before (the toy Llama here; the real-shaped Qwen3, whose
+    embedding is tied to its head, in the run below, whose synced steps hold its log-probs to the trainer's);
+    greedy continuations equal the trainer's own decoding token for token; a row's sample does not depend on the
+    other rows of its batch (its own seed). `python -m tests.test_vllm_rollout DIR...` runs it on any student."""
+    command = [sys.executable, "-m", "tests.test_vllm_rollout", str(toy_quick / "student")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=ENV)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
-    for name, r in zip(("toy", "qwen3"), results, strict=True):
+    for name, r in zip(("toy",), results, strict=True):
         assert r["before"] < 1e-4 and r["after"] < 1e-4, (name, r)
         assert r["stale"] > 1e-2 and r["moved"] > 1e-2, (name, r)  # the step moved the weights, the sync took them
         assert r["greedy"] == r["reference"], (name, r)
@@ -119,37 +120,6 @@ def test_the_real_shaped_world_trains_over_http_with_vllm_rollouts(realworld, re
     assert all(0 < r["rollout_is_weight_mean"] <= 2 for r in steps)
     assert "the rollout engine's log-probs exceed the trainer's" in done.stdout + done.stderr
     assert (out / "student" / "model.safetensors").is_file() and (out / "curves.png").is_file()
-
-
-@pytest.mark.slow  # three vLLM engines (one process, then two ranks): about 30 s on 2 cores
-def test_two_ddp_processes_with_vllm_rollouts_match_one(toy_quick, tmp_path):
-    """torchrun with 2 processes (DDP): each rank has its own engine (vLLM's torchrun executor in the trainer's
-    process group), synced from its own copy of the weights, sampling its rows with their own seeds; the run ends
-    where one process ends (weights within 1e-5, the same eval) and exits cleanly."""
-    from safetensors.torch import load_file
-
-    from tests.helpers import free_port
-
-    def args(out):
-        return [f"student={toy_quick / 'student'}", f"out={out}", "teacher.api=inprocess",
-                f"teacher.model={toy_quick / 'teacher'}", "rollout.engine=vllm", "steps=3",
-                "rollout.prompts_per_step=8", "rollout.samples_per_prompt=2", "eval.n=8", "eval.kl_prompts=8",
-                "tensorboard=false", "plot=false", "checkpoint_every=0", "threads=1", "optim.warmup_steps=10",
-                "optim.schedule=constant"]  # fmt: skip
-
-    one = subprocess.run([sys.executable, "-m", "tropd", "train", *args(tmp_path / "one")], capture_output=True,
-                         text=True, timeout=600, env=ENV)  # fmt: skip
-    assert one.returncode == 0, one.stderr[-3000:]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(free_port()), "-m", "tropd", "train", *args(tmp_path / "two")]  # fmt: skip
-    two = subprocess.run(command, capture_output=True, text=True, timeout=600, env=ENV)
-    assert two.returncode == 0 and "Traceback" not in two.stderr, two.stderr[-3000:]
-    a, b = (load_file(tmp_path / run / "student" / "model.safetensors") for run in ("one", "two"))
-    for key in a:
-        assert torch.allclose(a[key], b[key], atol=1e-5), (key, (a[key] - b[key]).abs().max())
-    summaries = [json.loads((tmp_path / run / "summary.json").read_text()) for run in ("one", "two")]
-    assert summaries[0]["eval_after"]["accuracy"] == summaries[1]["eval_after"]["accuracy"]
-    assert abs(summaries[0]["eval_after"]["reverse_kl"] - summaries[1]["eval_after"]["reverse_kl"]) < 1e-4
 
 
 def test_vllm_rollouts_refuse_what_they_cannot_do(toy_quick, tmp_path):
