@@ -13,8 +13,9 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from tests.helpers import tropd_here
+from tests.helpers import free_port, tropd_here
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_USE_AOT_COMPILE": "0"}
 
@@ -122,6 +123,41 @@ def test_the_real_shaped_world_trains_over_http_with_vllm_rollouts(realworld, re
     assert (out / "student" / "model.safetensors").is_file() and (out / "curves.png").is_file()
 
 
+@pytest.mark.slow  # three short toy runs with vLLM engines, one of them over 2 processes: about 70 s on 2 cores
+@pytest.mark.vllm
+def test_fsdp_ranks_and_a_resume_sample_on_vllm_like_one_straight_process(toy_quick, tmp_path):
+    """Two FSDP processes, each with its own engine synced from parameters gathered one at a time from the shards,
+    train 2 steps and checkpoint (sharded); one process resumes to step 3. The student equals one straight process's
+    of 3 steps (weights within 1e-5): every rank's engine sampled from the trained weights (the mismatch stays at
+    rounding), a row's sample did not depend on the rank that drew it, and --resume took the same prompts and row
+    seeds. (DDP's engines sync from each rank's whole copy: 2 processes matched 1 within 2e-6, by hand.)"""
+    args = [f"student={toy_quick / 'student'}", "teacher.api=inprocess", f"teacher.model={toy_quick / 'teacher'}",
+            "rollout.engine=vllm", "checkpoint_every=2", "rollout.prompts_per_step=8", "rollout.max_new_tokens=12",
+            "eval.n=4", "eval.kl_prompts=8", "tensorboard=false", "plot=false", "threads=1", "device=cpu",
+            "optim.warmup_steps=10", "optim.schedule=constant"]  # fmt: skip
+    one = subprocess.run([sys.executable, "-m", "tropd", "train", *args, "steps=3", f"out={tmp_path / 'one'}"],
+                         capture_output=True, text=True, timeout=600, env=ENV)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    out = tmp_path / "fsdp-then-one"
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(free_port()), "-m", "tropd", "train", *args, "steps=2", "parallel=fsdp", f"out={out}"],
+                         capture_output=True, text=True, timeout=600, env=ENV)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert (out / "checkpoints" / "step-000002" / "dcp" / ".metadata").is_file()
+    sharded = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    sharded = [r for r in sharded if "loss" in r]
+    assert len(sharded) == 2 and all(abs(r["rollout_mismatch_k1"]) < 1e-4 and r["rollout_sync_s"] > 0 for r in sharded)
+    rest = subprocess.run([sys.executable, "-m", "tropd", "train", *args, "steps=3", f"out={out}", "--resume"],
+                          capture_output=True, text=True, timeout=600, env=ENV)  # fmt: skip
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    a = load_file(tmp_path / "one" / "student" / "model.safetensors")
+    b = load_file(out / "student" / "model.safetensors")
+    init = load_file(toy_quick / "student" / "model.safetensors")
+    assert any(not torch.allclose(a[k], init[k], atol=1e-4) for k in a)  # training moved the weights
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), (key, (a[key] - b[key]).abs().max())
+
+
 def test_vllm_rollouts_refuse_what_they_cannot_do(toy_quick, tmp_path):
     base = [f"student={toy_quick / 'student'}", f"out={tmp_path / 'run'}", "teacher.api=inprocess",
             f"teacher.model={toy_quick / 'teacher'}", "rollout.engine=vllm"]  # fmt: skip
@@ -132,16 +168,15 @@ def test_vllm_rollouts_refuse_what_they_cannot_do(toy_quick, tmp_path):
         done = tropd_here("train", *base, *extra)
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (extra, done)
     assert not (tmp_path / "run").exists()
-    # FSDP: refused before any process group or model (each rank's engine would need the whole weights)
+    # `auto` on CPU is torch, under either data parallelism; `vllm` is taken under both (FSDP's sync gathers each
+    # parameter in turn: the run below)
     from trainer.config import load_config
     from trainer.rollout.vllm_engine import resolve_engine
-    from tropd.errors import UserError
 
-    fsdp = load_config(None, ["rollout.engine=vllm", "parallel=fsdp"])
-    with pytest.raises(UserError, match="under parallel=fsdp is not supported yet"):
-        resolve_engine(fsdp, torch.device("cpu"), world=2)
-    assert resolve_engine(load_config(None, ["parallel=fsdp"]), torch.device("cpu"), world=2) == "torch"  # auto
-    assert resolve_engine(load_config(None, ["rollout.engine=vllm"]), torch.device("cpu"), world=2) == "vllm"
+    for parallel in ("ddp", "fsdp"):
+        assert resolve_engine(load_config(None, [f"parallel={parallel}"]), torch.device("cpu"), world=2) == "torch"
+        vllm = load_config(None, ["rollout.engine=vllm", f"parallel={parallel}"])
+        assert resolve_engine(vllm, torch.device("cpu"), world=2) == "vllm"
 
 
 if __name__ == "__main__":

@@ -131,10 +131,12 @@ class Rollouts:
         world: int = 1,
         all_done=None,
         engine=None,
+        trained=None,
     ):
         self.config, self.model, self.link, self.source = config, model, link, source
-        # rollout.engine=vllm: the engine samples; its weights are the trainer's as of `synced_version`
-        self.engine = engine
+        # rollout.engine=vllm: the engine samples; its weights are those of `trained` (the causal LM itself, of which
+        # `model` may be a view: FSDP's) as of `synced_version`
+        self.engine, self.trained = engine, trained if trained is not None else model
         self.weights_version, self.synced_version, self.sync_s = 0, -1, 0.0
         self.old_logprobs = old_logprobs  # (prompts, responses) -> log-probs B_T of the sampling student
         self.all_done = all_done  # sharded ranks decode in lockstep (see `sample`)
@@ -159,7 +161,7 @@ class Rollouts:
     def sync_engine(self) -> None:
         """Copy the trainer's weights into the rollout engine unless it has them already (seconds in `sync_s`)."""
         if self.engine is not None and self.synced_version != self.weights_version:
-            self.sync_s += self.engine.sync(self.model)
+            self.sync_s += self.engine.sync(self.trained)
             self.synced_version = self.weights_version
 
     def _prompts(self) -> list[list[int]]:

