@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import jsonschema
@@ -38,7 +39,9 @@ BIN = Path(sys.executable).parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 DOCKERFILES = sorted((ROOT / "deploy" / "docker").glob("*.Dockerfile"))
-OVERLAYS = ["base", "overlays/cpu-demo", "overlays/gpu"]
+# one teacher Service; overlays/two-teachers has two (test_two_teachers_overlay_wires_one_trainer_to_both_teachers)
+ONE_TEACHER_OVERLAYS = ["base", "overlays/cpu-demo", "overlays/gpu"]
+OVERLAYS = [*ONE_TEACHER_OVERLAYS, "overlays/two-teachers"]
 K8S_VERSIONS = ["1.30.0", kubernetes_validate.utils.latest_version()]
 
 
@@ -106,6 +109,48 @@ def test_compose_builds_each_image_once():
     for name, service in SERVICES.items():
         if "build" not in service:
             assert service["image"] in builders and service["pull_policy"] == "never", name
+
+
+def test_compose_two_teachers_profile_wires_one_trainer_to_both_teachers():
+    """Each named teacher of the trainer's overrides is a teacher service of the compose file, on the port it
+    serves, with the key it asks for, healthy before the trainer starts; each scores some of the toy tasks."""
+    profile = sorted(name for name, service in SERVICES.items() if service.get("profiles") == ["two-teachers"])
+    assert profile == ["teacher-code", "teacher-math", "trainer-two-teachers"]
+    # `docker compose up` is unchanged: the default services are the one-teacher demo's
+    defaults = {name for name, service in SERVICES.items() if "profiles" not in service}
+    assert defaults == {"toy-build", "teacher", "trainer"}
+    trainer = SERVICES["trainer-two-teachers"]
+    overrides = dict(word.split("=", 1) for word in train_words("trainer-two-teachers") if "=" in word)
+    assert not [key for key in overrides if key.startswith("teacher.")]  # named teachers only
+    teachers: dict[str, dict] = {}
+    for key, value in overrides.items():
+        if key.startswith("teachers."):
+            name, field = key.split(".")[1:]
+            teachers.setdefault(name, {})[field] = value
+    hosts = set()
+    for name, teacher in teachers.items():
+        url = urlsplit(teacher["url"])
+        assert url.hostname in SERVICES, f"teacher {name}: no service {url.hostname} in docker-compose.yml"
+        command = SERVICES[url.hostname]["command"]
+        assert command[:3] == ["tropd", "teacher", "serve"]
+        assert url.port == int(command[command.index("--port") + 1])
+        assert teacher["api_key_env"] == command[command.index("--api-key-env") + 1]
+        assert env_files(SERVICES[url.hostname]) == env_files(trainer)  # the one key
+        assert trainer["depends_on"][url.hostname] == {"condition": "service_healthy"}
+        assert teacher["client_id"] == "trainer-two-teachers-1"  # its hostname, in each teacher's /metrics
+        hosts.add(url.hostname)
+    assert hosts == {"teacher-math", "teacher-code"}  # two teacher services, one per name
+    toy_teachers = {key: value for key, value in overrides.items() if key.startswith("data.toy_teachers.")}
+    assert set(toy_teachers.values()) == set(teachers)
+
+
+def train_words(name: str) -> list[str]:
+    """The arguments of a compose trainer's `tropd train`, as its shell passes them (TROPD_TRAIN_ARGS unset, the
+    container's hostname NAME-1)."""
+    script = interpolate(SERVICES[name]["command"][-1], {})  # Compose's `$$` is the shell's `$`
+    words = shlex.split(script.replace("${HOSTNAME}", f"{name}-1").replace("${TROPD_TRAIN_ARGS:-}", ""))
+    assert words[:3] == ["exec", "tropd", "train"], words
+    return words[3:]
 
 
 def interpolate(text: str, env: dict) -> str:
@@ -326,7 +371,7 @@ def test_kustomize_overlay_validates_against_the_kubernetes_schemas(rendered, ov
         kubernetes_validate.validate(job, K8S_VERSIONS[-1], strict=True)
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ONE_TEACHER_OVERLAYS)
 def test_kustomize_overlay_wires_teacher_and_trainers(rendered, overlay, tmp_path):
     docs = rendered[overlay]
     deployment, job = find(docs, "Deployment", "tropd-teacher"), find(docs, "Job", "tropd-trainer")
@@ -351,14 +396,8 @@ def test_kustomize_overlay_wires_teacher_and_trainers(rendered, overlay, tmp_pat
     sources = [rule["from"][0] for rule in policy["spec"]["ingress"]]
     assert sources[0]["podSelector"]["matchLabels"].items() <= trainer_pod["metadata"]["labels"].items()
     assert all("namespaceSelector" in s for s in sources[1:])
-    # pod security: non-root, no privilege escalation, read-only root filesystem, resources everywhere
     for pod in (teacher_pod, trainer_pod):
-        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
-        for container in pod["spec"]["containers"] + pod["spec"].get("initContainers", []):
-            context = container["securityContext"]
-            assert context["allowPrivilegeEscalation"] is False and context["readOnlyRootFilesystem"] is True
-            assert context["capabilities"]["drop"] == ["ALL"]
-            assert container["resources"]["limits"]["memory"]
+        assert_hardened(pod)
     # trainers: an indexed Job whose config points at the teacher Service's DNS name and loads as a TrainConfig
     assert job["spec"]["completionMode"] == "Indexed"
     config_map = find(docs, "ConfigMap", "tropd-trainer-config")
@@ -391,6 +430,88 @@ def test_kustomize_overlay_wires_teacher_and_trainers(rendered, overlay, tmp_pat
         v["persistentVolumeClaim"]["claimName"] for v in trainer_pod["spec"]["volumes"] if "persistentVolumeClaim" in v
     ]
     assert "tropd-runs" in claims and find(docs, "PersistentVolumeClaim", "tropd-runs")
+
+
+def assert_hardened(pod: dict) -> None:
+    """Pod security: non-root, no privilege escalation, read-only root filesystem, resources everywhere."""
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    for container in pod["spec"]["containers"] + pod["spec"].get("initContainers", []):
+        context = container["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False and context["readOnlyRootFilesystem"] is True
+        assert context["capabilities"]["drop"] == ["ALL"]
+        assert container["resources"]["limits"]["memory"]
+
+
+def test_two_teachers_overlay_wires_one_trainer_to_both_teachers(rendered):
+    """Each named teacher of the trainer's config is a Service of the overlay in front of its own teacher
+    Deployment, which the trainer waits for, whose NetworkPolicy admits it and which serves the key it mounts;
+    each teacher scores some of the toy tasks."""
+    docs = rendered["overlays/two-teachers"]
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    assert sorted(deployments) == ["tropd-teacher-code", "tropd-teacher-math"]  # the cpu-demo's teacher is gone
+    assert not [d for d in docs if d["metadata"]["name"] in ("tropd-teacher", "tropd-teacher-pods")]
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+
+    def teacher_behind(host: str, port: int) -> str:
+        """The one teacher Deployment whose pods the Service named `host` sends its `port` to."""
+        assert host in services, f"no Service {host} in the overlay"
+        assert port in [p["port"] for p in services[host]["spec"]["ports"]], (host, port)
+        selector = services[host]["spec"]["selector"].items()
+        names = [n for n, d in deployments.items() if selector <= d["spec"]["template"]["metadata"]["labels"].items()]
+        assert len(names) == 1, f"Service {host} selects {names}"
+        return names[0]
+
+    job = find(docs, "Job", "tropd-trainer")
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 1  # one trainer
+    trainer_pod = job["spec"]["template"]
+    trainer = trainer_pod["spec"]["containers"][0]
+    config = yaml.safe_load(find(docs, "ConfigMap", "tropd-trainer-config")["data"]["trainer.yaml"])
+    assert "teacher" not in config and " teacher." not in trainer["command"][-1]  # named teachers only
+    urls = {name: urlsplit(teacher["url"]) for name, teacher in config["teachers"].items()}
+    wired = {name: teacher_behind(url.hostname, url.port) for name, url in urls.items()}
+    assert sorted(wired.values()) == sorted(deployments)  # two teachers, each its own Deployment
+    assert set(config["data"]["toy_teachers"].values()) == set(config["teachers"])
+    for name in config["teachers"]:
+        assert f"teachers.{name}.client_id=" in trainer["command"][-1]
+    # the trainer starts when both answer /readyz
+    wait = " ".join(trainer_pod["spec"]["initContainers"][0]["command"])
+    waits = re.findall(r"http://([\w.-]+):(\d+)/readyz", wait)
+    assert sorted(teacher_behind(host, int(port)) for host, port in waits) == sorted(deployments)
+    # the key: each teacher serves the Secret that the trainer mounts as the file its config names
+    volume = next(v for v in trainer_pod["spec"]["volumes"] if "secret" in v)
+    mount = next(m for m in trainer["volumeMounts"] if m["name"] == volume["name"])
+    key_file = f"{mount['mountPath']}/{volume['secret']['items'][0]['path']}"
+    assert [teacher["api_key_file"] for teacher in config["teachers"].values()] == [key_file] * len(wired)
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    for name, deployment in deployments.items():
+        pod = deployment["spec"]["template"]
+        labels = pod["metadata"]["labels"].items()
+        teacher = pod["spec"]["containers"][0]
+        key_ref = next(e["valueFrom"]["secretKeyRef"] for e in teacher["env"] if e["name"] == "TROPD_API_KEY")
+        assert key_ref["name"] == volume["secret"]["secretName"]
+        # its NetworkPolicy admits the trainer's pods
+        (policy,) = [p for p in policies if p["spec"]["podSelector"]["matchLabels"].items() <= labels]
+        admitted = policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"].items()
+        assert admitted <= trainer_pod["metadata"]["labels"].items(), name
+        # both pods build the toy world into the one volume at start: one at a time
+        models = next(c for c in pod["spec"]["initContainers"] if c["name"] == "models")
+        assert models["command"][:2] == ["flock", "/models"] and "/models" in models["command"][2:]
+        assert_hardened(pod)
+    assert_hardened(trainer_pod)
+
+
+def test_two_teacher_trainer_configs_load(rendered, tmp_path):
+    """The trainers of both two-teacher examples, their config and overrides as written, load as a TrainConfig
+    with the two named teachers."""
+    compose = load_config(None, [word for word in train_words("trainer-two-teachers") if "=" in word])
+    config_map = find(rendered["overlays/two-teachers"], "ConfigMap", "tropd-trainer-config")
+    (tmp_path / "trainer.yaml").write_text(config_map["data"]["trainer.yaml"])
+    k8s = load_config(str(tmp_path / "trainer.yaml"), ["out=/runs/x", "teachers.math.client_id=x"])
+    for config in (compose, k8s):
+        assert sorted(config.teachers) == ["code", "math"]
+        assert config.data.toy_teachers == {"math": "math", "code": "code", "general": "math"}
+        assert len({teacher.top_k for teacher in config.teachers.values()}) == 1
+    assert all(teacher.resolve_replicas for teacher in k8s.teachers.values())
 
 
 def test_gpu_overlay_sizes_follow_its_options(tmp_path):
@@ -478,11 +599,12 @@ def test_models_init_container_fetches_what_its_configmap_names(rendered, toy_qu
     assert sources["TEACHER_SOURCE"] == sources["TEACHER_DIR"] and sources["STUDENT_SOURCE"] == sources["STUDENT_DIR"]
 
 
-def test_cpu_demo_fits_a_two_cpu_local_cluster(rendered):
-    """A 2-CPU kind or minikube node keeps about 1 CPU for its own pods (API server, etcd, DNS, ...): the demo's
-    pods must request less than the rest, and fit 6 GiB of memory."""
+@pytest.mark.parametrize("overlay, node_gib", [("overlays/cpu-demo", 6), ("overlays/two-teachers", 8)])
+def test_local_demo_fits_a_two_cpu_cluster(rendered, overlay, node_gib):
+    """A 2-CPU kind or minikube node keeps about 1 CPU and 2 GiB for its own pods (API server, etcd, DNS, ...): the
+    demo's pods must request less than the rest of a node of 2 CPUs and `node_gib` GiB (docs/deployment.md)."""
     cpu = memory = 0.0
-    for doc in rendered["overlays/cpu-demo"]:
+    for doc in rendered[overlay]:
         if doc["kind"] not in ("Deployment", "Job"):
             continue
         pods = doc["spec"].get("replicas", doc["spec"].get("parallelism", 1))
@@ -495,7 +617,7 @@ def test_cpu_demo_fits_a_two_cpu_local_cluster(rendered):
         cpu += pods * max(requests(spec.get("initContainers", []), "cpu") + [sum(requests(spec["containers"], "cpu"))])
         memory += pods * max(requests(spec.get("initContainers", []), "memory")
                              + [sum(requests(spec["containers"], "memory"))])  # fmt: skip
-    assert cpu <= 1.0 and memory <= 4 * 2**30, (cpu, memory / 2**30)
+    assert cpu <= 1.0 and memory <= (node_gib - 2) * 2**30, (cpu, memory / 2**30)
 
 
 def quantity(text: str) -> float:

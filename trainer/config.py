@@ -218,17 +218,36 @@ class EvalConfig(_Section):
     before_after: bool = Field(True, description="evaluate before and after training")
 
 
+class DataFile(_Section):
+    path: str = Field(min_length=1, description="a prompt file or save_to_disk folder")
+    teacher: str | None = Field(None, description="the name (in `teachers`) of the teacher of its prompts")
+
+
+def file_path(entry: str | DataFile) -> str:
+    return entry if isinstance(entry, str) else entry.path
+
+
+def file_teacher(entry: str | DataFile) -> str | None:
+    return None if isinstance(entry, str) else entry.teacher
+
+
 class DataConfig(_Section):
     source: Literal["toy", "files"] = Field("toy", description="where prompts come from: the toy world or your files")
     toy: dict[Literal["math", "code", "general"], float] = Field(
         default_factory=lambda: {"math": 0.45, "code": 0.25, "general": 0.3}, description="toy source: task mix"
     )
-    train: list[str] = Field(
+    train: list[str | DataFile] = Field(
         default_factory=list,
-        description="files source: JSONL / JSON / Parquet files, or folders written by datasets' save_to_disk",
+        description="files source: JSONL / JSON / Parquet files, or folders written by datasets' save_to_disk; an "
+        "entry {path, teacher} names the teacher (of `teachers`) that scores its prompts (default: the first)",
     )
-    eval: list[str] = Field(
-        default_factory=list, description="files source: held-out prompt files (default: a share of train)"
+    eval: list[str | DataFile] = Field(
+        default_factory=list,
+        description="files source: held-out prompt files (default: a share of train), each a path or {path, teacher}",
+    )
+    toy_teachers: dict[Literal["math", "code", "general"], str] = Field(
+        default_factory=dict,
+        description="toy source with `teachers`: the teacher that scores each task's prompts (default: the first)",
     )
     eval_share: float = Field(
         0.05, ge=0, lt=1, description="files source without `eval`: share of train records held out for eval"
@@ -301,6 +320,12 @@ class TrainConfig(_Section):
         "shared by the ranks on the machine)",
     )
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    teachers: dict[str, TeacherConfig] = Field(
+        default_factory=dict,
+        description="named teachers, each a `teacher` section: rows are scored (and guided) by the teacher their data "
+        "names (data.train entries {path, teacher}, data.toy_teachers); the first is the default. Instead of "
+        "`teacher`; all share the student's tokenizer and one top_k",
+    )
     loss: LossConfig = Field(default_factory=LossConfig)
     guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -332,20 +357,58 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.teacher.api == "inprocess" and not self.teacher.model:
-            raise ValueError("teacher.api inprocess needs teacher.model (the teacher model directory)")
-        if self.teacher.api == "vllm-openai" and self._needs_drafts():
-            raise ValueError(
-                "teacher.api vllm-openai scores only; teacher drafts need the tropd service's /v1/continue: "
-                "set guidance.enabled=false (tropd), or use loss.method opd/eopd/reopold/topd, or gkd with "
-                "loss.on_policy_share=1"
-            )
+        self._check_teachers()
+        for name, teacher in self.teacher_sections().items():
+            where = "teacher" if not self.teachers else f"teachers.{name}"
+            if teacher.api == "inprocess" and not teacher.model:
+                raise ValueError(f"{where}.api inprocess needs {where}.model (the teacher model directory)")
+            if teacher.api == "vllm-openai" and self._needs_drafts():
+                raise ValueError(
+                    f"{where}.api vllm-openai scores only; teacher drafts need the tropd service's /v1/continue: "
+                    "set guidance.enabled=false (tropd), or use loss.method opd/eopd/reopold/topd, or gkd with "
+                    "loss.on_policy_share=1"
+                )
         toy = self.data.toy
         if self.data.source == "toy" and (not toy or any(w < 0 for w in toy.values()) or sum(toy.values()) <= 0):
             raise ValueError("data.toy: give at least one task with a positive weight")
         if self.data.source == "files" and not self.data.train:
             raise ValueError("data.source files needs data.train (prompt files or folders)")
         return self
+
+    def teacher_sections(self) -> dict[str, TeacherConfig]:
+        """The run's teachers by name: `teachers`, or the one `teacher` (named "teacher")."""
+        return dict(self.teachers) if self.teachers else {"teacher": self.teacher}
+
+    def top_k(self) -> int:
+        """The teachers' top_k (one across teachers)."""
+        return next(iter(self.teacher_sections().values())).top_k
+
+    def _check_teachers(self) -> None:
+        named = self.teachers
+        wanted = [(f"data.train {file_path(e)}", file_teacher(e)) for e in self.data.train]
+        wanted += [(f"data.eval {file_path(e)}", file_teacher(e)) for e in self.data.eval]
+        wanted += [(f"data.toy_teachers.{task}", name) for task, name in self.data.toy_teachers.items()]
+        for where, name in wanted:
+            if name is not None and name not in named:
+                known = f"the named teachers are {', '.join(named)}" if named else "no `teachers` are named"
+                raise ValueError(f"{where} names teacher {name!r} but {known}")
+        if not named:
+            return
+        if self.teacher != TeacherConfig():
+            raise ValueError("both `teacher` and `teachers` are set: give one teacher as `teacher`, or several as "
+                             "`teachers` (name: section)")  # fmt: skip
+        for name in named:
+            if not name or not all(c.isalnum() or c in "_-" for c in name):
+                raise ValueError(f"teachers: name {name!r} must be letters, digits, _ or - (it names metrics)")
+        top_k = {name: t.top_k for name, t in named.items()}
+        if len(set(top_k.values())) > 1:
+            raise ValueError(f"teachers: top_k differs ({', '.join(f'{n} {k}' for n, k in top_k.items())}): the "
+                             "forward-KL terms of one batch need one top_k across teachers")  # fmt: skip
+        vllm = [name for name, t in named.items() if t.api == "inprocess" and t.engine == "vllm"]
+        if len(vllm) > 1:
+            raise ValueError(f"teachers {', '.join(vllm)}: at most one in-process teacher may use engine vllm "
+                             "(each would size its memory as if alone); serve the others with `tropd teacher "
+                             "serve`")  # fmt: skip
 
     def _needs_drafts(self) -> bool:
         from trainer.methods import METHODS  # the table imports the losses (torch): only when a config is checked

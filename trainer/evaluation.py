@@ -15,6 +15,7 @@ from trainer.config import TrainConfig
 from trainer.data.source import PromptSource
 from trainer.data.verifiers import Verifier
 from trainer.models import autocast_dtype
+from trainer.pipeline import teacher_context
 from trainer.rollout.decode import resolve_compile
 from trainer.rollout.sampling import batch_rows, sample
 from tropd.errors import UserError
@@ -96,12 +97,16 @@ def evaluate(
         for name, prompts in source.eval_sets(config.eval).items():
             correct[name] = {i: float(verifier(source.decode(r), prompts[i].answer, prompts[i].record))
                              for i, r in run([p.ids for p in prompts], None)}  # fmt: skip
-    prompts = [p.ids for p in source.kl_prompts(config.eval)]
+    held = source.kl_prompts(config.eval)
+    prompts = [p.ids for p in held]
     uniforms = torch.rand((len(prompts), budget), generator=torch.Generator().manual_seed(EVAL_SEED))
     rows, responses = zip(*run(prompts, uniforms), strict=True)
     mine = [prompts[i] for i in rows]
     s_lp = student_lp(mine, list(responses))
-    scored = link.score([p + r for p, r in zip(mine, responses, strict=True)], [len(p) for p in mine], 0)
+    # each response scored by its prompt's teacher, after that teacher's context (a record's teacher_messages)
+    contexts = [teacher_context(held[i]) for i in rows]
+    scored = link.score([c + r for c, r in zip(contexts, responses, strict=True)], [len(c) for c in contexts], 0,
+                        [held[i].teacher for i in rows])  # fmt: skip
     t_lp = torch.zeros_like(s_lp)
     mask = torch.zeros_like(s_lp, dtype=torch.bool)
     for i, r in enumerate(scored.result()):
@@ -119,6 +124,16 @@ def evaluate(
         scores = {i: s for c, _ in parts for i, s in c[name].items()}  # a row sampled twice counts once
         accuracy[name] = sum(scores.values()) / max(1, len(scores))
     d = {i: v for _, k in parts for i, v in k.items()}
-    tokens = sum(v.numel() for v in d.values())
-    return {"accuracy": accuracy, "reverse_kl": float(sum(v.sum() for v in d.values()) / tokens) if tokens
-            else float("nan")}  # fmt: skip
+    result = {"accuracy": accuracy, "reverse_kl": _mean_kl(d.values())}
+    if link.named:  # several teachers: each one's reverse KL on its own prompts too
+        names = {i: link.name_of(p.teacher) for i, p in enumerate(held)}
+        result["reverse_kl_by_teacher"] = {name: _mean_kl(v for i, v in d.items() if names[i] == name)
+                                           for name in dict.fromkeys(names.values())}  # fmt: skip
+    return result
+
+
+def _mean_kl(per_row) -> float:
+    """Mean over the tokens of every row (per-row float64 tensors of K1)."""
+    rows = list(per_row)
+    tokens = sum(v.numel() for v in rows)
+    return float(sum(v.sum() for v in rows) / tokens) if tokens else float("nan")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from trainer.config import TrainConfig
-from trainer.data.source import PromptSource
+from trainer.data.source import Prompt, PromptSource
 from trainer.methods import method_of
 from trainer.models import autocast_dtype
 from trainer.rollout.decode import resolve_compile
@@ -40,6 +40,7 @@ class Batch:
     sampler_lp_B_T: torch.Tensor | None = None  # the rollout engine's log-prob of each token it sampled (vllm; 0 else)
     teacher_top_ids_B_T_K: torch.Tensor | None = None
     teacher_top_lp_B_T_K: torch.Tensor | None = None
+    teachers: list[str] | None = None  # the name of each row's teacher
 
     @property
     def tokens(self) -> int:
@@ -144,7 +145,7 @@ class Rollouts:
         self.rng = random.Random(f"prompts/{config.seed}")
         self.gen = torch.Generator().manual_seed(config.seed)
         self.method = method_of(config)
-        self.top_k = config.teacher.top_k if self.method.top_k else 0
+        self.top_k = config.top_k() if self.method.top_k else 0
 
     # the data cursor: everything that decides which prompts and samples come next
     def state(self) -> dict:
@@ -164,10 +165,10 @@ class Rollouts:
             self.sync_s += self.engine.sync(self.trained)
             self.synced_version = self.weights_version
 
-    def _prompts(self) -> list[list[int]]:
+    def _prompts(self) -> list[Prompt]:
         r = self.config.rollout
         drawn = self.source.draw(self.rng, r.prompts_per_step)
-        return [list(p.ids) for p in drawn for _ in range(r.samples_per_prompt)]
+        return [p for p in drawn for _ in range(r.samples_per_prompt)]
 
     def _mine(self, rows: list) -> list:
         n = len(rows) // self.world
@@ -175,15 +176,16 @@ class Rollouts:
 
     def make(self, step: int) -> Pending:
         cfg = self.config
-        prompts = self._prompts()
+        drawn = self._prompts()
         written = self.method.teacher_written
         if written == "always" or (written == "drawn" and self.rng.random() >= cfg.loss.on_policy_share):
-            return self._teacher_written(step, prompts)
+            return self._teacher_written(step, drawn)
         budget = cfg.rollout.max_new_tokens
-        uniforms = self._mine(torch.rand((len(prompts), budget), generator=self.gen))
-        rows = self._mine(list(range(len(prompts))))  # this rank's rows' numbers in the global batch
-        prefixes = self._mine(self._prefixes(step, prompts))
-        prompts = self._mine(prompts)
+        uniforms = self._mine(torch.rand((len(drawn), budget), generator=self.gen))
+        rows = self._mine(list(range(len(drawn))))  # this rank's rows' numbers in the global batch
+        prefixes = self._mine(self._prefixes(step, drawn))
+        drawn = self._mine(drawn)
+        prompts = [list(p.ids) for p in drawn]
         starts = [p + x for p, x in zip(prompts, prefixes, strict=True)]
         was_training = self.model.training
         self.model.eval()
@@ -196,7 +198,7 @@ class Rollouts:
         # a prefix plus its continuation never runs past the response budget
         cut = [max(budget, len(x) + 1) for x in prefixes]
         responses = [(x + c)[:n] for x, c, n in zip(prefixes, continuations, cut, strict=True)]
-        batch = self._batch(step, "student", prompts, responses, [len(x) for x in prefixes])
+        batch = self._batch(step, "student", drawn, responses, [len(x) for x in prefixes])
         if sampler_lp is not None:
             padded = [([0.0] * len(x) + lp)[:n] for x, lp, n in zip(prefixes, sampler_lp, cut, strict=True)]
             batch.sampler_lp_B_T = pad(padded, 0.0, torch.float32)
@@ -210,8 +212,10 @@ class Rollouts:
                 if sampler_lp is not None:
                     batch.old_lp_B_T = torch.where(batch.prefix_mask_B_T, batch.old_lp_B_T, batch.sampler_lp_B_T)
         self.model.train(was_training)
-        seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
-        future = self.link.score(seqs, [len(p) for p in prompts], self.top_k)
+        # the teacher scores each response after its own context (a record's teacher_messages), else the prompt
+        contexts = [teacher_context(p) for p in drawn]
+        seqs = [c + r for c, r in zip(contexts, responses, strict=True)]
+        future = self.link.score(seqs, [len(c) for c in contexts], self.top_k, batch.teachers)
         return Pending(batch, future, self.top_k)
 
     def _sample(self, starts: list[list[int]], budget: int, uniforms_B_T: torch.Tensor) -> list[list[int]]:
@@ -238,7 +242,7 @@ class Rollouts:
         self.engine.sleep()
         return out
 
-    def _prefixes(self, step: int, prompts: list[list[int]]) -> list[list[int]]:
+    def _prefixes(self, step: int, prompts: list[Prompt]) -> list[list[int]]:
         share = prefix_share(self.config, step)
         chosen = [i for i in range(len(prompts)) if self.rng.random() < share]
         prefixes: list[list[int]] = [[] for _ in prompts]
@@ -248,8 +252,8 @@ class Rollouts:
         by_length = self.config.guidance.schedule == "length"
         stops = self.source.stop_ids
         drafts = self.link.continue_(
-            [prompts[i] for i in chosen], longest, temperature=1.0, seed=self._seed(step), top_k=0,
-            stop_ids=list(stops),
+            [teacher_context(prompts[i]) for i in chosen], longest, [prompts[i].teacher for i in chosen],
+            temperature=1.0, seed=self._seed(step), top_k=0, stop_ids=list(stops),
         ).result()  # fmt: skip
         for i, d in zip(chosen, drafts, strict=True):
             tokens = d.token_ids.tolist()
@@ -259,14 +263,15 @@ class Rollouts:
             prefixes[i] = tokens[: longest if by_length else self.rng.randint(1, longest)] if tokens else []
         return prefixes
 
-    def _teacher_written(self, step: int, prompts: list[list[int]]) -> Pending:
-        """Teacher drafts as the whole response (sft, and gkd's off-policy batches)."""
+    def _teacher_written(self, step: int, prompts: list[Prompt]) -> Pending:
+        """Teacher drafts as the whole response (sft, and gkd's off-policy batches), each after its teacher's context;
+        the student trains on them after its own prompt."""
         k = self.top_k
         stops = self.source.stop_ids
         drafts = self._mine(
             self.link.continue_(
-                prompts, self.config.rollout.max_new_tokens, temperature=1.0, seed=self._seed(step), top_k=k,
-                stop_ids=list(stops),
+                [teacher_context(p) for p in prompts], self.config.rollout.max_new_tokens,
+                [p.teacher for p in prompts], temperature=1.0, seed=self._seed(step), top_k=k, stop_ids=list(stops),
             ).result()
         )  # fmt: skip
         prompts = self._mine(prompts)
@@ -278,13 +283,21 @@ class Rollouts:
     def _seed(self, step: int) -> int:
         return (self.config.seed * 1_000_003 + step) % (2**31)
 
-    def _batch(self, step, source, prompts, responses, prefix_lens) -> Batch:
+    def _batch(self, step, source, drawn: list[Prompt], responses, prefix_lens) -> Batch:
+        prompts = [list(p.ids) for p in drawn]
         ids = pad(responses, self.source.pad_id, torch.long)
         mask = pad([[True] * len(r) for r in responses], False, torch.bool)
         prefix = pad(
             [[j < n for j in range(len(r))] for r, n in zip(responses, prefix_lens, strict=True)], False, torch.bool
         )
-        return Batch(step, source, prompts, responses, prefix_lens, ids, mask, prefix & mask, None)
+        batch = Batch(step, source, prompts, responses, prefix_lens, ids, mask, prefix & mask, None)
+        batch.teachers = [self.link.name_of(p.teacher) for p in drawn]
+        return batch
+
+
+def teacher_context(prompt: Prompt) -> list[int]:
+    """What the teacher reads before a response: the record's teacher-only context, else the student's prompt."""
+    return list(prompt.teacher_ids if prompt.teacher_ids is not None else prompt.ids)
 
 
 def k1_estimate(student_lp_B_T: torch.Tensor, teacher_lp_B_T: torch.Tensor, mask_B_T: torch.Tensor) -> float:

@@ -177,9 +177,12 @@ def chunk_tokens(config: TrainConfig, vocab_size: int) -> int:
 
 
 def make_plan(config: TrainConfig, shape: Shape, *, device: str, world: int, limit_bytes: int, baseline_bytes: int,
-              prompt_tokens: int, teacher: Shape | None = None, engine: str = "torch") -> Plan:  # fmt: skip
-    """The plan of `config` for a student of `shape` whose longest prompt has `prompt_tokens` tokens; `engine`, the
-    resolved `rollout.engine`."""
+              prompt_tokens: int, teacher: Shape | list[Shape] | None = None,
+              engine: str = "torch") -> Plan:  # fmt: skip
+    """The plan of `config` for a student of `shape` whose longest prompt has `prompt_tokens` tokens; `teacher`, the
+    shape of each teacher in the trainer's process (several named teachers score at once); `engine`, the resolved
+    `rollout.engine`."""
+    teachers = [teacher] if isinstance(teacher, Shape) else list(teacher or [])
     r, size = config.rollout, _dtype_size(config)
     shard = world if config.parallel == "fsdp" and world > 1 else 1
     P = shape.params
@@ -188,8 +191,8 @@ def make_plan(config: TrainConfig, shape: Shape, *, device: str, world: int, lim
         Part("gradients (float32)", 4 * P // shard, "parallel=fsdp shards them"),
         Part("optimizer state (AdamW, float32)", 8 * P // shard, "parallel=fsdp shards it"),
     ]
-    if teacher is not None:
-        resident.append(Part("teacher weights (in process)", 4 * teacher.params, "teacher.api=tropd (a service)"))
+    for t in teachers:
+        resident.append(Part("teacher weights (in process)", 4 * t.params, "teacher.api=tropd (a service)"))
     rows = max(1, r.prompts_per_step * r.samples_per_prompt // world)
     T = r.max_new_tokens
     L = prompt_tokens + T
@@ -204,8 +207,8 @@ def make_plan(config: TrainConfig, shape: Shape, *, device: str, world: int, lim
         Part("activations of a micro-batch", acts, "rollout.micro_batch_sequences, gradient_checkpointing=true"),
         Part("output head's logits chunk", HEAD_COPIES * _head_bytes(config, shape, micro, L, T), "loss_chunk_tokens"),
     ]
-    if teacher is not None:  # scoring the next batch may overlap the step
-        step.append(Part("teacher's scoring (in process)", _teacher_scoring(teacher, rows, prompt_tokens, T),
+    for t in teachers:  # scoring the next batch may overlap the step
+        step.append(Part("teacher's scoring (in process)", _teacher_scoring(t, rows, prompt_tokens, T),
                          "rollout.prompts_per_step"))  # fmt: skip
     cpu = not device.startswith("cuda")
     vllm = engine == "vllm"  # the engine samples (rollouts and eval), not the trainer's own loop
@@ -240,8 +243,8 @@ def make_plan(config: TrainConfig, shape: Shape, *, device: str, world: int, lim
             phases["eval scoring forward"] = [Part("attention of the scoring forward",
                                                    2 * 4 * scored * shape.heads * width * width,
                                                    "rollout.micro_batch_sequences")]  # fmt: skip
-        if teacher is not None:
-            teacher_bytes = _teacher_scoring(teacher, kl_rows, prompt_tokens, budget)
+        for t in teachers:
+            teacher_bytes = _teacher_scoring(t, kl_rows, prompt_tokens, budget)
             phases["eval scoring"].append(Part("teacher's scoring (in process)", teacher_bytes, "eval.kl_prompts"))
     return Plan(device, world, limit_bytes, baseline_bytes, resident, phases)
 
@@ -290,7 +293,7 @@ def plan_run(config: TrainConfig, longest_prompt: int, device: str, world: int, 
     """The plan of a run about to start in this process (`config.dtype` resolved): the student's and an
     in-process teacher's shapes from their config.json, the baseline from this process's memory now."""
     student = read_shape(config.student)
-    teacher = read_shape(config.teacher.model) if config.teacher.api == "inprocess" else None
+    teacher = [read_shape(t.model) for t in config.teacher_sections().values() if t.api == "inprocess"]
     baseline = 0 if device.startswith("cuda") else process_rss_bytes()
     limit = device_limit_bytes(device, config.memory_limit_gb)
     return make_plan(config, student, device=device, world=world, limit_bytes=limit, baseline_bytes=baseline,

@@ -32,6 +32,15 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
         axes[1].plot(x, [r["k1"] for r in steps], label="K1 (train samples)")
     if evals:
         axes[1].plot([s for s, _ in evals], [e["reverse_kl"] for _, e in evals], "o-", label="reverse KL (held out)")
+    # named teachers: each one's K1 on its rows and reverse KL on its held-out prompts
+    for name in steps[0].get("by_teacher", {}) if steps else ():
+        mine = [(r["step"], r.get("by_teacher", {}).get(name, {})) for r in steps]
+        shown = [(step, entry["k1"]) for step, entry in mine if "k1" in entry]
+        if shown:
+            axes[1].plot(*zip(*shown, strict=True), label=f"K1, teacher {name}", alpha=0.6)
+    for name in evals[-1][1].get("reverse_kl_by_teacher", {}) if evals else ():
+        shown = [(s, e["reverse_kl_by_teacher"][name]) for s, e in evals if name in e.get("reverse_kl_by_teacher", {})]
+        axes[1].plot(*zip(*shown, strict=True), "s--", label=f"reverse KL, teacher {name}")
     if steps and "rollout_mismatch_k1" in steps[0]:
         axes[1].plot(x, [r["rollout_mismatch_k1"] for r in steps], label="rollout engine - trainer (K1)")
     if steps and "trust_share" in steps[0]:

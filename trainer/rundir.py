@@ -31,9 +31,28 @@ RESUME_FREE = ("steps", "out", "student", "threads", "checkpoint_every", "keep_c
 TEACHER_KEYS = ("model", "engine", "dtype", "tokenizer_sha256", "chat_template_sha256", "vocab_size")
 
 
-def check_resumed_models(run_dir: Path, ckpt: Path, student_dir: Path, info: dict) -> None:
-    """Refuse to resume against another teacher (its model name or tokenizer, from teacher.json) or with a student
-    directory whose tokenizer is not the checkpoint's."""
+def resume_free(key: str) -> bool:
+    """Whether a resumed run may change the setting `key` (dotted): RESUME_FREE's, and a named teacher's
+    (`teachers.NAME.url`) where the one teacher's (`teacher.url`) may change."""
+    if key.startswith("teachers."):
+        name_and_rest = key.removeprefix("teachers.")
+        rest = name_and_rest.split(".", 1)[1] if "." in name_and_rest else ""
+        return ("teacher." + rest).startswith(RESUME_FREE)
+    return key.startswith(RESUME_FREE)
+
+
+def teacher_identity(infos: dict[str, dict]) -> dict:
+    """What teacher.json keeps of the run's teachers (each one's model, engine, tokenizer, ...): the one teacher's
+    keys as they are, several teachers' by name under `teachers`."""
+    if len(infos) == 1:
+        return {k: next(iter(infos.values())).get(k) for k in TEACHER_KEYS}
+    return {"teachers": {name: {k: info.get(k) for k in TEACHER_KEYS} for name, info in infos.items()}}
+
+
+def check_resumed_models(run_dir: Path, ckpt: Path, student_dir: Path, infos: dict[str, dict]) -> None:
+    """Refuse to resume against another teacher (its model name or tokenizer, from teacher.json; with several, each
+    by name, and no name added or dropped) or with a student directory whose tokenizer is not the checkpoint's. A
+    teacher's URL may change."""
     if tokenizer_fingerprint(student_dir) != tokenizer_fingerprint(ckpt / "student"):
         raise UserError(f"--resume: the tokenizer of student {student_dir} differs from the one the run trained with "
                         f"({ckpt / 'student'}): resume with the run's student")  # fmt: skip
@@ -41,11 +60,20 @@ def check_resumed_models(run_dir: Path, ckpt: Path, student_dir: Path, info: dic
         before = json.loads((run_dir / "teacher.json").read_text())
     except (OSError, ValueError):
         return  # runs made before teacher.json existed
-    for key in ("model", "tokenizer_sha256", "chat_template_sha256"):
-        if before.get(key) is not None and info.get(key) is not None and before[key] != info[key]:
-            raise UserError(f"--resume against another teacher ({key}: {str(before[key])[:24]!r} -> "
-                            f"{str(info[key])[:24]!r}): the steps would compute something else; resume against the "
-                            "run's teacher, or start a new run in another `out`")  # fmt: skip
+    was = before.get("teachers") if "teachers" in before else {"teacher": before} if len(infos) == 1 else None
+    now = infos if "teachers" in before or len(infos) > 1 else {"teacher": next(iter(infos.values()))}
+    if was is None or set(was) != set(now):
+        raise UserError(f"--resume with other teachers ({', '.join(was or ['one teacher'])} -> "
+                        f"{', '.join(now) if len(now) > 1 else 'one teacher'}): the steps would compute something "
+                        "else; resume with the run's teachers, or start a new run in another `out`")  # fmt: skip
+    for name, info in now.items():
+        for key in ("model", "tokenizer_sha256", "chat_template_sha256"):
+            old = was[name].get(key)
+            if old is not None and info.get(key) is not None and old != info[key]:
+                which = "another teacher" if len(now) == 1 else f"another teacher {name!r}"
+                raise UserError(f"--resume against {which} ({key}: {str(old)[:24]!r} -> {str(info[key])[:24]!r}): "
+                                "the steps would compute something else; resume against the run's teacher, or start "
+                                "a new run in another `out`")  # fmt: skip
 
 
 def check_resumed_settings(run_dir: Path, config: TrainConfig) -> None:
@@ -58,7 +86,7 @@ def check_resumed_settings(run_dir: Path, config: TrainConfig) -> None:
         raise UserError(f"--resume: {run_dir} has checkpoints but no readable config.yaml, so its settings cannot be "
                         "checked: start a new run in another `out`") from None  # fmt: skip
     now = flatten(config.model_dump(mode="json"))
-    changed = [key for key in now if key in before and before[key] != now[key] and not key.startswith(RESUME_FREE)]
+    changed = [key for key in now if key in before and before[key] != now[key] and not resume_free(key)]
     if changed:
         shown = ", ".join(f"{key}: {before[key]!r} -> {now[key]!r}" for key in changed[:4])
         raise UserError(f"--resume with settings that differ from the run's config.yaml ({shown}): resume with the "
@@ -71,8 +99,9 @@ def check_start(config: TrainConfig, run_dir: Path, student_dir: Path, resume: b
     resume from (None: start at step 0)."""
     check_model_dir(student_dir, "student")
     check_run_dir(run_dir, student_dir)
-    if config.teacher.api == "inprocess":
-        check_model_dir(config.teacher.model, "teacher.model")
+    for name, teacher in config.teacher_sections().items():
+        if teacher.api == "inprocess":
+            check_model_dir(teacher.model, f"teachers.{name}.model" if config.teachers else "teacher.model")
     ckpt = checkpoint.latest(run_dir) if resume else None
     if not resume and (run_dir / "metrics.jsonl").is_file():
         raise UserError(f"run directory {run_dir} already holds a run: pass --resume, or choose another `out`")

@@ -207,6 +207,80 @@ class TeacherLink:
             self._thread.join(5)
 
 
+class Gathered:
+    """The results of a request split among teachers, back in the order of its rows: `result()` waits for each part
+    (a `Future` of the results of `rows`, in order)."""
+
+    def __init__(self, parts: list[tuple[list[int], Future]], n: int):
+        self.parts, self.n = parts, n
+
+    def result(self) -> list:
+        out: list = [None] * self.n
+        for rows, future in self.parts:
+            for i, r in zip(rows, future.result(), strict=True):
+                out[i] = r
+        return out
+
+
+class Teachers:
+    """The run's teachers by name (`TrainConfig.teacher_sections`), each a `TeacherLink`. A request's rows go to the
+    teacher each names (None: the first), all teachers at once; the answers come back in the rows' order."""
+
+    def __init__(self, sections: dict[str, TeacherConfig]):
+        self.links: dict[str, TeacherLink] = {}
+        try:
+            for name, section in sections.items():
+                self.links[name] = TeacherLink(section)
+        except BaseException:
+            self.close()
+            raise
+        self.default = next(iter(sections))
+        self.named = len(sections) > 1  # per-teacher metrics and identities only when there are several
+
+    def name_of(self, teacher: str | None) -> str:
+        return teacher or self.default
+
+    def check(self, student_dir: str, top_k: int, student_vocab: int | None = None) -> dict[str, dict]:
+        """Each teacher's info, checked as `TeacherLink.check` checks one; a refusal names the teacher."""
+        infos = {}
+        for name, link in self.links.items():
+            try:
+                infos[name] = link.check(student_dir, top_k, student_vocab)
+            except UserError as exc:
+                raise UserError(f"teacher {name!r}: {exc}" if self.named else str(exc)) from None
+        return infos
+
+    def _split(self, teachers: list[str | None]) -> dict[str, list[int]]:
+        groups: dict[str, list[int]] = {}
+        for i, teacher in enumerate(teachers):
+            groups.setdefault(self.name_of(teacher), []).append(i)
+        return groups
+
+    def score(self, sequences: list[list[int]], starts: list[int], top_k: int, teachers: list[str | None]) -> Gathered:
+        parts = [(rows, self.links[name].score([sequences[i] for i in rows], [starts[i] for i in rows], top_k))
+                 for name, rows in self._split(teachers).items()]  # fmt: skip
+        return Gathered(parts, len(sequences))
+
+    def continue_(self, prefixes: list[list[int]], max_tokens: int, teachers: list[str | None], **kwargs) -> Gathered:
+        parts = [(rows, self.links[name].continue_([prefixes[i] for i in rows], max_tokens, **kwargs))
+                 for name, rows in self._split(teachers).items()]  # fmt: skip
+        return Gathered(parts, len(prefixes))
+
+    def latencies(self) -> dict[str, list[float]]:
+        """Seconds of each scoring call since the last time asked, by teacher (drained)."""
+        out = {}
+        for name, link in self.links.items():
+            out[name], link.latencies[:] = list(link.latencies), []
+        return out
+
+    def replica_requests(self) -> dict[str, int]:
+        return {url: n for link in self.links.values() for url, n in link.replica_requests().items()}
+
+    def close(self) -> None:
+        for link in self.links.values():
+            link.close()
+
+
 def probe_texts(tokenizer, spread: int = 256) -> list[tuple[str, list[int]]]:
     """Texts and the student tokenizer's ids of them: the decoded spread of its vocabulary (ids evenly spaced,
     special tokens skipped: any tokenizer can encode its own output), and PROBE_TEXT where it can encode that."""

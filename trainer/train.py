@@ -45,10 +45,10 @@ from trainer.pipeline import Batch, Pending, Rollouts
 from trainer.plan import check_fits, chunk_tokens, plan_run
 from trainer.rollout.decode import resolve_compile
 from trainer.rollout.vllm_engine import VLLMRollout, resolve_engine
-from trainer.rundir import TEACHER_KEYS, check_resumed_models, check_start
+from trainer.rundir import check_resumed_models, check_start, teacher_identity
 from trainer.runlog import RunLog
 from trainer.student import LanguageModelView, ScoringModule, StudentStep
-from trainer.teacher_link import TeacherLink
+from trainer.teacher_link import Teachers
 from tropd.errors import UserError, first_line
 from tropd.machine import torch_threads
 
@@ -183,7 +183,7 @@ class Training:
             self.log(f"[train] memory plan: peak {self.plan.peak_bytes / 2**30:.2f} GiB per device "
                      f"({self.plan.peak_phase}) of {self.plan.limit_bytes / 2**30:.2f} GiB")  # fmt: skip
             check_fits(self.plan)
-            self.link = TeacherLink(config.teacher)
+            self.link = Teachers(config.teacher_sections())
             self._prepare(ckpt, resume)
         except BaseException:
             self.close()
@@ -191,13 +191,17 @@ class Training:
 
     def _prepare(self, ckpt: Path | None, resume: bool) -> None:
         config, dp, run_dir, log = self.config, self.dp, self.run_dir, self.log
-        self.info = self.link.check(str(self.student_dir), config.teacher.top_k, model_vocab_size(self.student_dir))
+        self.infos = self.link.check(str(self.student_dir), config.top_k(), model_vocab_size(self.student_dir))
         if ckpt is not None:
-            check_resumed_models(run_dir, ckpt, self.student_dir, self.info)
+            check_resumed_models(run_dir, ckpt, self.student_dir, self.infos)
         if dp.main:  # a teacher refused above leaves no run directory behind
             run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(config, run_dir / "config.yaml")
-            (run_dir / "teacher.json").write_text(json.dumps({k: self.info.get(k) for k in TEACHER_KEYS}, indent=2))
+            (run_dir / "teacher.json").write_text(json.dumps(teacher_identity(self.infos), indent=2))
+        if self.link.named:
+            for name, section in config.teacher_sections().items():
+                where = "in process" if section.api == "inprocess" else section.url
+                log(f"[train] teacher {name!r}: {self.infos[name].get('model')} ({where})")
         # a sharded checkpoint holds no whole weights: the student starts from its own, and the shards are read below
         weights = ckpt / "student" if ckpt is not None and not checkpoint.is_sharded(ckpt) else self.student_dir
         self.student = student = Student(config, weights, self.source, dp)
@@ -313,8 +317,11 @@ class Training:
             warn(f"[train] step {step}: non-finite teacher value, loss or gradient; step skipped")
         self.scheduler.step()
         t_done = time.perf_counter()
-        latencies, self.link.latencies[:] = list(self.link.latencies), []
+        by_teacher = self.link.latencies()
+        latencies = [s for seconds in by_teacher.values() for s in seconds]
         record.update({k: float(v) for k, v in metrics.items()})
+        if self.link.named:
+            record["by_teacher"] = per_teacher(batch, scores.lp_B_T, by_teacher)
         if batch.sampler_lp_B_T is not None:
             record.update(rollout_mismatch(batch, scores.lp_B_T, step, config.rollout, warn))
             record["rollout_sync_s"], self.rollouts.sync_s = self.rollouts.sync_s, 0.0
@@ -391,7 +398,7 @@ class Training:
             shutil.copytree(checkpoint.latest(run_dir) / "student", final_dir)
         summary = {
             "config": config.model_dump(mode="json"),
-            "teacher": {k: self.info.get(k) for k in ("model", "engine", "dtype", "tokenizer_sha256")},
+            **_summary_teachers(self.infos),
             "teacher_requests": self.link.replica_requests(),  # per replica URL, this rank's
             "eval_before": eval_before,
             "eval_after": eval_after,
@@ -452,6 +459,30 @@ def rollout_mismatch(batch: Batch, trainer_lp_B_T: torch.Tensor, step: int, roll
     if rollout.is_clip:
         record["rollout_is_weight_mean"] = float(torch.exp(-gap).clamp(max=rollout.is_clip).mean())
     return record
+
+
+def per_teacher(batch: Batch, student_lp_B_T: torch.Tensor, latencies: dict[str, list[float]]) -> dict:
+    """Each teacher's share of a step: `k1` (the mean of log p_S - log p_T over its rows' response tokens, as the
+    step's `k1`), `response_tokens` and `teacher_latency_s` (the mean seconds of its scoring calls)."""
+    out = {}
+    for name, seconds in latencies.items():
+        rows = torch.tensor([t == name for t in batch.teachers or []], dtype=torch.bool, device=batch.mask_B_T.device)
+        entry = {"teacher_latency_s": sum(seconds) / len(seconds) if seconds else 0.0}
+        if rows.numel():
+            mask_B_T = batch.mask_B_T & rows[:, None]
+            entry["response_tokens"] = int(mask_B_T.sum())
+            if batch.teacher_lp_B_T is not None and entry["response_tokens"]:
+                d = (student_lp_B_T.detach().float() - batch.teacher_lp_B_T)[mask_B_T]
+                entry["k1"] = float(d.mean())
+        out[name] = entry
+    return out
+
+
+def _summary_teachers(infos: dict[str, dict]) -> dict:
+    keys = ("model", "engine", "dtype", "tokenizer_sha256")
+    if len(infos) == 1:
+        return {"teacher": {k: next(iter(infos.values())).get(k) for k in keys}}
+    return {"teachers": {name: {k: info.get(k) for k in keys} for name, info in infos.items()}}
 
 
 class PhasePeaks:

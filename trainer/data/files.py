@@ -22,11 +22,12 @@ import os
 import random
 from pathlib import Path
 
-from trainer.config import DataConfig, EvalConfig
+from trainer.config import DataConfig, DataFile, EvalConfig, file_path, file_teacher
 from trainer.data.source import Prompt
 from tropd.errors import UserError, first_line
 
 ROLES = ("system", "user", "assistant", "tool")
+TEACHER_FIELDS = ("teacher_messages", "teacher_prompt")  # a record's context for the teacher alone
 SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
@@ -81,9 +82,9 @@ class FileSource:
         rows = model_vocab_size(student_dir)
         self.vocab_limit = len(tok) if rows is not None and rows > len(tok) else None
         self.template = self._template(config.chat_template)
-        train = [p for path in config.train for p in self._read(path, log)]
+        train = [p for entry in config.train for p in self._read(entry, log)]
         if config.eval:
-            self.evals = {_set_name(path): self._read(path, log) for path in config.eval}
+            self.evals = {_set_name(file_path(entry)): self._read(entry, log) for entry in config.eval}
         else:  # a held-out share of train, fixed by the seed
             order = list(range(len(train)))
             random.Random(f"eval-split/{seed}").shuffle(order)
@@ -92,7 +93,7 @@ class FileSource:
             self.evals = {"heldout": [train[i] for i in sorted(held)]} if held else {"train": train}
             train = [p for i, p in enumerate(train) if i not in held]
         if not train:
-            raise UserError("data.train: no usable prompt in " + ", ".join(config.train))
+            raise UserError("data.train: no usable prompt in " + ", ".join(map(file_path, config.train)))
         self.train = train
         self.has_answers = all(p.answer is not None for prompts in self.evals.values() for p in prompts)
         sizes = ", ".join(f"{name} {len(prompts)}" for name, prompts in self.evals.items())
@@ -113,7 +114,8 @@ class FileSource:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def longest_prompt(self) -> int:
-        return max(len(p.ids) for prompts in (self.train, *self.evals.values()) for p in prompts)
+        return max(max(len(p.ids), len(p.teacher_ids or ())) for prompts in (self.train, *self.evals.values())
+                   for p in prompts)  # fmt: skip
 
     def default_verifier(self) -> str:
         return "exact" if self.has_answers else "none"
@@ -131,7 +133,8 @@ class FileSource:
             raise UserError(f"data.chat_template {choice!r}: give `auto` or an existing .jinja file")
         return path.read_text(encoding="utf-8")
 
-    def _read(self, path: str, log) -> list[Prompt]:
+    def _read(self, entry: str | DataFile, log) -> list[Prompt]:
+        path, teacher = file_path(entry), file_teacher(entry)
         dataset = read_dataset(path)
         c = self.config
         columns = list(dataset.column_names)
@@ -148,15 +151,24 @@ class FileSource:
         for row, record in enumerate(dataset):
             where = f"{path} line {lines[row]}" if lines else f"{path} row {row + 1}"
             ids = self._encode(record.get(field_name), field_name, where)
-            if len(ids) > c.max_prompt_tokens:
+            context = self._teacher_context(record, where)
+            if max(len(ids), len(context or ())) > c.max_prompt_tokens:
                 skipped += 1
                 continue
             answer = record.get(c.answer_field)
-            out.append(Prompt(ids, None if answer is None else str(answer), record))
+            out.append(Prompt(ids, None if answer is None else str(answer), record, teacher, context))
         if skipped:
-            log(f"[data] {path}: skipped {skipped} of {len(dataset)} prompts longer than "
+            log(f"[data] {path}: skipped {skipped} of {len(dataset)} prompts (or teacher contexts) longer than "
                 f"data.max_prompt_tokens={c.max_prompt_tokens}")  # fmt: skip
         return out
+
+    def _teacher_context(self, record: dict, where: str) -> list[int] | None:
+        """The teacher's own context of a record (`teacher_messages`, a chat, or `teacher_prompt`, a text), tokenized
+        like a prompt; None when the record has neither (the teacher reads the student's prompt)."""
+        given = [name for name in TEACHER_FIELDS if record.get(name) not in (None, "", [])]
+        if len(given) > 1:
+            raise UserError(f"{where}: the record has both `teacher_messages` and `teacher_prompt`: give one")
+        return self._encode(record[given[0]], given[0], where) if given else None
 
     def _encode(self, value, field_name: str, where: str) -> list[int]:
         if value is None or value == "" or value == []:

@@ -20,6 +20,8 @@ class Prompt:
     ids: list[int]
     answer: str | None = None
     record: dict = field(default_factory=dict)  # what a verifier may read (the file's record, or the toy task)
+    teacher: str | None = None  # the name of the teacher that scores it (None: the run's first)
+    teacher_ids: list[int] | None = None  # the teacher's own context in place of `ids` (None: the student's prompt)
 
 
 class PromptSource(Protocol):

@@ -53,7 +53,7 @@ def resolve_engine(config, device: torch.device, world: int) -> str:
     if r.temperature > 2:
         raise UserError(f"rollout.temperature={r.temperature}: vLLM samples at temperatures up to 2; lower it or use "
                         "rollout.engine=torch")  # fmt: skip
-    if config.teacher.api == "inprocess" and config.teacher.engine == "vllm":
+    if any(t.api == "inprocess" and t.engine == "vllm" for t in config.teacher_sections().values()):
         raise UserError("rollout.engine=vllm beside an in-process vLLM teacher (teacher.engine=vllm) is not supported: "
                         "serve the teacher (tropd teacher serve) or use teacher.engine=hf")  # fmt: skip
     return "vllm"

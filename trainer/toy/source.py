@@ -28,19 +28,24 @@ class ToySource:
     def __init__(self, config: DataConfig, student_dir: str | Path, seed: int):
         _check_toy_student(student_dir)
         self.mix = config.toy
+        self.teachers = dict(config.toy_teachers)  # task -> its teacher's name (absent: the run's first)
         self.pools = {t: tasks.examples(t, "train", POOL, seed) for t in config.toy}
 
     def draw(self, rng: random.Random, n: int) -> list[Prompt]:
         names, weights = zip(*self.mix.items(), strict=True)
         chosen = rng.choices(names, weights, k=n)
-        return [_prompt(rng.choice(self.pools[t])) for t in chosen]
+        return [self._prompt(rng.choice(self.pools[t])) for t in chosen]
 
     def eval_sets(self, config: EvalConfig) -> dict[str, list[Prompt]]:
-        return {t: [_prompt(e) for e in tasks.examples(t, "eval", config.n)] for t in config.tasks}
+        return {t: [self._prompt(e) for e in tasks.examples(t, "eval", config.n)] for t in config.tasks}
 
     def kl_prompts(self, config: EvalConfig) -> list[Prompt]:
         per_task = max(1, config.kl_prompts // len(config.tasks))
-        return [_prompt(e) for t in config.tasks for e in tasks.examples(t, "eval", per_task)]
+        return [self._prompt(e) for t in config.tasks for e in tasks.examples(t, "eval", per_task)]
+
+    def _prompt(self, example: tasks.Example) -> Prompt:
+        return Prompt(VOCAB.prompt_ids(example.prompt), None, {"task": example.task, "prompt": example.prompt},
+                      self.teachers.get(example.task))  # fmt: skip
 
     def decode(self, ids: list[int]) -> str:
         return VOCAB.decode(ids)
@@ -58,10 +63,6 @@ class ToySource:
 def toy_verifier(response: str, answer: str | None, record: dict) -> float:
     """The task's exact verifier (`trainer.toy.tasks.check`) on a toy prompt."""
     return float(tasks.check(record["task"], record["prompt"], response))
-
-
-def _prompt(example: tasks.Example) -> Prompt:
-    return Prompt(VOCAB.prompt_ids(example.prompt), None, {"task": example.task, "prompt": example.prompt})
 
 
 def _check_toy_student(student_dir: str | Path) -> None:
