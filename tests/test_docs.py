@@ -21,6 +21,7 @@ FOREIGN_OPTIONS = {
     "--skip-tokenizer-init",  # vLLM's stock server
     "--return-tokens-as-token-ids",  # vLLM's stock server
     "--scale",  # docker compose
+    "--profile",  # docker compose
     "--collect-only",  # pytest
 }
 
