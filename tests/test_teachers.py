@@ -172,6 +172,7 @@ def test_two_named_teachers_over_http_score_their_own_rows_and_resume_exactly(
         final = records[-1]["eval"]
         assert set(final["reverse_kl_by_teacher"]) == {"math", "code"}
         assert final["reverse_kl_by_teacher"]["math"] > final["reverse_kl_by_teacher"]["code"]
+        assert (out / "curves.png").is_file()
         identity = json.loads((out / "teacher.json").read_text())["teachers"]
         assert identity["math"]["model"] != identity["code"]["model"]
         # resume from the step-2 checkpoint (step 3 again): the same rows to the same teachers, the same weights
@@ -236,3 +237,30 @@ def test_a_teachers_link_is_built_per_name(toy_quick):
         assert not torch.allclose(torch.from_numpy(alone_a[0].logprobs), torch.from_numpy(alone_b[0].logprobs))
     finally:
         link.close()
+
+
+def test_a_resume_keeps_each_named_teachers_identity(realworld, tmp_path):
+    """teacher.json keeps each teacher's identity by name: a resume may move a teacher (its URL is not in it) but not
+    put another model behind a name, nor add or drop a name; the one teacher's file is as before."""
+    from trainer.rundir import check_resumed_models, teacher_identity
+
+    student = realworld / "student"
+    ckpt = tmp_path / "checkpoints" / "step-000002"
+    shutil.copytree(student, ckpt / "student")
+    info = {"model": "toy-teacher", "engine": "vllm", "tokenizer_sha256": "ab" * 32}
+    infos = {"math": info, "code": {**info, "model": "code-teacher"}}
+    (tmp_path / "teacher.json").write_text(json.dumps(teacher_identity(infos)))
+    check_resumed_models(tmp_path, ckpt, student, infos)  # the same teachers, wherever they are served now
+    for now, wanted in (
+        ({**infos, "code": {**info, "model": "other"}}, "--resume against another teacher 'code' (model:"),
+        ({"math": info}, "--resume with other teachers (math, code -> one teacher)"),
+        ({**infos, "chat": info}, "--resume with other teachers (math, code -> math, code, chat)"),
+    ):
+        with pytest.raises(UserError, match="resume") as caught:
+            check_resumed_models(tmp_path, ckpt, student, now)
+        assert wanted in str(caught.value), caught.value
+    (tmp_path / "teacher.json").write_text(json.dumps(teacher_identity({"teacher": info})))
+    assert json.loads((tmp_path / "teacher.json").read_text())["model"] == "toy-teacher"  # one teacher: as before
+    check_resumed_models(tmp_path, ckpt, student, {"teacher": info})
+    with pytest.raises(UserError, match="another teacher \\(model"):
+        check_resumed_models(tmp_path, ckpt, student, {"teacher": {**info, "model": "other"}})
