@@ -123,14 +123,14 @@ def test_the_real_shaped_world_trains_over_http_with_vllm_rollouts(realworld, re
     assert (out / "student" / "model.safetensors").is_file() and (out / "curves.png").is_file()
 
 
-@pytest.mark.slow  # three short toy runs with vLLM engines, one of them over 2 processes: about 70 s on 2 cores
+@pytest.mark.slow  # three short toy runs with vLLM engines, two of them over 2 processes: about 80 s on 2 cores
 @pytest.mark.vllm
-def test_fsdp_ranks_and_a_resume_sample_on_vllm_like_one_straight_process(toy_quick, tmp_path):
+def test_fsdp_then_ddp_ranks_sample_on_vllm_like_one_straight_process(toy_quick, tmp_path):
     """Two FSDP processes, each with its own engine synced from parameters gathered one at a time from the shards,
-    train 2 steps and checkpoint (sharded); one process resumes to step 3. The student equals one straight process's
-    of 3 steps (weights within 1e-5): every rank's engine sampled from the trained weights (the mismatch stays at
-    rounding), a row's sample did not depend on the rank that drew it, and --resume took the same prompts and row
-    seeds. (DDP's engines sync from each rank's whole copy: 2 processes matched 1 within 2e-6, by hand.)"""
+    train 2 steps and checkpoint (sharded); two DDP processes, each engine synced from its rank's whole copy, resume
+    to step 3. The student equals one straight process's of 3 steps (weights within 1e-5): every rank's engine
+    sampled from the trained weights (the mismatch stays at rounding), a row's sample did not depend on the rank
+    that drew it, and --resume took the same prompts and row seeds."""
     args = [f"student={toy_quick / 'student'}", "teacher.api=inprocess", f"teacher.model={toy_quick / 'teacher'}",
             "rollout.engine=vllm", "checkpoint_every=2", "rollout.prompts_per_step=8", "rollout.max_new_tokens=12",
             "eval.n=4", "eval.kl_prompts=8", "tensorboard=false", "plot=false", "threads=1", "device=cpu",
@@ -138,7 +138,7 @@ def test_fsdp_ranks_and_a_resume_sample_on_vllm_like_one_straight_process(toy_qu
     one = subprocess.run([sys.executable, "-m", "tropd", "train", *args, "steps=3", f"out={tmp_path / 'one'}"],
                          capture_output=True, text=True, timeout=600, env=ENV)  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
-    out = tmp_path / "fsdp-then-one"
+    out = tmp_path / "fsdp-then-ddp"
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                           str(free_port()), "-m", "tropd", "train", *args, "steps=2", "parallel=fsdp", f"out={out}"],
                          capture_output=True, text=True, timeout=600, env=ENV)  # fmt: skip
@@ -147,9 +147,12 @@ def test_fsdp_ranks_and_a_resume_sample_on_vllm_like_one_straight_process(toy_qu
     sharded = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     sharded = [r for r in sharded if "loss" in r]
     assert len(sharded) == 2 and all(abs(r["rollout_mismatch_k1"]) < 1e-4 and r["rollout_sync_s"] > 0 for r in sharded)
-    rest = subprocess.run([sys.executable, "-m", "tropd", "train", *args, "steps=3", f"out={out}", "--resume"],
-                          capture_output=True, text=True, timeout=600, env=ENV)  # fmt: skip
+    rest = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(free_port()), "-m", "tropd", "train", *args, "steps=3", "parallel=ddp", f"out={out}",
+                           "--resume"], capture_output=True, text=True, timeout=600, env=ENV)  # fmt: skip
     assert rest.returncode == 0, rest.stderr[-3000:]
+    resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert abs(resumed[-2]["rollout_mismatch_k1"]) < 1e-4 and resumed[-2]["step"] == 3  # then the final eval
     a = load_file(tmp_path / "one" / "student" / "model.safetensors")
     b = load_file(out / "student" / "model.safetensors")
     init = load_file(toy_quick / "student" / "model.safetensors")
