@@ -58,7 +58,6 @@ def _measured_run(out: Path, settings: list[str]) -> tuple[subprocess.CompletedP
 SHAPES = {
     "152k-whole": (151936, []),
     "152k-micro-chunk128": (151936, ["rollout.micro_batch_sequences=2", "loss_chunk_tokens=128"]),
-    "32k-whole": (32000, []),
     "32k-micro-chunk64-checkpointing": (
         32000,
         ["rollout.micro_batch_sequences=2", "loss_chunk_tokens=64", "gradient_checkpointing=true"],

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -157,8 +155,7 @@ def test_two_named_teachers_over_http_score_their_own_rows_and_resume_exactly(
                     f"teachers.code.url={code.url}", "teachers.code.client_id=run-code",
                     "data.toy_teachers={math: math, code: code, general: code}"]  # fmt: skip
         out = tmp_path / "run"
-        done = subprocess.run([sys.executable, "-m", "tropd", "train", *_toy_args(toy_quick, out, *teachers)],
-                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        done = tropd_here("train", *_toy_args(toy_quick, out, *teachers))
         assert done.returncode == 0, done.stderr[-3000:]
         assert "teacher 'math'" in done.stdout and "teacher 'code'" in done.stdout
         seen = {url: httpx.get(f"{url}/metrics", timeout=10).text for url in (math_url, code.url)}
@@ -180,8 +177,7 @@ def test_two_named_teachers_over_http_score_their_own_rows_and_resume_exactly(
         shutil.copytree(out, again)
         shutil.rmtree(again / "checkpoints" / "step-000003")
         (again / "summary.json").unlink()
-        rest = subprocess.run([sys.executable, "-m", "tropd", "train", *_toy_args(toy_quick, again, *teachers),
-                               "--resume"], capture_output=True, text=True, timeout=600)  # fmt: skip
+        rest = tropd_here("train", *_toy_args(toy_quick, again, *teachers), "--resume")
         assert rest.returncode == 0, rest.stderr[-3000:]
     a, b = (load_file(run / "student" / "model.safetensors") for run in (out, again))
     for key in a:
@@ -206,13 +202,12 @@ def test_self_distillation_with_the_answer_in_the_teachers_context(realworld, tm
     held.write_text("".join(json.dumps({**r, "teacher_messages": [{"role": "system", "content": HINT.format(
         answer=r["answer"])}, *r["messages"]]}) + "\n" for r in rows))  # fmt: skip
     out = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "tropd", "train", f"student={realworld / 'student'}", f"out={out}",
-                           "data.source=files", f"data.train=[{train}]", f"data.eval=[{held}]",
-                           "teacher.api=inprocess", f"teacher.model={realworld / 'student'}", "steps=30",
-                           "rollout.prompts_per_step=8", "rollout.max_new_tokens=16", "eval.n=8",
-                           "eval.kl_prompts=32", "eval.every=0", "optim.lr=1e-3", "optim.warmup_steps=5",
-                           "optim.schedule=constant", "checkpoint_every=0", "tensorboard=false", "plot=false",
-                           "threads=1"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = tropd_here("train", f"student={realworld / 'student'}", f"out={out}", "data.source=files",
+                      f"data.train=[{train}]", f"data.eval=[{held}]", "teacher.api=inprocess",
+                      f"teacher.model={realworld / 'student'}", "steps=30", "rollout.prompts_per_step=8",
+                      "rollout.max_new_tokens=16", "eval.n=8", "eval.kl_prompts=32", "eval.every=0", "optim.lr=1e-3",
+                      "optim.warmup_steps=5", "optim.schedule=constant", "checkpoint_every=0", "tensorboard=false",
+                      "plot=false", "threads=1")  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     before, after = summary["eval_before"]["reverse_kl"], summary["eval_after"]["reverse_kl"]
