@@ -14,9 +14,9 @@ import pytest
 
 from services.teacher.batching import Batcher, ClientOverQuota
 from services.teacher.client import TeacherClient
-from services.teacher.engines.types import ScoreItem
+from services.teacher.engines.types import SamplingSpec, ScoreItem
 from services.teacher.fairness import FairQueue
-from services.teacher.protocol import ScoreResult
+from services.teacher.protocol import ContinueResult, ScoreResult
 from tests.helpers import teacher, tropd_here
 
 
@@ -154,6 +154,62 @@ def test_a_large_request_is_split_by_sequence_and_a_small_one_passes_it():
     assert sorted(where) == [*range(16), 100, 101]  # every sequence scored once
     assert [r.logprobs.tolist() for r in big] == [[i] * 3 for i in range(16)]
     assert [r.logprobs.tolist() for r in small] == [[100 + i] * 3 for i in range(2)]
+
+
+class GatedDrafter(GatedEngine):
+    """A GatedEngine that also drafts: each draft is its prefix's first id (which names the request), once; the batch
+    is recorded with the seed of its sampling spec."""
+
+    def __init__(self, invariant: bool):
+        super().__init__()
+        self.batch_invariant_drafts = invariant
+        self.specs: list[int | None] = []
+
+    def generate(self, prefixes: list[list[int]], spec: SamplingSpec) -> list[ContinueResult]:
+        self.started.set()
+        self.release.wait(10)
+        self.batches.append([p[0] for p in prefixes])
+        self.specs.append(spec.seed)
+        empty = np.zeros((1, 0), np.float32)
+        return [ContinueResult(np.array([p[0]]), np.zeros(1, np.float32), empty.astype(np.int32), empty, "length")
+                for p in prefixes]  # fmt: skip
+
+
+@pytest.mark.parametrize("invariant", [True, False])
+def test_a_continuation_request_is_split_by_prefix_where_drafts_do_not_depend_on_their_batch(invariant):
+    """An engine whose drafts do not depend on their batch (vLLM: a generator per sequence): a client's 8-prefix
+    continuation request is split by prefix like a scoring request, and another client's 2-prefix request of the
+    same sampling settings, arriving while the first batch runs, shares the next batches with it in turn; a request
+    of other settings never shares an engine call with them. An engine whose drafts do (transformers: one generator
+    per call): every request runs alone, whole, so that a seed keeps giving the same drafts."""
+    engine = GatedDrafter(invariant)
+
+    async def go():
+        batcher = Batcher(engine, max_batch_tokens=16, min_shared_batch_tokens=8, window_ms=0)
+        spec, other = SamplingSpec(max_tokens=2, seed=7), SamplingSpec(max_tokens=2, seed=8)
+        big = asyncio.ensure_future(batcher.generate([[i, 1] for i in range(8)], spec, "big"))
+        await asyncio.to_thread(engine.started.wait, 10)
+        small = asyncio.ensure_future(batcher.generate([[100 + i, 1] for i in range(2)], spec, "small"))
+        odd = asyncio.ensure_future(batcher.generate([[200, 1]], other, "odd"))
+        await asyncio.sleep(0.05)
+        engine.release.set()
+        results = await asyncio.gather(big, small, odd)
+        batcher.close()
+        return results
+
+    big, small, odd = asyncio.run(go())
+    assert [int(r.token_ids[0]) for r in big] == list(range(8))  # each request its own drafts, in order
+    assert [int(r.token_ids[0]) for r in small] == [100, 101] and int(odd[0].token_ids[0]) == 200
+    batches = engine.batches
+    for batch, seed in zip(batches, engine.specs, strict=True):  # one sampling spec a call
+        assert all((i == 200) == (seed == 8) for i in batch), (batches, engine.specs)
+    if not invariant:
+        assert sorted(map(sorted, batches)) == [[0, 1, 2, 3, 4, 5, 6, 7], [100, 101], [200]], batches
+        return
+    assert batches[0] == [0, 1, 2, 3]  # alone: a whole batch of 16 tokens (4 tokens a prefix)
+    where = {i: b for b, batch in enumerate(batches) for i in batch}
+    assert where[100] < where[7] and where[101] < where[7], batches  # the small request passes the big one's tail
+    assert sorted(where) == [*range(8), 100, 101, 200]  # every prefix drafted once
 
 
 def test_per_client_quota_refuses_only_that_client():

@@ -8,8 +8,11 @@ has been scored. The batch token budget adapts (`batch_budget`): `max_batch_toke
 while several do (work queued, or a request sent or answered within the last two batches), the size of the
 smallest request among them (at least `min_shared_batch_tokens`), so that a batch in progress, which every newly
 arrived sequence waits for, stays as short as the smallest client's request, and the clients' sequences take
-turns in it by fair tag. The engine call waits up to a short window for more work. A continuation request runs
-alone (all its prefixes at once).
+turns in it by fair tag. The engine call waits up to a short window for more work. A continuation request is split
+by prefix in the same way where the engine's drafts do not depend on their batch (`batch_invariant_drafts`: vLLM
+seeds a generator per sequence), its prefixes sharing engine calls with other requests' of the same sampling
+settings; on an engine whose drafts do (transformers: one generator per call) it runs alone, all its prefixes at
+once, so that a seed keeps giving the same drafts.
 Admission is bounded twice, and never queues without bound: past `max_inflight_tokens` in all, a request is
 refused with `Overloaded` (503 + `Retry-After`); past `max_client_inflight_tokens` for its own client, with
 `ClientOverQuota` (429 + `Retry-After`). A request is always admitted when nothing of its kind is in flight, so
@@ -82,7 +85,8 @@ class _Job:
 
 @dataclass
 class _Part:
-    """One sequence of a scoring request: what the fair queue orders and an engine batch holds."""
+    """One sequence of a scoring request, or one prefix of a split continuation request: what the fair queue orders
+    and an engine batch holds."""
 
     job: _Job
     index: int
@@ -90,6 +94,12 @@ class _Part:
     client: str
     tag: float = 0.0
     kind: str = "score"
+
+    def joins(self, first: _Part, room: int) -> bool:
+        """Whether this part may join a batch that `first` began, with `room` tokens left in it."""
+        if self.tokens > room or self.kind != first.kind:
+            return False
+        return self.kind == "score" or self.job.spec == first.job.spec  # one engine call: one sampling spec
 
 
 def engine_alive(engine) -> bool:
@@ -114,6 +124,7 @@ class Batcher:
         on_fatal=None,
     ):
         self.engine = engine
+        self.split_drafts = bool(getattr(engine, "batch_invariant_drafts", False))
         self.max_batch_tokens = max_batch_tokens
         self.min_shared_batch_tokens = min(min_shared_batch_tokens, max_batch_tokens)
         self.window = window_ms / 1000
@@ -167,10 +178,11 @@ class Batcher:
             self._inflight += tokens
             self._client_inflight[client] = mine + tokens
             self._seen(client, tokens)
-            if kind == "score":
+            if kind == "score" or self.split_drafts:
                 job.results, job.parts_left = [None] * len(payload), len(payload)
                 for i, item in enumerate(payload):
-                    self._queue.push(_Part(job, i, len(item.ids), client))
+                    size = len(item.ids) if kind == "score" else len(item) + spec.max_tokens
+                    self._queue.push(_Part(job, i, size, client, kind=kind))
             else:
                 self._queue.push(job)
             self._set_depth(client)
@@ -224,8 +236,8 @@ class Batcher:
         return min(self.max_batch_tokens, max(self.min_shared_batch_tokens, min(active.values())))
 
     def _take(self) -> list | None:
-        """The next batch: scoring parts, or one continuation job (None: closing and nothing left, or the
-        engine failed)."""
+        """The next batch: scoring parts, continuation parts of one sampling spec, or one whole continuation job
+        (None: closing and nothing left, or the engine failed)."""
         with self._cv:
             while not len(self._queue):
                 if self._closing or self.failure is not None:
@@ -233,11 +245,11 @@ class Batcher:
                 self._cv.wait()
             first = self._queue.pop_next()
             taken = [first]
-            if first.kind == "score":
+            if isinstance(first, _Part):
                 budget = self.batch_budget(first) - first.tokens
                 deadline = time.monotonic() + self.window
                 while budget > 0:
-                    part = self._queue.pop_next(lambda j, room=budget: j.kind == "score" and j.tokens <= room)
+                    part = self._queue.pop_next(lambda j, room=budget: isinstance(j, _Part) and j.joins(first, room))
                     if part is not None:
                         taken.append(part)
                         budget -= part.tokens
@@ -259,6 +271,8 @@ class Batcher:
                 try:
                     if taken[0].kind == "score":
                         self._run_scores(taken)
+                    elif isinstance(taken[0], _Part):
+                        self._run_drafts(taken)
                     else:
                         job = taken[0]
                         self._resolve(job, result=self.engine.generate(job.payload, job.spec))
@@ -311,6 +325,13 @@ class Batcher:
                 self.metrics.batch_sequences.observe(len(chunk))
                 self.metrics.batch_tokens.observe(sum(len(it.ids) for it in chunk))
             results += self.engine.score(chunk)
+        self._settle(parts, results)
+
+    def _run_drafts(self, parts: list[_Part]) -> None:
+        self._settle(parts, self.engine.generate([p.job.payload[p.index] for p in parts], parts[0].job.spec))
+
+    def _settle(self, parts: list[_Part], results: list) -> None:
+        """Each part's result into its request; a request whose last part this was is answered."""
         for part, result in zip(parts, results, strict=True):
             job = part.job
             job.results[part.index] = result

@@ -59,14 +59,6 @@ def resolve_engine(config, device: torch.device, world: int) -> str:
     return "vllm"
 
 
-def kv_cache_bytes(config, tokens: int) -> int:
-    """Bytes of a KV cache of `tokens` positions of the model `config` (float32 on CPU: 4 bytes a value)."""
-    layers, heads = config.num_hidden_layers, config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    return tokens * layers * 2 * kv_heads * head_dim * 4
-
-
 def whole_tensors(model: torch.nn.Module):
     """(Hugging Face name, whole tensor) of each entry of `model`'s state, one at a time. A parameter sharded by
     FSDP2 (a DTensor) is gathered when its turn comes: a collective, so every rank iterates in the same order."""
@@ -87,7 +79,6 @@ class VLLMRollout:
         # its per-sync lines (and a warning that the rotary module has no weights to reload) would bury the trainer's
         # progress; what matters of a sync is measured by the trainer (rollout_mismatch_k1, rollout_sync_s)
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-        from transformers import AutoConfig
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -105,8 +96,11 @@ class VLLMRollout:
             # untested: no GPU with vLLM has run this yet (docs/benchmarks.md)
             options.update(gpu_memory_utilization=memory_share, enable_sleep_mode=True)
         else:
-            config = AutoConfig.from_pretrained(student_dir)
-            options.update(kv_cache_memory_bytes=kv_cache_bytes(config, max(cache_tokens, max_model_len)))
+            from trainer.plan import read_shape  # the memory plan's count of the same cache
+
+            # float32 on CPU: 4 bytes a value
+            kv_bytes = 4 * max(cache_tokens, max_model_len) * read_shape(student_dir).kv_bytes_per_token
+            options.update(kv_cache_memory_bytes=kv_bytes)
         self.llm = LLM(**options, skip_tokenizer_init=True)  # ids in, ids out: no tokenizer needed
         self.vocab = self.llm.llm_engine.model_config.get_vocab_size()
         self.asleep = False

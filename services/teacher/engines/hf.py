@@ -34,6 +34,9 @@ class HFEngine:
     """The reference engine: a transformers forward pass, float32 by default, on CPU or one GPU."""
 
     name = "hf"
+    # one generator per engine call draws every row's tokens: a seeded draft depends on the call's other prefixes, so
+    # the batcher runs a continuation request alone, whole (services/teacher/batching.py)
+    batch_invariant_drafts = False
 
     def __init__(self, model_dir: str, dtype: str = "float32", device: str | None = None):
         import torch

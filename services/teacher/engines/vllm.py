@@ -17,6 +17,9 @@ from services.teacher.engines.types import Continued, SamplingSpec, Scored, Scor
 
 class VLLMEngine:
     name = "vllm"
+    # a seeded request samples from a generator of its own: a draft does not depend on the other prefixes of its
+    # engine call, so the batcher may split a continuation request by prefix (services/teacher/batching.py)
+    batch_invariant_drafts = True
 
     def __init__(
         self,
