@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from services.teacher.client import TeacherError
-from services.teacher.openai_client import VLLMOpenAIClient, stock_vllm
+from services.teacher.openai_client import VLLMOpenAIClient
 from trainer.config import TeacherConfig
 from trainer.teacher_link import TeacherLink
 from trainer.toy.tokenizer import VOCAB
@@ -22,18 +22,13 @@ pytestmark = [pytest.mark.vllm, pytest.mark.timeout(240)]
 
 
 @pytest.fixture(scope="module")
-def server(toy_quick, tmp_path_factory):
-    log = tmp_path_factory.mktemp("logs") / "stock-vllm.log"
-    with stock_vllm(str(toy_quick / "teacher"), log, max_top_k=20, timeout=200) as stock:
-        yield stock
-    assert stock.process.returncode is not None  # stopped, with its process group
-
-
-@pytest.fixture(scope="module")
-def tokenizing_server(stock_vllm_teacher):
+def server(stock_vllm_teacher):
     """The stock server with its tokenizer loaded, as the trainer's start-up probe needs it: the session's
-    (tests/conftest.py), shared with tests/test_completions_api.py."""
+    (tests/conftest.py, `--max-logprobs 20`), shared with tests/test_completions_api.py and the teacher bench."""
     return stock_vllm_teacher.get()
+
+
+tokenizing_server = server
 
 
 def sequences(n: int, seed: int = 0) -> list[list[int]]:
@@ -115,10 +110,13 @@ def checked_link(url: str, student: Path, **options) -> TeacherLink:
     return link
 
 
-def test_a_stock_server_that_cannot_tokenize_is_refused_unless_the_user_opts_out(server, toy_quick):
+def test_a_stock_server_that_cannot_tokenize_is_refused_unless_the_user_opts_out(toy_vllm_teacher, toy_quick):
+    # a server without `/tokenize` (as a stock server started with --skip-tokenizer-init answers it): our service,
+    # which serves the OpenAI-compatible `/v1/models` and `/v1/completions` but no `/tokenize`
+    url = toy_vllm_teacher.get().url
     with pytest.raises(UserError, match="cannot tokenize .*teacher.skip_tokenizer_check=true"):
-        checked_link(server.url, toy_quick / "student")
-    link = checked_link(server.url, toy_quick / "student", skip_tokenizer_check=True)
+        checked_link(url, toy_quick / "student")
+    link = checked_link(url, toy_quick / "student", skip_tokenizer_check=True)
     assert link.client.vocab_size == VOCAB.size  # ids past the student's tokenizer never reach the server
 
 
