@@ -408,7 +408,7 @@ def test_a_replica_back_in_service_is_probed_and_used_again(toy_quick, healthy, 
 def test_replicas_of_different_models_are_refused(toy_quick, healthy, tmp_path):
     """Scores must not depend on which replica answers: a replica serving another model is refused at start."""
     with teacher(toy_quick / "student", "hf", tmp_path, env=ONE_THREAD) as other:
-        result = run_trainer(trainer_args(toy_quick, f"[{healthy.url},{other.url}]", tmp_path / "run"))
+        result = run_here(trainer_args(toy_quick, f"[{healthy.url},{other.url}]", tmp_path / "run"))
     assert result.returncode == 2, result.stderr[-2000:]
     assert "differ in model" in result.stderr and "Traceback" not in result.stderr
 
@@ -418,7 +418,7 @@ def test_replicas_of_different_models_are_refused(toy_quick, healthy, tmp_path):
     [("[]", "empty list"), ("[http://127.0.0.1:1,http://127.0.0.1:1]", "twice")],
 )
 def test_bad_replica_lists_are_one_line_errors(toy_quick, tmp_path, url, needle):
-    result = run_trainer(trainer_args(toy_quick, url, tmp_path / "run"), timeout=60)
+    result = run_here(trainer_args(toy_quick, url, tmp_path / "run"))
     assert result.returncode == 2 and needle in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
 
