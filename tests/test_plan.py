@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import tropd_here
 from trainer.config import load_config
 from trainer.plan import Shape, make_plan
 from tropd.errors import UserError
@@ -95,14 +96,12 @@ def test_a_run_that_cannot_fit_is_refused_in_one_line_before_it_allocates(realwo
     chats = realworld / "train-chat.jsonl"
     settings = [f"student={realworld / 'student'}", "data.source=files", f"data.train=[{chats}]",
                 "teacher.url=http://127.0.0.1:9", f"out={tmp_path / 'run'}", "memory_limit_gb=0.05"]  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "tropd", "train", *settings], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    proc = tropd_here("train", *settings)
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert "memory plan" in last and "does not fit the 0.05 GiB" in last and "shrink it with" in last, last
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
-    plan = subprocess.run([sys.executable, "-m", "tropd", "train", "--plan", "--json", *settings], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    plan = tropd_here("train", "--plan", "--json", *settings)
     assert plan.returncode == 0, plan.stderr[-2000:]
     report = json.loads(plan.stdout)
     assert report["fits"] is False and report["limit_bytes"] == int(0.05 * GiB)
