@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -162,6 +163,9 @@ def test_two_named_teachers_over_http_score_their_own_rows_and_resume_exactly(
         for url, client, other in ((math_url, "run-math", "run-code"), (code.url, "run-code", "run-math")):
             assert f'tropd_client_requests_total{{client="{client}"}}' in seen[url], (url, client)
             assert f'client="{other}"' not in seen[url], (url, other)  # never asked for the other's rows
+        # guidance: the code teacher's own service drafted its rows' prefixes
+        drafted = re.search(r"^tropd_tokens_generated_total (\S+)$", seen[code.url], flags=re.M)
+        assert drafted is not None and float(drafted.group(1)) > 0, seen[code.url][-2000:]
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         first = records[0]["by_teacher"]
         assert abs(first["code"]["k1"]) < 1e-3 and first["math"]["k1"] > 0.5, first
