@@ -98,6 +98,7 @@ def test_damaged_model_directory_is_a_one_line_error(toy_quick, tmp_path, kind, 
         (["bench", "methods", "--quick", "--out", "{file}/sub"], "is a file"),
         (["demo", "--out", "{file}"], "is a file"),
         (["demo", "out=elsewhere"], "with --out DIR"),
+        (["demo", "teachers.a.url=http://127.0.0.1:9"], "tropd demo serves one teacher"),
         (["toy", "build", "--quick", "--out", "{file}"], "is a file"),
     ],
 )

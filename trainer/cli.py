@@ -311,6 +311,8 @@ def run_demo(args) -> int:
         raise UserError("tropd demo: give the run directory with --out DIR, not out=DIR")
     out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     config = load_config(args.config, demo_overrides(args, out))  # validate before any work
+    if config.teachers:
+        raise UserError("tropd demo serves one teacher, the toy's: leave out `teachers` (tropd train takes them)")
     check_run_dir(out, Path(config.student))
     if (out / "metrics.jsonl").is_file():
         raise UserError(f"run directory {out} already holds a run: choose another --out")
