@@ -263,3 +263,18 @@ def test_a_resume_keeps_each_named_teachers_identity(realworld, tmp_path):
     check_resumed_models(tmp_path, ckpt, student, {"teacher": info})
     with pytest.raises(UserError, match="another teacher \\(model"):
         check_resumed_models(tmp_path, ckpt, student, {"teacher": {**info, "model": "other"}})
+
+
+def test_files_of_several_teachers_hold_out_a_set_per_teacher(realworld):
+    """Without `data.eval`, the held-out share of train files that name different teachers is one eval set per
+    teacher (so that eval's reverse KL has prompts of each); each prompt keeps its file's teacher."""
+    config = DataConfig(source="files", eval_share=0.1, train=[
+        {"path": str(realworld / "train-chat.jsonl"), "teacher": "a"},
+        {"path": str(realworld / "train-text.jsonl"), "teacher": "b"}])  # fmt: skip
+    source = FileSource(config, realworld / "student", 0, lambda *_: 0)
+    assert set(source.evals) == {"heldout-a", "heldout-b"}
+    assert all(p.teacher == name[-1] for name, prompts in source.evals.items() for p in prompts)
+    assert {p.teacher for p in source.train} == {"a", "b"}
+    one = FileSource(DataConfig(source="files", train=[str(realworld / "train-chat.jsonl")]), realworld / "student", 0,
+                     lambda *_: 0)  # fmt: skip
+    assert list(one.evals) == ["heldout"]  # one teacher: as before

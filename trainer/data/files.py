@@ -91,6 +91,10 @@ class FileSource:
             n_eval = min(len(train) - 1, math.ceil(config.eval_share * len(train)))
             held = set(order[:n_eval])
             self.evals = {"heldout": [train[i] for i in sorted(held)]} if held else {"train": train}
+            if held and len({p.teacher for p in train}) > 1:  # files of several teachers: a held-out set each
+                self.evals = {f"heldout-{t}" if t else "heldout": [p for p in self.evals["heldout"] if p.teacher == t]
+                              for t in dict.fromkeys(p.teacher for p in train)}  # fmt: skip
+                self.evals = {name: prompts for name, prompts in self.evals.items() if prompts}
             train = [p for i, p in enumerate(train) if i not in held]
         if not train:
             raise UserError("data.train: no usable prompt in " + ", ".join(map(file_path, config.train)))
