@@ -148,9 +148,13 @@ def _print_summary(summary: dict) -> None:
     if before is None or after is None:
         print(f"  run directory: {summary['run_dir']}")
         return
+    width = max([8, *map(len, after["accuracy"])])
     for task, acc in after["accuracy"].items():
-        print(f"  {task:<8} accuracy {100 * before['accuracy'][task]:5.1f}% -> {100 * acc:5.1f}%")
+        print(f"  {task:<{width}} accuracy {100 * before['accuracy'][task]:5.1f}% -> {100 * acc:5.1f}%")
     print(f"  reverse KL {before['reverse_kl']:.3f} -> {after['reverse_kl']:.3f} nats/token")
+    for name, kl in after.get("reverse_kl_by_teacher", {}).items():
+        was = before.get("reverse_kl_by_teacher", {}).get(name, float("nan"))
+        print(f"  reverse KL, teacher {name}: {was:.3f} -> {kl:.3f} nats/token")
     print(f"  run directory: {summary['run_dir']}")
 
 
