@@ -359,7 +359,7 @@ class TrainConfig(_Section):
     def _check(self):
         self._check_teachers()
         for name, teacher in self.teacher_sections().items():
-            where = "teacher" if not self.teachers else f"teachers.{name}"
+            where = self.teacher_key(name)
             if teacher.api == "inprocess" and not teacher.model:
                 raise ValueError(f"{where}.api inprocess needs {where}.model (the teacher model directory)")
             if teacher.api == "vllm-openai" and self._needs_drafts():
@@ -378,6 +378,10 @@ class TrainConfig(_Section):
     def teacher_sections(self) -> dict[str, TeacherConfig]:
         """The run's teachers by name: `teachers`, or the one `teacher` (named "teacher")."""
         return dict(self.teachers) if self.teachers else {"teacher": self.teacher}
+
+    def teacher_key(self, name: str) -> str:
+        """The config key of the teacher section `name` (`teacher`, or `teachers.NAME`), for messages."""
+        return f"teachers.{name}" if self.teachers else "teacher"
 
     def top_k(self) -> int:
         """The teachers' top_k (one across teachers)."""

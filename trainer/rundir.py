@@ -29,6 +29,7 @@ RESUME_FREE = ("steps", "out", "student", "threads", "checkpoint_every", "keep_c
 
 
 TEACHER_KEYS = ("model", "engine", "dtype", "tokenizer_sha256", "chat_template_sha256", "vocab_size")
+SUMMARY_KEYS = ("model", "engine", "dtype", "tokenizer_sha256")  # of each teacher, in summary.json
 
 
 def resume_free(key: str) -> bool:
@@ -41,12 +42,11 @@ def resume_free(key: str) -> bool:
     return key.startswith(RESUME_FREE)
 
 
-def teacher_identity(infos: dict[str, dict]) -> dict:
-    """What teacher.json keeps of the run's teachers (each one's model, engine, tokenizer, ...): the one teacher's
-    keys as they are, several teachers' by name under `teachers`."""
-    if len(infos) == 1:
-        return {k: next(iter(infos.values())).get(k) for k in TEACHER_KEYS}
-    return {"teachers": {name: {k: info.get(k) for k in TEACHER_KEYS} for name, info in infos.items()}}
+def teacher_identity(infos: dict[str, dict], keys=TEACHER_KEYS) -> dict:
+    """What teacher.json (and summary.json, with fewer `keys`) keeps of the run's teachers: the one teacher's keys
+    as they are, several teachers' by name under `teachers`."""
+    by_name = {name: {k: info.get(k) for k in keys} for name, info in infos.items()}
+    return next(iter(by_name.values())) if len(by_name) == 1 else {"teachers": by_name}
 
 
 def check_resumed_models(run_dir: Path, ckpt: Path, student_dir: Path, infos: dict[str, dict]) -> None:
@@ -60,20 +60,24 @@ def check_resumed_models(run_dir: Path, ckpt: Path, student_dir: Path, infos: di
         before = json.loads((run_dir / "teacher.json").read_text())
     except (OSError, ValueError):
         return  # runs made before teacher.json existed
-    was = before.get("teachers") if "teachers" in before else {"teacher": before} if len(infos) == 1 else None
-    now = infos if "teachers" in before or len(infos) > 1 else {"teacher": next(iter(infos.values()))}
-    if was is None or set(was) != set(now):
-        raise UserError(f"--resume with other teachers ({', '.join(was or ['one teacher'])} -> "
-                        f"{', '.join(now) if len(now) > 1 else 'one teacher'}): the steps would compute something "
-                        "else; resume with the run's teachers, or start a new run in another `out`")  # fmt: skip
-    for name, info in now.items():
+    # by name, as `infos` (the one teacher is named "teacher")
+    was = before["teachers"] if "teachers" in before else {"teacher": before}
+    if set(was) != set(infos):
+        raise UserError(f"--resume with other teachers ({_names(was)} -> {_names(infos)}): the steps would "
+                        "compute something else; resume with the run's teachers, or start a new run in another "
+                        "`out`")  # fmt: skip
+    for name, info in infos.items():
         for key in ("model", "tokenizer_sha256", "chat_template_sha256"):
             old = was[name].get(key)
             if old is not None and info.get(key) is not None and old != info[key]:
-                which = "another teacher" if len(now) == 1 else f"another teacher {name!r}"
+                which = "another teacher" if len(infos) == 1 else f"another teacher {name!r}"
                 raise UserError(f"--resume against {which} ({key}: {str(old)[:24]!r} -> {str(info[key])[:24]!r}): "
                                 "the steps would compute something else; resume against the run's teacher, or start "
                                 "a new run in another `out`")  # fmt: skip
+
+
+def _names(teachers: dict) -> str:
+    return ", ".join(teachers) if len(teachers) > 1 else "one teacher"
 
 
 def check_resumed_settings(run_dir: Path, config: TrainConfig) -> None:
@@ -101,7 +105,7 @@ def check_start(config: TrainConfig, run_dir: Path, student_dir: Path, resume: b
     check_run_dir(run_dir, student_dir)
     for name, teacher in config.teacher_sections().items():
         if teacher.api == "inprocess":
-            check_model_dir(teacher.model, f"teachers.{name}.model" if config.teachers else "teacher.model")
+            check_model_dir(teacher.model, f"{config.teacher_key(name)}.model")
     ckpt = checkpoint.latest(run_dir) if resume else None
     if not resume and (run_dir / "metrics.jsonl").is_file():
         raise UserError(f"run directory {run_dir} already holds a run: pass --resume, or choose another `out`")

@@ -45,7 +45,7 @@ from trainer.pipeline import Batch, Pending, Rollouts
 from trainer.plan import check_fits, chunk_tokens, plan_run
 from trainer.rollout.decode import resolve_compile
 from trainer.rollout.vllm_engine import VLLMRollout, resolve_engine
-from trainer.rundir import check_resumed_models, check_start, teacher_identity
+from trainer.rundir import SUMMARY_KEYS, check_resumed_models, check_start, teacher_identity
 from trainer.runlog import RunLog
 from trainer.student import LanguageModelView, ScoringModule, StudentStep
 from trainer.teacher_link import Teachers
@@ -396,9 +396,10 @@ class Training:
             checkpoint.write_student(final_dir, self.model, self.student_dir, whole)
         else:
             shutil.copytree(checkpoint.latest(run_dir) / "student", final_dir)
+        teachers = teacher_identity(self.infos, SUMMARY_KEYS)
         summary = {
             "config": config.model_dump(mode="json"),
-            **_summary_teachers(self.infos),
+            **(teachers if "teachers" in teachers else {"teacher": teachers}),  # the one teacher, or several by name
             "teacher_requests": self.link.replica_requests(),  # per replica URL, this rank's
             "eval_before": eval_before,
             "eval_after": eval_after,
@@ -476,13 +477,6 @@ def per_teacher(batch: Batch, student_lp_B_T: torch.Tensor, latencies: dict[str,
                 entry["k1"] = float(d.mean())
         out[name] = entry
     return out
-
-
-def _summary_teachers(infos: dict[str, dict]) -> dict:
-    keys = ("model", "engine", "dtype", "tokenizer_sha256")
-    if len(infos) == 1:
-        return {"teacher": {k: next(iter(infos.values())).get(k) for k in keys}}
-    return {"teachers": {name: {k: info.get(k) for k in keys} for name, info in infos.items()}}
 
 
 class PhasePeaks:
