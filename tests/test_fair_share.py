@@ -12,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
+from services.teacher import batching
 from services.teacher.batching import Batcher, ClientOverQuota
 from services.teacher.client import TeacherClient
 from services.teacher.engines.types import SamplingSpec, ScoreItem
@@ -127,11 +128,14 @@ def test_a_greedy_client_cannot_delay_another_clients_request_past_one_batch():
     assert polite_batch == 10, batches  # behind the 19 queued greedy requests, two per batch
 
 
-def test_a_large_request_is_split_by_sequence_and_a_small_one_passes_it():
+def test_a_large_request_is_split_by_sequence_and_a_small_one_passes_it(monkeypatch):
     """Sequence granularity: a client's 16-sequence request queued alone fills whole batches; another client's
     2-sequence request, arriving while the first batch runs, is served in the next two batches, which hold its
     8 tokens' worth each (the smaller request's size) and take the two clients' sequences in turn, long before
-    the large request's last sequence; every request gets its own sequences' results, in order."""
+    the large request's last sequence; every request gets its own sequences' results, in order. While the small
+    client, just answered, has not sent its next request, the large one's batches hold only its half of the
+    shared 8 tokens, so that the small one's next request would wait for at most that."""
+    monkeypatch.setattr(batching, "ACTIVE_S", 30.0)  # the small client stays a competitor for the whole test
     engine = GatedEngine()
 
     async def go():
@@ -151,6 +155,7 @@ def test_a_large_request_is_split_by_sequence_and_a_small_one_passes_it():
     where = {i: b for b, batch in enumerate(batches) for i in batch}
     assert (where[100], where[101]) == (1, 2) and where[15] > 2, batches
     assert [sorted(b) for b in batches[1:3]] == [[4, 100], [5, 101]], batches  # 8 tokens a batch, in turn
+    assert batches[3:] == [[i] for i in range(6, 16)], batches  # the small client away: its half of 8 tokens
     assert sorted(where) == [*range(16), 100, 101]  # every sequence scored once
     assert [r.logprobs.tolist() for r in big] == [[i] * 3 for i in range(16)]
     assert [r.logprobs.tolist() for r in small] == [[100 + i] * 3 for i in range(2)]

@@ -8,7 +8,8 @@ has been scored. The batch token budget adapts (`batch_budget`): `max_batch_toke
 while several do (work queued, or a request sent or answered within the last two batches), the size of the
 smallest request among them (at least `min_shared_batch_tokens`), so that a batch in progress, which every newly
 arrived sequence waits for, stays as short as the smallest client's request, and the clients' sequences take
-turns in it by fair tag. The engine call waits up to a short window for more work. A continuation request is split
+turns in it by fair tag; while some of them are between an answer and their next request, the clients queued take
+only their weights' part of that budget, so that they do not fill the absent ones' turns whole. The engine call waits up to a short window for more work. A continuation request is split
 by prefix in the same way where the engine's drafts do not depend on their batch (`batch_invariant_drafts`: vLLM
 seeds a generator per sequence), its prefixes sharing engine calls with other requests' of the same sampling
 settings; on an engine whose drafts do (transformers: one generator per call) it runs alone, all its prefixes at
@@ -225,15 +226,22 @@ class Batcher:
         """Tokens the next scoring batch may hold, `first` (a part just taken) included: `max_batch_tokens` while
         one client competes; else the smallest competing request (a client with work queued, or seen within the
         last two batches: answered at the end of the last one, its next request is on its way), within
-        [`min_shared_batch_tokens`, `max_batch_tokens`]."""
+        [`min_shared_batch_tokens`, `max_batch_tokens`], of which the clients with work queued take their weights'
+        part: while the others are between an answer and their next request, a batch of the queued clients alone
+        is that much shorter, so that those returning wait at most that long for it, and the queued clients do not
+        take the absent ones' turns whole (at least `first`)."""
         now = time.monotonic()
         recent = max(ACTIVE_S, 2 * self._last_batch_s)
+        queued = self._queue.queued_tokens()
         active = {c: size for c, (size, seen) in self._requests.items() if now - seen <= recent}
-        active.update({c: self._requests.get(c, (t, now))[0] for c, t in self._queue.queued_tokens().items()})
+        active.update({c: self._requests.get(c, (t, now))[0] for c, t in queued.items()})
         active.setdefault(first.client, first.tokens)
         if len(active) == 1:
             return self.max_batch_tokens
-        return min(self.max_batch_tokens, max(self.min_shared_batch_tokens, min(active.values())))
+        shared = min(self.max_batch_tokens, max(self.min_shared_batch_tokens, min(active.values())))
+        weight = self._queue.weight
+        present = sum(weight(c) for c in active if c in queued or c == first.client)
+        return max(first.tokens, int(shared * present / sum(map(weight, active))))
 
     def _take(self) -> list | None:
         """The next batch: scoring parts, continuation parts of one sampling spec, or one whole continuation job
