@@ -161,6 +161,51 @@ def test_a_large_request_is_split_by_sequence_and_a_small_one_passes_it(monkeypa
     assert [r.logprobs.tolist() for r in small] == [[100 + i] * 3 for i in range(2)]
 
 
+class GatedChunker(GatedEngine):
+    """A GatedEngine that also scores chunks (`score_chunk`); a chunk is recorded as ("chunk", begin, end). Its cache
+    counts the positions run; a score is the scored token's own id."""
+
+    def score_chunk(self, item: ScoreItem, begin: int, end: int, cache=None):
+        self.started.set()
+        self.release.wait(10)
+        assert (cache or 0) == begin  # the cache of every position before the chunk came back
+        self.batches.append(("chunk", begin, end))
+        scored = np.array(item.ids[max(begin + 1, item.start) : end + 1], np.float32)
+        return end, ScoreResult(scored, np.zeros((len(scored), 0)), np.zeros((len(scored), 0)))
+
+
+def test_a_long_sequence_is_scored_in_chunks_and_other_clients_pass_between_them(monkeypatch):
+    """An engine that scores chunks: a 64-token sequence longer than the batch budget is scored a chunk at a time
+    (the cache of one chunk handed to the next), and another client's 2-sequence request, arriving while the first
+    chunk runs, is served right after it, not after the whole sequence; the joined scores are the sequence's whole.
+    A sequence that fits the budget is scored whole."""
+    monkeypatch.setattr(batching, "MIN_CHUNK_TOKENS", 4)
+    monkeypatch.setattr(batching, "ACTIVE_S", 30.0)  # the small client stays a competitor for the whole test
+    engine = GatedChunker()
+    long_ids = list(range(1000, 1064))
+
+    async def go():
+        batcher = Batcher(engine, max_batch_tokens=32, min_shared_batch_tokens=8, window_ms=0)
+        long = asyncio.ensure_future(batcher.score([ScoreItem(long_ids, 10, 0), ScoreItem([7, 1, 1], 1, 0)], "long"))
+        await asyncio.to_thread(engine.started.wait, 10)
+        small = asyncio.ensure_future(batcher.score([ScoreItem([100 + i, 1, 1, 1], 1, 0) for i in range(2)], "sm"))
+        await asyncio.sleep(0.05)
+        engine.release.set()
+        results = await asyncio.gather(long, small)
+        batcher.close()
+        return results
+
+    (long, short), small = asyncio.run(go())
+    batches = engine.batches
+    assert batches[0] == ("chunk", 0, 32) and batches[1] == [100, 101], batches  # alone: a chunk of max_batch_tokens
+    chunks = [b for b in batches if b[0] == "chunk"]
+    assert [c[1] for c in chunks[1:]] == [c[2] for c in chunks[:-1]] and chunks[-1][2] == 64, batches  # contiguous
+    assert len(chunks) > 2 and all(c[2] - c[1] <= 8 for c in chunks[1:]), batches  # shared: chunks of the budget
+    assert batches.index([7]) > batches.index(chunks[-1])  # the request's next sequence after the long one
+    assert long.logprobs.tolist() == long_ids[10:]  # the chunks' scores joined: the whole sequence's
+    assert short.logprobs.tolist() == [7, 7] and [r.logprobs.tolist() for r in small] == [[100] * 3, [101] * 3]
+
+
 class GatedDrafter(GatedEngine):
     """A GatedEngine that also drafts: each draft is its prefix's first id (which names the request), once; the batch
     is recorded with the seed of its sampling spec."""

@@ -256,3 +256,63 @@ def test_hf_scoring_in_groups_keeps_only_the_scored_positions_and_changes_no_num
     for a, b in zip(together, apart, strict=True):
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
         np.testing.assert_array_equal(a.top_ids, b.top_ids)
+
+
+def test_hf_scores_a_long_sequence_in_chunks_to_its_whole_numbers_between_another_clients_batches(
+    realworld, monkeypatch
+):
+    """The hf engine's chunks of a sequence, each run over the keys and values of those before it (and in pieces
+    whose logits fit LOGITS_BUDGET_BYTES), give its scores whole: log-probs, top-k and ranks, at a temperature. The
+    batcher scores a sequence longer than its budget so, a chunk a batch, and another client's request, queued
+    meanwhile, is scored between two of its chunks: every result as the engine gives it whole."""
+    from services.teacher import batching
+    from services.teacher.batching import Batcher
+    from services.teacher.engines import hf
+    from services.teacher.engines.types import ScoreItem, join_scored
+
+    def assert_same(a, b):  # float32 rounding apart
+        np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(a.top_logprobs, b.top_logprobs, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(a.top_ids, b.top_ids)
+        np.testing.assert_array_equal(a.ranks, b.ranks)
+
+    engine = HFEngine(str(realworld / "teacher"))
+    g = torch.Generator().manual_seed(0)
+    long = ScoreItem(torch.randint(0, 600, (400,), generator=g).tolist(), 150, 5, ranks=True, temperature=0.7)
+    small = [ScoreItem(torch.randint(0, 600, (20,), generator=g).tolist(), 5, 5, ranks=True) for _ in range(2)]
+    (whole,) = engine.score([long])
+    alone = engine.score(small)
+    monkeypatch.setattr(hf, "LOGITS_BUDGET_BYTES", 60 * engine.info.vocab_size * 4)  # pieces of 60 positions
+    cache, pieces = None, []
+    for begin, end in ((0, 100), (100, 149), (149, 151), (151, 333), (333, 400)):  # chunks across `start`
+        cache, piece = engine.score_chunk(long, begin, end, cache)
+        pieces.append(piece)
+    assert_same(join_scored(pieces, 5, True), whole)
+
+    calls = []
+
+    class Recording:
+        def score(self, items):
+            calls.append("batch")
+            return engine.score(items)
+
+        def score_chunk(self, item, begin, end, cache=None):
+            calls.append((begin, end))
+            return engine.score_chunk(item, begin, end, cache)
+
+    monkeypatch.setattr(batching, "MIN_CHUNK_TOKENS", 16)
+    monkeypatch.setattr(batching, "ACTIVE_S", 30.0)
+
+    async def go():
+        batcher = Batcher(Recording(), max_batch_tokens=128, min_shared_batch_tokens=40, window_ms=0)
+        results = await asyncio.gather(batcher.score([long], "long"), batcher.score(small, "small"))
+        batcher.close()
+        return results
+
+    ([chunked], apart) = asyncio.run(go())
+    chunks = [c for c in calls if c != "batch"]
+    assert chunks[0][0] == 0 and chunks[-1][1] == 400 and len(chunks) > 3, calls
+    assert all(c[1] - c[0] <= 128 for c in chunks) and calls.index("batch") < len(calls) - 1, calls
+    assert_same(chunked, whole)
+    for a, b in zip(apart, alone, strict=True):
+        assert_same(a, b)

@@ -9,11 +9,15 @@ while several do (work queued, or a request sent or answered within the last two
 smallest request among them (at least `min_shared_batch_tokens`), so that a batch in progress, which every newly
 arrived sequence waits for, stays as short as the smallest client's request, and the clients' sequences take
 turns in it by fair tag; while some of them are between an answer and their next request, the clients queued take
-only their weights' part of that budget, so that they do not fill the absent ones' turns whole. The engine call waits up to a short window for more work. A continuation request is split
-by prefix in the same way where the engine's drafts do not depend on their batch (`batch_invariant_drafts`: vLLM
-seeds a generator per sequence), its prefixes sharing engine calls with other requests' of the same sampling
-settings; on an engine whose drafts do (transformers: one generator per call) it runs alone, all its prefixes at
-once, so that a seed keeps giving the same drafts.
+only their weights' part of that budget, so that they do not fill the absent ones' turns whole. A sequence longer
+than the budget is scored a chunk at a time where the engine can (`score_chunk`: transformers, with the keys and
+values of the chunks before kept between them), each chunk a batch of its own, and goes back to its place in its
+client's queue between chunks, so that other clients' sequences pass between them; alone, a sequence up to
+`max_batch_tokens` is scored whole. The engine call waits up to a short window for more work. A continuation
+request is split by prefix in the same way where the engine's drafts do not depend on their batch
+(`batch_invariant_drafts`: vLLM seeds a generator per sequence), its prefixes sharing engine calls with other
+requests' of the same sampling settings; on an engine whose drafts do (transformers: one generator per call) it
+runs alone, all its prefixes at once, so that a seed keeps giving the same drafts.
 Admission is bounded twice, and never queues without bound: past `max_inflight_tokens` in all, a request is
 refused with `Overloaded` (503 + `Retry-After`); past `max_client_inflight_tokens` for its own client, with
 `ClientOverQuota` (429 + `Retry-After`). A request is always admitted when nothing of its kind is in flight, so
@@ -34,11 +38,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from services.teacher.engines.types import SamplingSpec, ScoreItem
+from services.teacher.engines.types import SamplingSpec, ScoreItem, join_scored
 from services.teacher.fairness import FairQueue
 
 ANONYMOUS = "anonymous"
 ACTIVE_S = 0.05  # a client that sent or was answered this recently (or within two batches) still competes
+MIN_CHUNK_TOKENS = 256  # a long sequence scored a chunk at a time: its chunks are at least this long
 WATCHDOG_S = 0.5  # how often the watchdog asks the engine whether it is alive
 FATAL_ERRORS = {"EngineDeadError"}  # by name: vLLM need not be importable
 
@@ -95,10 +100,21 @@ class _Part:
     client: str
     tag: float = 0.0
     kind: str = "score"
+    # a sequence scored a chunk at a time: positions scored so far (their keys and values in `cache`, their scores
+    # in `pieces`), and while a chunk runs, where it ends; `tokens` is then what is left to score
+    done: int = 0
+    end: int = 0
+    cache: object = None
+    pieces: list = field(default_factory=list)
+
+    @property
+    def running_tokens(self) -> int:
+        return self.end - self.done if self.end else self.tokens
 
     def joins(self, first: _Part, room: int) -> bool:
-        """Whether this part may join a batch that `first` began, with `room` tokens left in it."""
-        if self.tokens > room or self.kind != first.kind:
+        """Whether this part may join a batch that `first` began, with `room` tokens left in it (a sequence begun in
+        chunks never does: its next chunk is a batch of its own)."""
+        if self.done or self.tokens > room or self.kind != first.kind:
             return False
         return self.kind == "score" or self.job.spec == first.job.spec  # one engine call: one sampling spec
 
@@ -126,6 +142,7 @@ class Batcher:
     ):
         self.engine = engine
         self.split_drafts = bool(getattr(engine, "batch_invariant_drafts", False))
+        self.chunks_scores = callable(getattr(engine, "score_chunk", None))
         self.max_batch_tokens = max_batch_tokens
         self.min_shared_batch_tokens = min(min_shared_batch_tokens, max_batch_tokens)
         self.window = window_ms / 1000
@@ -229,7 +246,7 @@ class Batcher:
         [`min_shared_batch_tokens`, `max_batch_tokens`], of which the clients with work queued take their weights'
         part: while the others are between an answer and their next request, a batch of the queued clients alone
         is that much shorter, so that those returning wait at most that long for it, and the queued clients do not
-        take the absent ones' turns whole (at least `first`)."""
+        take the absent ones' turns whole. A batch holds `first` whatever its size."""
         now = time.monotonic()
         recent = max(ACTIVE_S, 2 * self._last_batch_s)
         queued = self._queue.queued_tokens()
@@ -241,7 +258,7 @@ class Batcher:
         shared = min(self.max_batch_tokens, max(self.min_shared_batch_tokens, min(active.values())))
         weight = self._queue.weight
         present = sum(weight(c) for c in active if c in queued or c == first.client)
-        return max(first.tokens, int(shared * present / sum(map(weight, active))))
+        return max(1, int(shared * present / sum(map(weight, active))))
 
     def _take(self) -> list | None:
         """The next batch: scoring parts, continuation parts of one sampling spec, or one whole continuation job
@@ -254,22 +271,41 @@ class Batcher:
             first = self._queue.pop_next()
             taken = [first]
             if isinstance(first, _Part):
-                budget = self.batch_budget(first) - first.tokens
-                deadline = time.monotonic() + self.window
-                while budget > 0:
-                    part = self._queue.pop_next(lambda j, room=budget: isinstance(j, _Part) and j.joins(first, room))
-                    if part is not None:
-                        taken.append(part)
-                        budget -= part.tokens
-                        continue
-                    remaining = deadline - time.monotonic()
-                    if len(self._queue) or remaining <= 0:
-                        break
-                    self._cv.wait(remaining)
+                budget = self.batch_budget(first)
+                if self._in_chunks(first, budget):  # a batch of its own: the sequence's next chunk
+                    length = len(first.job.payload[first.index].ids)
+                    first.end = min(first.done + max(budget, MIN_CHUNK_TOKENS), length)
+                else:
+                    taken += self._fill(first, budget - first.tokens)
             for client in {t.client for t in taken}:
                 self._set_depth(client)
             self._running = taken
             return taken
+
+    def _fill(self, first: _Part, budget: int) -> list[_Part]:
+        """Under the lock: parts that join the batch `first` began, in fair order, up to `budget` more tokens, waiting
+        up to the batching window for more while the queue is empty."""
+        taken = []
+        deadline = time.monotonic() + self.window
+        while budget > 0:
+            part = self._queue.pop_next(lambda j, room=budget: isinstance(j, _Part) and j.joins(first, room))
+            if part is not None:
+                taken.append(part)
+                budget -= part.tokens
+                continue
+            remaining = deadline - time.monotonic()
+            if len(self._queue) or remaining <= 0:
+                break
+            self._cv.wait(remaining)
+        return taken
+
+    def _in_chunks(self, part: _Part, budget: int) -> bool:
+        """Whether `part` is scored a chunk at a time, on an engine that can (`score_chunk`): a sequence begun so, or
+        one longer than the batch budget (while clients compete: the shared budget; else `max_batch_tokens`), so
+        that other clients' sequences pass between its chunks."""
+        if part.kind != "score" or not self.chunks_scores:
+            return False
+        return part.done > 0 or part.tokens > max(budget, MIN_CHUNK_TOKENS)
 
     def _run(self) -> None:
         try:
@@ -319,13 +355,16 @@ class Batcher:
             return
         now = time.monotonic()
         for t in taken:
-            self.metrics.for_client(self.metrics.client_tokens, t.client).inc(t.tokens)
+            tokens = t.running_tokens if isinstance(t, _Part) else t.tokens
+            self.metrics.for_client(self.metrics.client_tokens, t.client).inc(tokens)
         for job in _jobs(taken):
             if not job.observed:
                 job.observed = True
                 self.metrics.for_client(self.metrics.client_wait, job.client).observe(now - job.enqueued)
 
     def _run_scores(self, parts: list[_Part]) -> None:
+        if parts[0].end:
+            return self._run_chunk(parts[0])
         items = [p.job.payload[p.index] for p in parts]
         results = []
         for chunk in _chunks(items, self.max_batch_tokens):
@@ -334,6 +373,28 @@ class Batcher:
                 self.metrics.batch_tokens.observe(sum(len(it.ids) for it in chunk))
             results += self.engine.score(chunk)
         self._settle(parts, results)
+
+    def _run_chunk(self, part: _Part) -> None:
+        """The next chunk of a sequence scored in chunks; then it goes back to the head of its client's queue, or,
+        if that was its last, its scores are joined and settled."""
+        item = part.job.payload[part.index]
+        begin, end = part.done, part.end
+        if self.metrics is not None:
+            self.metrics.batch_sequences.observe(1)
+            self.metrics.batch_tokens.observe(end - begin)
+        part.cache, piece = self.engine.score_chunk(item, begin, end, part.cache)
+        part.pieces.append(piece)
+        part.done, part.end = end, 0
+        if end < len(item.ids):
+            with self._cv:
+                if self.failure is not None:  # failed meanwhile: its request has been answered, nothing to queue
+                    return
+                self._queue.requeue(part, served=end - begin)
+                self._set_depth(part.client)
+                self._cv.notify()
+            return
+        part.cache = None
+        self._settle([part], [join_scored(part.pieces, item.top_k, item.ranks)])
 
     def _run_drafts(self, parts: list[_Part]) -> None:
         self._settle(parts, self.engine.generate([p.job.payload[p.index] for p in parts], parts[0].job.spec))

@@ -75,6 +75,18 @@ class FairQueue:
         state.queue.append(job)
         state.tokens += job.tokens
 
+    def requeue(self, job, served: int) -> None:
+        """Put `job`, just popped, back at the head of its client's queue, `served` of its tokens served (a long
+        sequence scored a chunk at a time): it keeps its place in its client's order, its tag moved on by what
+        was served, its finish tag unchanged."""
+        state = self._clients.setdefault(job.client, _Client())
+        job.tokens -= served
+        if self.policy != "fcfs":
+            job.tag += served / self.weight(job.client)
+            state.last_finish = max(state.last_finish, job.tag + job.tokens / self.weight(job.client))
+        state.queue.appendleft(job)
+        state.tokens += job.tokens
+
     def pop_next(self, accept: Callable[[object], bool] = lambda job: True):
         heads = [c.queue[0] for c in self._clients.values() if c.queue and accept(c.queue[0])]
         if not heads:

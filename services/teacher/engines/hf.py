@@ -10,7 +10,7 @@ import inspect
 
 import numpy as np
 
-from services.teacher.engines.types import Continued, SamplingSpec, Scored, ScoreItem, describe
+from services.teacher.engines.types import Continued, SamplingSpec, Scored, ScoreItem, describe, join_scored
 
 LOGITS_BUDGET_BYTES = 256 * 2**20  # float32 logits of one scoring group
 
@@ -72,18 +72,48 @@ class HFEngine:
         with torch.inference_mode():
             logits = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device), **keep).logits
             offset = first if keep else 0  # logits[:, j] is position j + offset
-            out = []
-            for i, it in enumerate(items):
-                # row p predicts token p + 1: rows start-1 .. n-2 score tokens start .. n-1
-                rows = logits[i, it.start - 1 - offset : len(it.ids) - 1 - offset].float()
-                logp = torch.log_softmax(rows if it.temperature == 1 else rows / it.temperature, dim=-1)
-                target = ids[i, it.start : len(it.ids)].to(self.device)
-                chosen = logp.gather(-1, target[:, None]).squeeze(-1)
-                top_lp, top_ids = logp.topk(it.top_k, dim=-1) if it.top_k else (logp[:, :0], logp[:, :0].long())
-                # vLLM's rank: how many tokens are at least as likely as the scored one
-                ranks = (logp >= chosen[:, None]).sum(-1) if it.ranks else None
-                out.append(_scored(chosen, top_ids, top_lp, ranks))
-        return out
+            # row p predicts token p + 1: rows start-1 .. n-2 score tokens start .. n-1
+            return [
+                self._scored_rows(logits[i, it.start - 1 - offset : len(it.ids) - 1 - offset], it.ids[it.start :], it)
+                for i, it in enumerate(items)
+            ]
+
+    def score_chunk(self, item: ScoreItem, begin: int, end: int, cache=None):
+        """Positions `begin` .. `end` - 1 of `item`, run over `cache` (the keys and values of positions before
+        `begin`, as the previous chunk returned them; None for the first): (the cache through `end`, the scores
+        of the scored tokens these positions predict). The scores of a sequence's chunks, in order and joined
+        (`join_scored`), are its scores whole, to float rounding. The batcher scores a long sequence so, between
+        other clients' batches, while clients compete (services/teacher/batching.py). Positions run in pieces
+        whose logits fit LOGITS_BUDGET_BYTES."""
+        torch = self.torch
+        step = max(1, LOGITS_BUDGET_BYTES // (4 * self.info.vocab_size))
+        pieces = []
+        with torch.inference_mode():
+            for lo in range(begin, end, step):
+                hi = min(lo + step, end)
+                # position p predicts token p + 1; the scored tokens are start .. n-1
+                first, last = max(lo, item.start - 1), min(hi, len(item.ids) - 1)
+                keep = max(1, hi - first)  # the logits of positions first .. hi-1 (of one, when none is scored)
+                ids = torch.tensor([item.ids[lo:hi]], device=self.device)
+                kept = {"logits_to_keep": keep} if self.keeps_logits else {}
+                out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, **kept)
+                cache = out.past_key_values
+                if first < last:
+                    rows = out.logits[0, -keep:] if kept else out.logits[0, first - lo :]
+                    rows = rows[: last - first]
+                    pieces.append(self._scored_rows(rows, item.ids[first + 1 : last + 1], item))
+        return cache, join_scored(pieces, item.top_k, item.ranks)
+
+    def _scored_rows(self, rows, target: list[int], it: ScoreItem) -> Scored:
+        """The scores of `target` from the logits `rows` that predict them, at the item's temperature."""
+        torch = self.torch
+        rows = rows.float()
+        logp = torch.log_softmax(rows if it.temperature == 1 else rows / it.temperature, dim=-1)
+        chosen = logp.gather(-1, torch.tensor(target, device=self.device)[:, None]).squeeze(-1)
+        top_lp, top_ids = logp.topk(it.top_k, dim=-1) if it.top_k else (logp[:, :0], logp[:, :0].long())
+        # vLLM's rank: how many tokens are at least as likely as the scored one
+        ranks = (logp >= chosen[:, None]).sum(-1) if it.ranks else None
+        return _scored(chosen, top_ids, top_lp, ranks)
 
     def generate(self, prefixes: list[list[int]], spec: SamplingSpec) -> list[Continued]:
         torch = self.torch

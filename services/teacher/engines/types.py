@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from services.teacher.protocol import ContinueResult as Continued
 from services.teacher.protocol import ScoreResult as Scored
 from services.teacher.protocol import chat_template_fingerprint, tokenizer_fingerprint
@@ -21,6 +23,7 @@ __all__ = [
     "ScoreItem",
     "Scored",
     "describe",
+    "join_scored",
     "stop_ids",
     "union_of_stops",
 ]
@@ -108,3 +111,20 @@ def stop_ids(model_dir: str | Path, config_eos) -> tuple[int | None, list[int]]:
     generation = path / "generation_config.json"
     generation_eos = json.loads(generation.read_text()).get("eos_token_id") if generation.is_file() else None
     return union_of_stops(config_eos, generation_eos, AutoTokenizer.from_pretrained(path).eos_token_id)
+
+
+def join_scored(pieces: list[Scored], top_k: int, ranks: bool) -> Scored:
+    """The scores of consecutive pieces of one sequence as one (no pieces: no scored tokens)."""
+    if not pieces:
+        return Scored(
+            np.zeros(0, np.float32),
+            np.zeros((0, top_k), np.int32),
+            np.zeros((0, top_k), np.float32),
+            np.zeros(0, np.int32) if ranks else None,
+        )
+    return Scored(
+        np.concatenate([p.logprobs for p in pieces]),
+        np.concatenate([p.top_ids for p in pieces]),
+        np.concatenate([p.top_logprobs for p in pieces]),
+        np.concatenate([p.ranks for p in pieces]) if ranks else None,
+    )
