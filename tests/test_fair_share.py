@@ -358,8 +358,9 @@ def test_bench_fair_share_reports_each_clients_share(toy_quick):
     assert [row["policy"] for row in report["mixed"]] == ["fcfs", "fair"]
     for row in report["mixed"]:
         assert (row["small_request_tokens"], row["large_request_tokens"], row["small_clients"]) == (32, 256, 3)
-        for key in ("latency_over_alone", "min_fair_share", "aggregate_over_alone"):
+        for key in ("latency_over_alone", "min_fair_share", "aggregate_over_alone", "latency_floor_over_alone"):
             assert row[key] > 0, key
+        assert row["service_cpu_per_large_request_s"] > 0 and row["service_cpu_per_small_request_s"] > 0
         assert row["aggregate_tokens_per_s"] == pytest.approx(
             row["large_tokens_per_s"] + sum(row["small_tokens_per_s"])
         )

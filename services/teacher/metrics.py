@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 MAX_CLIENT_LABELS = 256  # client ids are chosen by callers: past this many, the rest share one label
 OTHER_CLIENTS = "_other"
@@ -14,6 +14,7 @@ WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 
 class Metrics:
     def __init__(self):
         r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, memory, open files (on Linux)
         self._labels: set[str] = set()
         self._lock = threading.Lock()
         self.requests = Counter("tropd_requests", "HTTP requests", ["route", "status"], registry=r)

@@ -16,7 +16,11 @@ requests are `mixed_ratio` times a small one's, and `mixed_small_clients` small 
 flight, the large one until the small ones have sent `polite_requests` each; before that each kind alone. Reported:
 the small clients' p50 latency against alone (`latency_over_alone`), the least small client's engine tokens/s
 over its max-min fair allocation, min(what it takes alone, an equal share of the aggregate) (`min_fair_share`),
-and the aggregate tokens/s over the faster client alone (`aggregate_over_alone`).
+and the aggregate tokens/s over the faster client alone (`aggregate_over_alone`). And from the service's own CPU
+seconds (`process_cpu_seconds_total`) per request alone, the least a small request can take under max-min fairness
+on these cores, over its time alone (`latency_floor_over_alone`): a round in which each client gets one small
+request's worth of tokens needs that CPU whatever the order, so an engine that is already CPU-bound alone cannot
+serve a small request faster than that beside three others.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import httpx
 import numpy as np
 
 from services.teacher.launch import serving
+from tropd.machine import usable_cores
 
 POLICIES = ("fcfs", "fair")
 
@@ -63,6 +68,27 @@ def engine_tokens(metrics_text: str) -> dict[str, float]:
             if sample.name == "tropd_client_engine_tokens_total":
                 out[sample.labels["client"]] = sample.value
     return out
+
+
+def service_cpu(metrics_text: str) -> float | None:
+    """The service process's CPU seconds so far (`process_cpu_seconds_total`; None where the OS does not say)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == "process_cpu_seconds_total":
+                return sample.value
+    return None
+
+
+async def _cpu_per_request(http: httpx.AsyncClient, body: dict, name: str, requests: int):
+    """Run `requests` requests one after another: (their latencies, their speed in tokens/s, the service's CPU
+    seconds per request or None)."""
+    before, start = service_cpu((await http.get("/metrics")).text), time.perf_counter()
+    latencies = await _one_client(http, body, name, requests)
+    speed = sum(map(len, body["sequences"])) * requests / (time.perf_counter() - start)
+    after = service_cpu((await http.get("/metrics")).text)
+    return latencies, speed, None if before is None or after is None else (after - before) / requests
 
 
 async def one_round(url: str, config: FairShareConfig, polite: int, body: dict, tag: str) -> dict:
@@ -125,12 +151,12 @@ async def mixed_round(url: str, config: FairShareConfig, small: dict, large: dic
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=n + 3)) as http:
         await _one_client(http, large, f"{tag}-warmup", 1)  # the engine's first calls at these shapes are slower:
         await _one_client(http, small, f"{tag}-warmup", 4)  # not in the times alone
-        start = time.perf_counter()
-        small_alone = await _one_client(http, small, f"{tag}-small-alone", requests)
-        small_alone_speed = small_tokens * requests / (time.perf_counter() - start)
-        start = time.perf_counter()
-        await _one_client(http, large, f"{tag}-large-alone", max(2, requests // config.mixed_ratio))
-        large_alone_speed = large_tokens * max(2, requests // config.mixed_ratio) / (time.perf_counter() - start)
+        # the denominators of every ratio: twice the requests of a small client's run beside the others, steadier
+        alone_small, alone_large = 2 * requests, 2 * max(2, requests // config.mixed_ratio)
+        small_alone, small_alone_speed, small_cpu = await _cpu_per_request(
+            http, small, f"{tag}-small-alone", alone_small
+        )
+        _, large_alone_speed, large_cpu = await _cpu_per_request(http, large, f"{tag}-large-alone", alone_large)
         stop = asyncio.Event()
         large_task = asyncio.create_task(_one_client(http, large, f"{tag}-large", None, stop))
         await asyncio.sleep(0.2)  # the large client's first request is in the engine
@@ -146,6 +172,12 @@ async def mixed_round(url: str, config: FairShareConfig, small: dict, large: dic
     fair = min(small_alone_speed, aggregate / (n + 1))  # max-min: all it asks for, up to an equal share
     small_speeds = [got.get(f"{tag}-small-{i}", 0.0) for i in range(n)]
     p50, p50_alone = statistics.median([x for lat in latencies for x in lat]), statistics.median(small_alone)
+    # the least a small request can take beside the others under max-min fairness, whatever the order: a round in
+    # which each client gets one small request's worth of tokens costs the service that much CPU, on these cores
+    floor = None
+    if small_cpu is not None and large_cpu is not None:
+        round_cpu = n * small_cpu + large_cpu * small_tokens / large_tokens
+        floor = round_cpu / usable_cores() / statistics.mean(small_alone)
     return {
         "small_clients": n,
         "small_request_tokens": small_tokens,
@@ -160,6 +192,9 @@ async def mixed_round(url: str, config: FairShareConfig, small: dict, large: dic
         "min_fair_share": min(s / fair for s in small_speeds),
         "aggregate_tokens_per_s": aggregate,
         "aggregate_over_alone": aggregate / max(small_alone_speed, large_alone_speed),
+        "service_cpu_per_small_request_s": small_cpu,
+        "service_cpu_per_large_request_s": large_cpu,
+        "latency_floor_over_alone": floor,
     }
 
 
@@ -234,6 +269,12 @@ def format_fair_share(report: dict) -> str:
             f"share {row['min_fair_share']:.2f} (target >= 0.8), aggregate {row['aggregate_over_alone']:.2f} x the "
             "faster client alone (target >= 0.9)"
         )
+        if row.get("latency_floor_over_alone") is not None:
+            lines.append(
+                f"  the service's CPU per small request alone {row['service_cpu_per_small_request_s'] * 1000:.0f} ms, "
+                f"on {usable_cores()} cores: a fair round of turns takes at least "
+                f"{row['latency_floor_over_alone']:.2f} x a small request alone"
+            )
     return "\n".join(lines)
 
 
