@@ -55,7 +55,8 @@ def add_teacher(sub) -> None:
         type=positive_int,
         default=2048,
         help="while several clients compete, an engine call holds as many tokens as the smallest of their requests, "
-        "but at least this many (2048)",
+        "but at least this many (2048); while some of them are between requests, the clients queued take their "
+        "weights' part of it",
     )
     serve.add_argument(
         "--batch-window-ms", type=float, default=2.0, help="wait this long for more requests to batch (2)"
