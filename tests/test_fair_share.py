@@ -80,6 +80,22 @@ def test_a_clients_requests_keep_their_order_and_idle_clients_are_forgotten():
         FairQueue("lifo")
 
 
+def test_a_job_put_back_after_part_of_it_keeps_its_order_and_cannot_pass_a_client_that_came_meanwhile():
+    queue = FairQueue("fair")
+    long, after = Job("long", 100), Job("long", 10)
+    queue.push(long)
+    queue.push(after)
+    assert queue.pop_next() is long
+    queue.requeue(long, served=25)  # a chunk of it served: it goes on before the same client's next job
+    assert (long.tokens, long.tag) == (75, 25.0) and queue.pop_next() is long and queue.pop_next() is after
+    alone = FairQueue("fair")
+    alone.push(long := Job("long", 100))
+    alone.pop_next()  # the queue is empty while its first chunk runs...
+    alone.push(small := Job("small", 10))  # ...when another client asks: a new busy period, everyone even
+    alone.requeue(long, served=25)
+    assert alone.pop_next() is small  # not behind the rest of the long job
+
+
 class GatedEngine:
     """Records every batch; the first engine call waits until `release` is set, so the test can fill the
     queue while the engine is busy."""

@@ -78,11 +78,12 @@ class FairQueue:
     def requeue(self, job, served: int) -> None:
         """Put `job`, just popped, back at the head of its client's queue, `served` of its tokens served (a long
         sequence scored a chunk at a time): it keeps its place in its client's order, its tag moved on by what
-        was served, its finish tag unchanged."""
+        was served, and no earlier than V: a client that queued while the queue was empty began a new busy period
+        at V, in which the rest of the job starts even with it."""
         state = self._clients.setdefault(job.client, _Client())
         job.tokens -= served
         if self.policy != "fcfs":
-            job.tag += served / self.weight(job.client)
+            job.tag = max(job.tag + served / self.weight(job.client), self.virtual_time)
             state.last_finish = max(state.last_finish, job.tag + job.tokens / self.weight(job.client))
         state.queue.appendleft(job)
         state.tokens += job.tokens
