@@ -80,20 +80,29 @@ def test_a_clients_requests_keep_their_order_and_idle_clients_are_forgotten():
         FairQueue("lifo")
 
 
-def test_a_job_put_back_after_part_of_it_keeps_its_order_and_cannot_pass_a_client_that_came_meanwhile():
+def test_a_job_put_back_after_part_of_it_keeps_its_place_and_its_clients_share():
+    """`requeue` (a long sequence between two of its chunks): the job goes on before its client's next one, its tag
+    moved on by what was served; while it is held, a client queueing into the empty queue does not begin a new busy
+    period, so the held job's client is charged for all of it once, and a newcomer is served before its rest."""
     queue = FairQueue("fair")
     long, after = Job("long", 100), Job("long", 10)
     queue.push(long)
     queue.push(after)
     assert queue.pop_next() is long
-    queue.requeue(long, served=25)  # a chunk of it served: it goes on before the same client's next job
+    queue.hold()
+    queue.requeue(long, served=25)
+    queue.release()
     assert (long.tokens, long.tag) == (75, 25.0) and queue.pop_next() is long and queue.pop_next() is after
-    alone = FairQueue("fair")
-    alone.push(long := Job("long", 100))
-    alone.pop_next()  # the queue is empty while its first chunk runs...
-    alone.push(small := Job("small", 10))  # ...when another client asks: a new busy period, everyone even
-    alone.requeue(long, served=25)
-    assert alone.pop_next() is small  # not behind the rest of the long job
+    held = FairQueue("fair")
+    held.push(long := Job("long", 100))
+    held.pop_next()
+    held.hold()  # the queue is empty while its first chunk runs...
+    held.push(small := Job("small", 10))  # ...when another client asks
+    held.push(mine := Job("long", 10))  # ...and the same client asks again
+    held.requeue(long, served=25)
+    held.release()
+    assert mine.tag == 100  # after all of the long job, not beside its rest
+    assert [held.pop_next() for _ in range(3)] == [small, long, mine]
 
 
 class GatedEngine:
@@ -181,11 +190,17 @@ class GatedChunker(GatedEngine):
     """A GatedEngine that also scores chunks (`score_chunk`); a chunk is recorded as ("chunk", begin, end). Its cache
     counts the positions run; a score is the scored token's own id."""
 
+    def score(self, items: list[ScoreItem]) -> list[ScoreResult]:
+        if any(it.ids[0] == 666 for it in items):
+            self.batches.append([666])
+            raise ValueError("a sequence this engine refuses")
+        return super().score(items)
+
     def score_chunk(self, item: ScoreItem, begin: int, end: int, cache=None):
         self.started.set()
         self.release.wait(10)
         assert (cache or 0) == begin  # the cache of every position before the chunk came back
-        self.batches.append(("chunk", begin, end))
+        self.batches.append(("chunk", item.ids[0], begin, end) if item.ids[0] != 1000 else ("chunk", begin, end))
         scored = np.array(item.ids[max(begin + 1, item.start) : end + 1], np.float32)
         return end, ScoreResult(scored, np.zeros((len(scored), 0)), np.zeros((len(scored), 0)))
 
@@ -220,6 +235,40 @@ def test_a_long_sequence_is_scored_in_chunks_and_other_clients_pass_between_them
     assert batches.index([7]) > batches.index(chunks[-1])  # the request's next sequence after the long one
     assert long.logprobs.tolist() == long_ids[10:]  # the chunks' scores joined: the whole sequence's
     assert short.logprobs.tolist() == [7, 7] and [r.logprobs.tolist() for r in small] == [[100] * 3, [101] * 3]
+
+
+def test_one_sequence_at_a_time_is_scored_in_chunks_and_a_failed_requests_chunks_stop(monkeypatch):
+    """While one client's sequence is scored in chunks (its keys and values held between them), another client's
+    long sequence is scored whole, so the batcher holds one sequence's cache at most; and a request answered with an
+    error (another of its sequences failed) has its long sequence's chunks stop after the one running."""
+    monkeypatch.setattr(batching, "MIN_CHUNK_TOKENS", 4)
+    monkeypatch.setattr(batching, "ACTIVE_S", 30.0)
+
+    async def go(engine, first, *others):
+        batcher = Batcher(engine, max_batch_tokens=16, min_shared_batch_tokens=8, window_ms=0)
+        runs = [asyncio.ensure_future(batcher.score(*first))]
+        await asyncio.to_thread(engine.started.wait, 10)
+        runs += [asyncio.ensure_future(batcher.score(*request)) for request in others]
+        await asyncio.sleep(0.05)
+        engine.release.set()
+        results = await asyncio.gather(*runs, return_exceptions=True)
+        batcher.close()
+        return results
+
+    engine = GatedChunker()
+    long_a, long_b = ScoreItem([2000 + i for i in range(64)], 1, 0), ScoreItem([3000 + i for i in range(40)], 1, 0)
+    (a,), (b,) = asyncio.run(go(engine, ([long_a], "a"), ([long_b], "b")))
+    assert engine.batches[:2] == [("chunk", 2000, 0, 16), [3000]], engine.batches  # b's whole, between a's chunks
+    assert {x[1] for x in engine.batches if x[0] == "chunk"} == {2000}, engine.batches  # b's never in chunks
+    assert a.logprobs.tolist() == list(range(2001, 2064)) and b.logprobs.tolist() == [3000] * 39
+
+    engine = GatedChunker()
+    failing = [ScoreItem([666, 1, 1, 1], 1, 0), ScoreItem([4000 + i for i in range(64)], 1, 0)]
+    small = ([ScoreItem([5, 1, 1, 1], 1, 0)], "other")  # a competitor just answered: the budget is shared
+    other, c = asyncio.run(go(engine, small, (failing, "c")))
+    assert isinstance(c, ValueError) and [666] in engine.batches and other[0].logprobs.tolist() == [5] * 3
+    chunks = [x for x in engine.batches if x[0] == "chunk"]
+    assert len(chunks) == 1 and chunks[0][:3] == ("chunk", 4000, 0), engine.batches  # the one running, then none
 
 
 class GatedDrafter(GatedEngine):

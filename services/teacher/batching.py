@@ -12,8 +12,9 @@ turns in it by fair tag; while some of them are between an answer and their next
 only their weights' part of that budget, so that they do not fill the absent ones' turns whole. A sequence longer
 than the budget is scored a chunk at a time where the engine can (`score_chunk`: transformers, with the keys and
 values of the chunks before kept between them), each chunk a batch of its own, and goes back to its place in its
-client's queue between chunks, so that other clients' sequences pass between them; alone, a sequence up to
-`max_batch_tokens` is scored whole. The engine call waits up to a short window for more work. A continuation
+client's queue between chunks, so that other clients' sequences pass between them; one sequence at a time, so that
+the keys and values held between engine calls are one sequence's; alone, a sequence up to `max_batch_tokens` is
+scored whole. The engine call waits up to a short window for more work. A continuation
 request is split by prefix in the same way where the engine's drafts do not depend on their batch
 (`batch_invariant_drafts`: vLLM seeds a generator per sequence), its prefixes sharing engine calls with other
 requests' of the same sampling settings; on an engine whose drafts do (transformers: one generator per call) it
@@ -87,6 +88,7 @@ class _Job:
     results: list = field(default_factory=list)  # scoring: a result per sequence, filled as its part is scored
     parts_left: int = 0
     observed: bool = False  # its queue wait is in the metrics
+    settled: bool = False  # answered (or failed): a sequence of it scored in chunks stops there
 
 
 @dataclass
@@ -143,6 +145,7 @@ class Batcher:
         self.engine = engine
         self.split_drafts = bool(getattr(engine, "batch_invariant_drafts", False))
         self.chunks_scores = callable(getattr(engine, "score_chunk", None))
+        self._chunking: _Part | None = None  # the one sequence scored in chunks at a time (its cache held between)
         self.max_batch_tokens = max_batch_tokens
         self.min_shared_batch_tokens = min(min_shared_batch_tokens, max_batch_tokens)
         self.window = window_ms / 1000
@@ -275,6 +278,8 @@ class Batcher:
                 if self._in_chunks(first, budget):  # a batch of its own: the sequence's next chunk
                     length = len(first.job.payload[first.index].ids)
                     first.end = min(first.done + max(budget, MIN_CHUNK_TOKENS), length)
+                    self._chunking = first
+                    self._queue.hold()  # to be put back: the busy period goes on while its chunk runs
                 else:
                     taken += self._fill(first, budget - first.tokens)
             for client in {t.client for t in taken}:
@@ -300,12 +305,16 @@ class Batcher:
         return taken
 
     def _in_chunks(self, part: _Part, budget: int) -> bool:
-        """Whether `part` is scored a chunk at a time, on an engine that can (`score_chunk`): a sequence begun so, or
-        one longer than the batch budget (while clients compete: the shared budget; else `max_batch_tokens`), so
-        that other clients' sequences pass between its chunks."""
+        """Whether `part` is scored a chunk at a time, on an engine that can (`score_chunk`): the sequence begun so,
+        or, while none is, one longer than the batch budget (while clients compete: the shared budget; else
+        `max_batch_tokens`), so that other clients' sequences pass between its chunks. One sequence at a time, so
+        that the keys and values held between chunks are one sequence's; another long one meanwhile is scored
+        whole, as a sequence is on an engine that cannot chunk."""
         if part.kind != "score" or not self.chunks_scores:
             return False
-        return part.done > 0 or part.tokens > max(budget, MIN_CHUNK_TOKENS)
+        if part.done > 0:
+            return True
+        return self._chunking is None and part.tokens > max(budget, MIN_CHUNK_TOKENS)
 
     def _run(self) -> None:
         try:
@@ -382,19 +391,31 @@ class Batcher:
         if self.metrics is not None:
             self.metrics.batch_sequences.observe(1)
             self.metrics.batch_tokens.observe(end - begin)
-        part.cache, piece = self.engine.score_chunk(item, begin, end, part.cache)
+        try:
+            part.cache, piece = self.engine.score_chunk(item, begin, end, part.cache)
+        except BaseException:
+            self._end_chunks(part)
+            raise
         part.pieces.append(piece)
         part.done, part.end = end, 0
-        if end < len(item.ids):
-            with self._cv:
-                if self.failure is not None:  # failed meanwhile: its request has been answered, nothing to queue
-                    return
-                self._queue.requeue(part, served=end - begin)
+        # put back unless it was the last chunk, the engine failed, or its request was answered meanwhile (another
+        # of its sequences failed): then its keys and values go
+        more = end < len(item.ids) and self.failure is None and not part.job.settled
+        self._end_chunks(part, requeue=(end - begin) if more else None)
+        if end == len(item.ids):
+            self._settle([part], [join_scored(part.pieces, item.top_k, item.ranks)])
+
+    def _end_chunks(self, part: _Part, requeue: int | None = None) -> None:
+        """A chunk of `part` ran (or failed): back into its client's queue with `requeue` tokens served, or done."""
+        with self._cv:
+            if requeue is not None:
+                self._queue.requeue(part, served=requeue)
                 self._set_depth(part.client)
                 self._cv.notify()
-            return
-        part.cache = None
-        self._settle([part], [join_scored(part.pieces, item.top_k, item.ranks)])
+            else:
+                part.cache = None
+                self._chunking = None
+            self._queue.release()
 
     def _run_drafts(self, parts: list[_Part]) -> None:
         self._settle(parts, self.engine.generate([p.job.payload[p.index] for p in parts], parts[0].job.spec))
@@ -412,6 +433,8 @@ class Batcher:
 
     @staticmethod
     def _resolve(job: _Job, result=None, error: Exception | None = None) -> None:
+        job.settled = True
+
         def settle():
             if job.future.done():
                 return

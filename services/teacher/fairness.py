@@ -47,6 +47,7 @@ class FairQueue:
         self.virtual_time = 0.0
         self._clients: dict[str, _Client] = {}
         self._arrivals = itertools.count()
+        self._held = 0  # jobs popped to be put back (`hold`, `requeue`): while any is, the busy period goes on
 
     def __len__(self) -> int:
         return sum(len(c.queue) for c in self._clients.values())
@@ -63,7 +64,7 @@ class FairQueue:
         return self.weights.get(client, 1.0)
 
     def push(self, job) -> None:
-        if not len(self):  # no contention: a new busy period, in which everyone starts even
+        if not len(self) and not self._held:  # no contention: a new busy period, in which everyone starts even
             self.virtual_time = max([self.virtual_time, *(c.last_finish for c in self._clients.values())])
             self._clients.clear()
         state = self._clients.setdefault(job.client, _Client())
@@ -75,15 +76,24 @@ class FairQueue:
         state.queue.append(job)
         state.tokens += job.tokens
 
+    def hold(self) -> None:
+        """The job just popped will be put back (`requeue`) or given up (`release`): until then the queue is not
+        idle, so a client that queues meanwhile does not begin a new busy period that forgets the held job's
+        client."""
+        self._held += 1
+
+    def release(self) -> None:
+        """A held job was put back or given up."""
+        self._held -= 1
+
     def requeue(self, job, served: int) -> None:
-        """Put `job`, just popped, back at the head of its client's queue, `served` of its tokens served (a long
+        """Put `job`, popped and held, back at the head of its client's queue, `served` of its tokens served (a long
         sequence scored a chunk at a time): it keeps its place in its client's order, its tag moved on by what
-        was served, and no earlier than V: a client that queued while the queue was empty began a new busy period
-        at V, in which the rest of the job starts even with it."""
+        was served, its finish tag unchanged. The caller then `release`s it."""
         state = self._clients.setdefault(job.client, _Client())
         job.tokens -= served
         if self.policy != "fcfs":
-            job.tag = max(job.tag + served / self.weight(job.client), self.virtual_time)
+            job.tag += served / self.weight(job.client)
             state.last_finish = max(state.last_finish, job.tag + job.tokens / self.weight(job.client))
         state.queue.appendleft(job)
         state.tokens += job.tokens

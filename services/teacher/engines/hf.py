@@ -83,14 +83,17 @@ class HFEngine:
         `begin`, as the previous chunk returned them; None for the first): (the cache through `end`, the scores
         of the scored tokens these positions predict). The scores of a sequence's chunks, in order and joined
         (`join_scored`), are its scores whole, to float rounding. The batcher scores a long sequence so, between
-        other clients' batches, while clients compete (services/teacher/batching.py). Positions run in pieces
-        whose logits fit LOGITS_BUDGET_BYTES."""
+        other clients' batches, while clients compete (services/teacher/batching.py). Positions that score a token
+        run in pieces whose logits fit LOGITS_BUDGET_BYTES; those before them in one."""
         torch = self.torch
         step = max(1, LOGITS_BUDGET_BYTES // (4 * self.info.vocab_size))
+        # positions before start - 1 predict no scored token: one piece, keeping one position's logits
+        quiet = min(end, item.start - 1) if self.keeps_logits else begin
+        bounds = [(begin, quiet)] if quiet > begin else []
+        bounds += [(lo, min(lo + step, end)) for lo in range(max(begin, quiet), end, step)]
         pieces = []
         with torch.inference_mode():
-            for lo in range(begin, end, step):
-                hi = min(lo + step, end)
+            for lo, hi in bounds:
                 # position p predicts token p + 1; the scored tokens are start .. n-1
                 first, last = max(lo, item.start - 1), min(hi, len(item.ids) - 1)
                 keep = max(1, hi - first)  # the logits of positions first .. hi-1 (of one, when none is scored)
