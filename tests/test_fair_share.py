@@ -153,6 +153,24 @@ def test_a_greedy_client_cannot_delay_another_clients_request_past_one_batch():
     assert polite_batch == 10, batches  # behind the 19 queued greedy requests, two per batch
 
 
+def scored_while_gated(engine, first, *others, max_batch_tokens: int = 16) -> list:
+    """Score `first` (sequences, client) on a batcher over a gated `engine`; while its first engine call waits, queue
+    `others`; then let the engine go. The results in order (an exception where a request failed)."""
+
+    async def go():
+        batcher = Batcher(engine, max_batch_tokens=max_batch_tokens, min_shared_batch_tokens=8, window_ms=0)
+        runs = [asyncio.ensure_future(batcher.score(*first))]
+        await asyncio.to_thread(engine.started.wait, 10)
+        runs += [asyncio.ensure_future(batcher.score(*request)) for request in others]
+        await asyncio.sleep(0.05)
+        engine.release.set()
+        results = await asyncio.gather(*runs, return_exceptions=True)
+        batcher.close()
+        return results
+
+    return asyncio.run(go())
+
+
 def test_a_large_request_is_split_by_sequence_and_a_small_one_passes_it(monkeypatch):
     """Sequence granularity: a client's 16-sequence request queued alone fills whole batches; another client's
     2-sequence request, arriving while the first batch runs, is served in the next two batches, which hold its
@@ -162,19 +180,8 @@ def test_a_large_request_is_split_by_sequence_and_a_small_one_passes_it(monkeypa
     shared 8 tokens, so that the small one's next request would wait for at most that."""
     monkeypatch.setattr(batching, "ACTIVE_S", 30.0)  # the small client stays a competitor for the whole test
     engine = GatedEngine()
-
-    async def go():
-        batcher = Batcher(engine, max_batch_tokens=16, min_shared_batch_tokens=8, window_ms=0)
-        big = asyncio.ensure_future(batcher.score([ScoreItem([i, 1, 1, 1], 1, 0) for i in range(16)], "big"))
-        await asyncio.to_thread(engine.started.wait, 10)
-        small = asyncio.ensure_future(batcher.score([ScoreItem([100 + i, 1, 1, 1], 1, 0) for i in range(2)], "sm"))
-        await asyncio.sleep(0.05)
-        engine.release.set()
-        results = await asyncio.gather(big, small)
-        batcher.close()
-        return results
-
-    big, small = asyncio.run(go())
+    big = ([ScoreItem([i, 1, 1, 1], 1, 0) for i in range(16)], "big")
+    big, small = scored_while_gated(engine, big, ([ScoreItem([100 + i, 1, 1, 1], 1, 0) for i in range(2)], "sm"))
     batches = engine.batches
     assert batches[0] == [0, 1, 2, 3]  # alone: a whole batch of 16 tokens
     where = {i: b for b, batch in enumerate(batches) for i in batch}
@@ -214,19 +221,9 @@ def test_a_long_sequence_is_scored_in_chunks_and_other_clients_pass_between_them
     monkeypatch.setattr(batching, "ACTIVE_S", 30.0)  # the small client stays a competitor for the whole test
     engine = GatedChunker()
     long_ids = list(range(1000, 1064))
-
-    async def go():
-        batcher = Batcher(engine, max_batch_tokens=32, min_shared_batch_tokens=8, window_ms=0)
-        long = asyncio.ensure_future(batcher.score([ScoreItem(long_ids, 10, 0), ScoreItem([7, 1, 1], 1, 0)], "long"))
-        await asyncio.to_thread(engine.started.wait, 10)
-        small = asyncio.ensure_future(batcher.score([ScoreItem([100 + i, 1, 1, 1], 1, 0) for i in range(2)], "sm"))
-        await asyncio.sleep(0.05)
-        engine.release.set()
-        results = await asyncio.gather(long, small)
-        batcher.close()
-        return results
-
-    (long, short), small = asyncio.run(go())
+    long = ([ScoreItem(long_ids, 10, 0), ScoreItem([7, 1, 1], 1, 0)], "long")
+    small = ([ScoreItem([100 + i, 1, 1, 1], 1, 0) for i in range(2)], "sm")
+    (long, short), small = scored_while_gated(engine, long, small, max_batch_tokens=32)
     batches = engine.batches
     assert batches[0] == ("chunk", 0, 32) and batches[1] == [100, 101], batches  # alone: a chunk of max_batch_tokens
     chunks = [b for b in batches if b[0] == "chunk"]
@@ -243,21 +240,9 @@ def test_one_sequence_at_a_time_is_scored_in_chunks_and_a_failed_requests_chunks
     error (another of its sequences failed) has its long sequence's chunks stop after the one running."""
     monkeypatch.setattr(batching, "MIN_CHUNK_TOKENS", 4)
     monkeypatch.setattr(batching, "ACTIVE_S", 30.0)
-
-    async def go(engine, first, *others):
-        batcher = Batcher(engine, max_batch_tokens=16, min_shared_batch_tokens=8, window_ms=0)
-        runs = [asyncio.ensure_future(batcher.score(*first))]
-        await asyncio.to_thread(engine.started.wait, 10)
-        runs += [asyncio.ensure_future(batcher.score(*request)) for request in others]
-        await asyncio.sleep(0.05)
-        engine.release.set()
-        results = await asyncio.gather(*runs, return_exceptions=True)
-        batcher.close()
-        return results
-
     engine = GatedChunker()
     long_a, long_b = ScoreItem([2000 + i for i in range(64)], 1, 0), ScoreItem([3000 + i for i in range(40)], 1, 0)
-    (a,), (b,) = asyncio.run(go(engine, ([long_a], "a"), ([long_b], "b")))
+    (a,), (b,) = scored_while_gated(engine, ([long_a], "a"), ([long_b], "b"))
     assert engine.batches[:2] == [("chunk", 2000, 0, 16), [3000]], engine.batches  # b's whole, between a's chunks
     assert {x[1] for x in engine.batches if x[0] == "chunk"} == {2000}, engine.batches  # b's never in chunks
     assert a.logprobs.tolist() == list(range(2001, 2064)) and b.logprobs.tolist() == [3000] * 39
@@ -265,7 +250,7 @@ def test_one_sequence_at_a_time_is_scored_in_chunks_and_a_failed_requests_chunks
     engine = GatedChunker()
     failing = [ScoreItem([666, 1, 1, 1], 1, 0), ScoreItem([4000 + i for i in range(64)], 1, 0)]
     small = ([ScoreItem([5, 1, 1, 1], 1, 0)], "other")  # a competitor just answered: the budget is shared
-    other, c = asyncio.run(go(engine, small, (failing, "c")))
+    other, c = scored_while_gated(engine, small, (failing, "c"))
     assert isinstance(c, ValueError) and [666] in engine.batches and other[0].logprobs.tolist() == [5] * 3
     chunks = [x for x in engine.batches if x[0] == "chunk"]
     assert len(chunks) == 1 and chunks[0][:3] == ("chunk", 4000, 0), engine.batches  # the one running, then none
